@@ -8,16 +8,42 @@ Core primitives (one JAX source for CPU, GPU and TPU):
 * :class:`Recurrence` — the structural conditions, with input validation.
 """
 
+from ssdkit.cache import RecurrentCache
+from ssdkit.conv import causal_conv1d, causal_conv1d_step
 from ssdkit.dtypes import accumulation_dtype
+from ssdkit.generate import (
+    GenerationResult,
+    Greedy,
+    LanguageModel,
+    Sample,
+    generate,
+    generate_stream,
+    make_sampler,
+)
+from ssdkit.norm import gated_rms_norm, rms_norm
 from ssdkit.recurrence import DecayKind, Recurrence
 from ssdkit.reference import ssd_reference
 from ssdkit.scan import ssd_scan
+from ssdkit.stack import scan_layers
 from ssdkit.step import ssd_step
 
 __all__ = [
     "DecayKind",
+    "GenerationResult",
+    "Greedy",
+    "LanguageModel",
+    "RecurrentCache",
     "Recurrence",
     "accumulation_dtype",
+    "causal_conv1d",
+    "causal_conv1d_step",
+    "gated_rms_norm",
+    "generate",
+    "generate_stream",
+    "make_sampler",
+    "rms_norm",
+    "Sample",
+    "scan_layers",
     "ssd_reference",
     "ssd_scan",
     "ssd_step",

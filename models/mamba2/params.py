@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 #: Parameters kept in float32 whatever the weight dtype (A = -exp(A_log) overflows in float16).
 FLOAT32_LAYER_FIELDS = ("dt_bias", "A_log", "D")
@@ -67,3 +68,59 @@ def layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
         "gate_norm": (n, cfg.d_inner),
         "out_proj": (n, cfg.d_model, cfg.d_inner),
     }
+
+
+def init_params(cfg, key: jax.Array, dtype=jnp.float32) -> Mamba2Params:
+    """Random parameters with mamba_ssm's initialisation; traceable (``jax.eval_shape`` works).
+
+    * embedding ~ N(0, 0.02); LM head tied (None) unless ``cfg.tie_embeddings`` is False;
+    * in_proj, out_proj: torch Linear default U(±1/sqrt(fan_in)); out_proj then scaled by
+      1/sqrt(n_layer) (GPT-2 style prenorm-residual rescaling, one residual per layer);
+    * conv weight and bias: torch Conv1d default U(±1/sqrt(d_conv)) (depthwise: fan_in = d_conv);
+    * dt = exp(U(log dt_min, log dt_max)) floored at dt_init_floor, dt_bias = softplus⁻¹(dt);
+    * A_log = log(U(A_init_range)), D = 1, norm weights 1.
+
+    Matrices come back in ``dtype``; dt_bias, A_log, D in float32.
+    """
+    n = cfg.n_layer
+    ks = jax.random.split(key, 8)
+
+    def uniform(k, shape, bound, dt=dtype):
+        return jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dt)
+
+    log_lo, log_hi = jnp.log(cfg.dt_min), jnp.log(cfg.dt_max)
+    dt = jnp.exp(jax.random.uniform(ks[4], (n, cfg.nheads), jnp.float32) * (log_hi - log_lo) + log_lo)
+    dt = jnp.maximum(dt, cfg.dt_init_floor)
+    lo, hi = cfg.A_init_range
+    layers = Mamba2LayerParams(
+        norm=jnp.ones((n, cfg.d_model), dtype),
+        in_proj=uniform(ks[1], (n, cfg.d_in_proj, cfg.d_model), cfg.d_model**-0.5),
+        conv_weight=uniform(ks[2], (n, cfg.d_conv, cfg.conv_dim), cfg.d_conv**-0.5),
+        conv_bias=uniform(ks[3], (n, cfg.conv_dim), cfg.d_conv**-0.5),
+        dt_bias=dt + jnp.log(-jnp.expm1(-dt)),
+        A_log=jnp.log(jax.random.uniform(ks[5], (n, cfg.nheads), jnp.float32, lo, hi)),
+        D=jnp.ones((n, cfg.nheads), jnp.float32),
+        gate_norm=jnp.ones((n, cfg.d_inner), dtype),
+        out_proj=(uniform(ks[6], (n, cfg.d_model, cfg.d_inner), cfg.d_inner**-0.5, jnp.float32)
+                  / jnp.sqrt(n)).astype(dtype),
+    )
+    embedding = (0.02 * jax.random.normal(ks[0], (cfg.padded_vocab_size, cfg.d_model))).astype(dtype)
+    lm_head = None
+    if not cfg.tie_embeddings:
+        lm_head = (0.02 * jax.random.normal(ks[7], (cfg.padded_vocab_size, cfg.d_model))).astype(dtype)
+    return Mamba2Params(embedding=embedding, layers=layers, norm_f=jnp.ones((cfg.d_model,), dtype),
+                        lm_head=lm_head)
+
+
+def cast_params(params: Mamba2Params, dtype) -> Mamba2Params:
+    """Cast the weight matrices and norms to ``dtype``; dt_bias, A_log and D stay float32."""
+    layers = dataclasses.replace(
+        params.layers,
+        **{f.name: getattr(params.layers, f.name).astype(
+            jnp.float32 if f.name in FLOAT32_LAYER_FIELDS else dtype)
+           for f in dataclasses.fields(params.layers)},
+    )
+    return Mamba2Params(
+        embedding=params.embedding.astype(dtype), layers=layers, norm_f=params.norm_f.astype(dtype),
+        lm_head=None if params.lm_head is None else params.lm_head.astype(dtype),
+    )

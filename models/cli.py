@@ -1,0 +1,215 @@
+"""The ``ssdkit`` command line.
+
+    ssdkit generate --model DIR_OR_PRESET [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
+                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
+    ssdkit demo     prefill + O(1) decode of toy recurrences built on the core, with timings
+
+The command line lives in ``models`` (the top of the import graph) because it wires models to the core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRESETS = ("130m", "370m", "780m", "1.3b", "2.7b")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _enable_compilation_cache() -> None:
+    import jax
+
+    cache_dir = os.environ.get("SSDKIT_CACHE_DIR", str(Path.home() / ".cache" / "ssdkit" / "xla"))
+    try:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except Exception:  # noqa: BLE001 - a cache is an optimisation, never a reason to fail
+        pass
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise CliError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise CliError("--prompt-ids is empty")
+    return ids
+
+
+def _load_model(spec: str, dtype_name: str, seed: int):
+    import jax
+    import jax.numpy as jnp
+
+    from models import mamba2
+
+    dtype = getattr(jnp, dtype_name)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CliError(f"model directory {spec} has no config.json")
+        try:
+            params, cfg = mamba2.load_checkpoint(path, dtype=dtype)
+        except mamba2.CheckpointError as err:
+            raise CliError(str(err)) from None
+        return params, cfg, path, False
+    name = spec.lower().removeprefix("state-spaces/").removeprefix("mamba2-")
+    if name in PRESETS:
+        cfg = mamba2.Mamba2Config.preset(name)
+        params = jax.jit(mamba2.init_params, static_argnums=(0, 2))(cfg, jax.random.key(seed), dtype)
+        return params, cfg, None, True
+    if path.exists():
+        raise CliError(f"--model {spec} is not a directory")
+    raise CliError(f"--model {spec}: no such directory, and not a preset ({', '.join(PRESETS)})")
+
+
+def cmd_generate(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from models import mamba2
+
+    if args.prompt is None and args.prompt_ids is None:
+        raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise CliError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CliError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
+    _enable_compilation_cache()
+    params, cfg, path, random_init = _load_model(args.model, args.dtype, args.seed)
+
+    tokenizer = None
+    if path is not None:
+        tokenizer = mamba2.load_tokenizer(path)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise CliError(
+                "--prompt needs a tokenizer.json in the model directory; use --prompt-ids instead"
+            )
+        ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise CliError("--prompt encodes to no tokens")
+    else:
+        ids = _parse_ids(args.prompt_ids)
+    bad = [i for i in ids if not 0 <= i < cfg.padded_vocab_size]
+    if bad:
+        raise CliError(f"prompt token id {bad[0]} is out of range 0..{cfg.padded_vocab_size - 1}")
+    if random_init:
+        print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
+
+    prompt = jnp.asarray([ids], jnp.int32)
+    eos = 0 if tokenizer is not None else None
+    t0 = time.perf_counter()
+    n = 0
+    stream = mamba2.generate_stream(
+        params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, key=jax.random.key(args.seed),
+    )
+    out = sys.stdout
+    generated: list[int] = []
+    first = None
+    for tokens in stream:
+        tok = int(tokens[0])
+        if first is None:
+            first = time.perf_counter() - t0
+        n += 1
+        generated.append(tok)
+        if tokenizer is not None:
+            out.write(tokenizer.decode([tok]))
+        else:
+            out.write(f"{tok} ")
+        out.flush()
+        if eos is not None and tok == eos:
+            break
+    out.write("\n")
+    total = time.perf_counter() - t0
+    rate = (n - 1) / (total - first) if n > 1 and total > first else float("nan")
+    print(f"[ssdkit] {n} tokens; first token {first:.2f} s (includes compile); "
+          f"{rate:.1f} tokens/s after it", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Prefill + decode of the toy recurrences on the core primitives, with timings."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.toy import GLA, Retention, ToyConfig, ToyLM
+    from ssdkit import Greedy, generate
+
+    _enable_compilation_cache()
+    for name, mixer, conv in (("retention (scalar decay)", Retention(), 1), ("GLA (diagonal decay)", GLA(), 4)):
+        cfg = ToyConfig(vocab_size=256, d_model=128, n_layer=4, num_heads=4, head_dim=32, state_dim=32,
+                        chunk_size=64, conv_kernel=conv)
+        model = ToyLM(cfg, mixer)
+        params = model.init(jax.random.key(args.seed))
+        prompt = jax.random.randint(jax.random.key(1), (1, args.prompt_len), 0, cfg.vocab_size, jnp.int32)
+        prefill = jax.jit(model.prefill)
+        t = time.perf_counter()
+        jax.block_until_ready(prefill(params, prompt))
+        compile_s = time.perf_counter() - t
+        t = time.perf_counter()
+        jax.block_until_ready(prefill(params, prompt))
+        prefill_s = time.perf_counter() - t
+        res = generate(model, params, prompt, max_new_tokens=args.max_new_tokens, sampler=Greedy())
+        jax.block_until_ready(res.tokens)
+        t = time.perf_counter()
+        res = generate(model, params, prompt, max_new_tokens=args.max_new_tokens, sampler=Greedy())
+        jax.block_until_ready(res.tokens)
+        gen_s = time.perf_counter() - t
+        print(f"{name}: prefill {args.prompt_len} tokens in {prefill_s * 1e3:.1f} ms "
+              f"({args.prompt_len / prefill_s:,.0f} tokens/s; compile {compile_s:.2f} s); "
+              f"generate {args.max_new_tokens} tokens in one device call: {gen_s * 1e3:.1f} ms "
+              f"({args.max_new_tokens / gen_s:,.0f} tokens/s)")
+        print(f"  first generated ids: {res.tokens[0, :12].tolist()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssdkit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with a Mamba-2 checkpoint directory or preset")
+    g.add_argument("--model", required=True, help="checkpoint directory, or a preset: " + ", ".join(PRESETS))
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (state stays float32)")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="prefill + decode of toy recurrences on the core, with timings")
+    d.add_argument("--prompt-len", type=int, default=512)
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as err:
+        print(f"ssdkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Mamba-2: wiring only. All recurrence math (scan, step, conv, norms, cache) comes from ``ssdkit``.
+
+Per layer (residual stream kept in float32)::
+
+    h            = RMSNorm(residual) · norm                      (compute dtype)
+    z, xBC, dt   = split(h @ in_projᵀ)                           [d_inner | conv_dim | H]
+    xBC          = silu(causal_conv1d(xBC))                      (carried window in the cache)
+    x, B, C      = split(xBC)                                    x: (H, P), B, C: (G, N)
+    dt           = clamp(softplus(dt + dt_bias), dt_limit)       float32
+    y            = SSD(x·dt, log_a = dt·A, B, C) + D·x           A = -exp(A_log); state in float32
+    residual    += (gated_rms_norm(y, z) @ out_projᵀ)
+
+then ``norm_f`` and the LM head (tied to the embedding unless ``lm_head`` is given). Padding is exact:
+positions past a row's length get ``dt = 0`` (identity steps of the recurrence) and the conv window is
+taken at each row's last real token, so a padded batch equals each row run alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+import ssdkit
+from models.mamba2.config import Mamba2Config
+from models.mamba2.params import Mamba2LayerParams, Mamba2Params
+from ssdkit import Recurrence, RecurrentCache
+from ssdkit._typing import Lengths, Logits, SeqLogits, StepTokens, Tokens
+from ssdkit.dtypes import check_integer, is_concrete
+
+Hidden = Float[Array, "batch seq d_model"]
+
+
+def recurrence(cfg: Mamba2Config) -> Recurrence:
+    """The SSD recurrence of one Mamba-2 layer: scalar decay per head."""
+    return Recurrence(
+        num_heads=cfg.nheads, head_dim=cfg.headdim, state_dim=cfg.d_state, num_groups=cfg.ngroups,
+        decay="scalar", chunk_size=cfg.chunk_size,
+    )
+
+
+def init_cache(cfg: Mamba2Config, batch: int, dtype=jnp.float32) -> RecurrentCache:
+    """Zero cache for ``batch`` rows: conv windows (L, batch, d_conv-1, conv_dim) in ``dtype`` and
+    recurrent states (L, batch, H, P, N) in float32 (float64 for float64 weights, in oracle tests)."""
+    return RecurrentCache.zeros(
+        recurrence(cfg), batch=batch, kernel_size=cfg.d_conv, conv_channels=cfg.conv_dim,
+        num_layers=cfg.n_layer, conv_dtype=dtype, state_dtype=ssdkit.accumulation_dtype(dtype),
+    )
+
+
+def compute_dtype(params: Mamba2Params) -> jnp.dtype:
+    """The dtype of the projection weights, in which activations are computed."""
+    return params.layers.in_proj.dtype
+
+
+# ------------------------------------------------------------------------------ one layer
+def _in_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, residual):
+    """Pre-norm and input projection: returns (z, xBC, dt_raw) in the compute dtype."""
+    dtype = lp.in_proj.dtype
+    h = ssdkit.rms_norm(residual, lp.norm, eps=cfg.norm_eps).astype(dtype)
+    zxbcdt = jnp.einsum("...d,ed->...e", h, lp.in_proj, preferred_element_type=jnp.float32).astype(dtype)
+    z, xbc, dt = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+    return z, xbc, dt
+
+
+def _ssm_inputs(cfg: Mamba2Config, lp: Mamba2LayerParams, xbc, dt_raw, valid=None):
+    """Discretise: x (.., H, P), dt·x, log_a = dt·A (.., H), B, C (.., G, N)."""
+    x, b, c = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + cfg.ngroups * cfg.d_state], axis=-1)
+    lead = x.shape[:-1]
+    x = x.reshape(*lead, cfg.nheads, cfg.headdim)
+    b = b.reshape(*lead, cfg.ngroups, cfg.d_state)
+    c = c.reshape(*lead, cfg.ngroups, cfg.d_state)
+    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + lp.dt_bias)
+    lo, hi = cfg.dt_limit
+    if (lo, hi) != (0.0, float("inf")):
+        dt = jnp.clip(dt, lo, hi)
+    if valid is not None:  # padding: identity steps
+        dt = jnp.where(valid[..., None], dt, 0.0)
+    a = -jnp.exp(lp.A_log.astype(jnp.float32))
+    log_a = dt * a
+    x_dt = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)
+    return x, x_dt, log_a, b, c
+
+
+def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z):
+    """D skip, gated group RMSNorm and output projection; returns float32 (.., d_model)."""
+    y = y.astype(jnp.float32) + lp.D[:, None] * x.astype(jnp.float32)
+    y = y.reshape(*y.shape[:-2], cfg.d_inner).astype(z.dtype)
+    y = ssdkit.gated_rms_norm(y, z, lp.gate_norm, num_groups=cfg.ngroups, eps=cfg.norm_eps)
+    return jnp.einsum("...e,de->...d", y, lp.out_proj, preferred_element_type=jnp.float32)
+
+
+def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache, lengths):
+    """One layer over a sequence, continuing from ``cache``; returns (residual, new cache)."""
+    z, xbc, dt_raw = _in_proj(cfg, lp, residual)
+    xbc, window = ssdkit.causal_conv1d(xbc, lp.conv_weight, lp.conv_bias, window=cache.conv, lengths=lengths)
+    xbc = jax.nn.silu(xbc)
+    valid = None
+    if lengths is not None:
+        valid = jnp.arange(residual.shape[1])[None, :] < lengths[:, None]
+    x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw, valid)
+    y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=cfg.chunk_size, initial_state=cache.state)
+    residual = residual + _out_proj(cfg, lp, x, y, z)
+    return residual, RecurrentCache(conv=window, state=state)
+
+
+def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
+    """One layer for one token: O(1) conv step and SSD step."""
+    z, xbc, dt_raw = _in_proj(cfg, lp, residual)
+    xbc, window = ssdkit.causal_conv1d_step(xbc, lp.conv_weight, lp.conv_bias, cache.conv)
+    xbc = jax.nn.silu(xbc)
+    x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw)
+    y, state = ssdkit.ssd_step(cache.state, x_dt, log_a, b, c)
+    residual = residual + _out_proj(cfg, lp, x, y, z)
+    return residual, RecurrentCache(conv=window, state=state)
+
+
+# ------------------------------------------------------------------------------ the stack
+def _embed(params: Mamba2Params, tokens):
+    return jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
+
+
+def _head_weight(params: Mamba2Params):
+    return params.embedding if params.lm_head is None else params.lm_head
+
+
+def _logits(cfg: Mamba2Config, params: Mamba2Params, hidden):
+    """Final norm and LM head: float32 logits over the padded vocabulary."""
+    w = _head_weight(params)
+    h = ssdkit.rms_norm(hidden, params.norm_f, eps=cfg.norm_eps)
+    return jnp.einsum("...d,vd->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32), h
+
+
+def _check_tokens(cfg: Mamba2Config, tokens, ndim: int, name: str = "tokens") -> None:
+    check_integer(name, tokens)
+    if np.ndim(tokens) != ndim:
+        want = "(batch, seq)" if ndim == 2 else "(batch,)"
+        raise ValueError(f"{name} must have shape {want}, got {np.shape(tokens)}")
+    if is_concrete(tokens) and np.size(tokens):
+        t = np.asarray(tokens)
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= cfg.padded_vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"token id {bad} in {name} is out of range for a vocabulary of {cfg.padded_vocab_size} "
+                f"(valid ids are 0..{cfg.padded_vocab_size - 1})"
+            )
+
+
+def _check_lengths(lengths, batch: int, seq: int) -> None:
+    check_integer("lengths", lengths)
+    if np.shape(lengths) != (batch,):
+        raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
+    if is_concrete(lengths):
+        lv = np.asarray(lengths)
+        if lv.min() < 1 or lv.max() > seq:
+            raise ValueError(f"lengths must lie in 1..{seq} (the padded prompt length), got {lv.tolist()}")
+
+
+def _check_cache(cfg: Mamba2Config, cache: RecurrentCache, batch: int) -> None:
+    want_conv = (cfg.n_layer, batch, cfg.d_conv - 1, cfg.conv_dim)
+    want_state = (cfg.n_layer, batch, cfg.nheads, cfg.headdim, cfg.d_state)
+    if tuple(cache.conv.shape) != want_conv or tuple(cache.state.shape) != want_state:
+        raise ValueError(
+            f"cache does not fit this model and batch: conv {tuple(cache.conv.shape)} (expected "
+            f"{want_conv}), state {tuple(cache.state.shape)} (expected {want_state}); "
+            f"make one with models.mamba2.init_cache(cfg, batch)"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "return_hidden"))
+def _forward(params, cfg, tokens, return_hidden):
+    residual = _embed(params, tokens)
+    cache = init_cache(cfg, tokens.shape[0], compute_dtype(params))
+    layer = functools.partial(_layer_seq, cfg, lengths=None)
+    residual, _ = ssdkit.scan_layers(layer, params.layers, residual, cache)
+    logits, hidden = _logits(cfg, params, residual)
+    return (logits, hidden) if return_hidden else logits
+
+
+def forward(
+    params: Mamba2Params, cfg: Mamba2Config, tokens: Tokens, *, return_hidden: bool = False
+) -> SeqLogits | tuple[SeqLogits, Hidden]:
+    """Logits at every position: (batch, seq, padded_vocab) float32.
+
+    With ``return_hidden=True`` returns ``(logits, hidden)``, hidden the final normed hidden state
+    (batch, seq, d_model) in float32.
+    """
+    _check_tokens(cfg, tokens, 2)
+    return _forward(params, cfg, tokens, return_hidden)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefill(params, cfg, tokens, lengths, cache):
+    batch, seq = tokens.shape
+    if cache is None:
+        cache = init_cache(cfg, batch, compute_dtype(params))
+    residual = _embed(params, tokens)
+    layer = functools.partial(_layer_seq, cfg, lengths=lengths)
+    residual, cache = ssdkit.scan_layers(layer, params.layers, residual, cache)
+    last = seq - 1 if lengths is None else lengths - 1
+    last_hidden = residual[jnp.arange(batch), jnp.broadcast_to(last, (batch,))]
+    logits, _ = _logits(cfg, params, last_hidden)
+    return logits, cache
+
+
+def prefill(
+    params: Mamba2Params,
+    cfg: Mamba2Config,
+    tokens: Tokens,
+    *,
+    lengths: Lengths | None = None,
+    cache: RecurrentCache | None = None,
+) -> tuple[Logits, RecurrentCache]:
+    """Run a prompt and return ``(last_logits (batch, padded_vocab), cache)``.
+
+    Only the last real position goes through the LM head. ``lengths`` (batch,) gives each row's
+    number of real tokens (right padding after them leaves state and conv window untouched).
+    ``cache`` continues from an earlier prefill or decode (chunked prefill equals one-shot).
+    """
+    _check_tokens(cfg, tokens, 2)
+    batch, seq = np.shape(tokens)
+    if seq == 0:
+        raise ValueError("tokens must hold at least one position")
+    if lengths is not None:
+        _check_lengths(lengths, batch, seq)
+    if cache is not None:
+        _check_cache(cfg, cache, batch)
+    return _prefill(params, cfg, tokens, lengths, cache)
+
+
+def _decode(params, cfg, token, cache):
+    residual = _embed(params, token)
+    residual, cache = ssdkit.scan_layers(functools.partial(_layer_step, cfg), params.layers, residual, cache)
+    logits, _ = _logits(cfg, params, residual)
+    return logits, cache
+
+
+_decode_step = jax.jit(_decode, static_argnames=("cfg",), donate_argnames=("cache",))
+
+
+def decode_step(
+    params: Mamba2Params, cfg: Mamba2Config, token: StepTokens, cache: RecurrentCache
+) -> tuple[Logits, RecurrentCache]:
+    """One token per row: ``(logits (batch, padded_vocab), new cache)``; O(1) in the sequence length.
+
+    The cache buffers are donated: do not reuse the ``cache`` passed in.
+    """
+    _check_tokens(cfg, token, 1, "token")
+    _check_cache(cfg, cache, np.shape(token)[0])
+    return _decode_step(params, cfg, token, cache)
+
+
+# ------------------------------------------------------------------------------ generation
+@dataclasses.dataclass(frozen=True)
+class Mamba2LM:
+    """Adapter giving ``ssdkit.generate`` the model protocol (hashable: a static jit argument)."""
+
+    cfg: Mamba2Config
+
+    def prefill(self, params, tokens, lengths=None):
+        return _prefill(params, self.cfg, tokens, lengths, None)
+
+    def decode(self, params, token, cache):
+        return _decode(params, self.cfg, token, cache)
+
+
+def _sampling_args(temperature, top_k, top_p, key):
+    sampler = ssdkit.make_sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    if key is None and not isinstance(sampler, ssdkit.Greedy):
+        key = jax.random.key(0)
+    return sampler, key
+
+
+def generate(
+    params: Mamba2Params,
+    cfg: Mamba2Config,
+    prompt_ids: Tokens,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    lengths: Lengths | None = None,
+    key: jax.Array | None = None,
+) -> ssdkit.GenerationResult:
+    """Generate up to ``max_new_tokens`` per row in one compiled device call.
+
+    Returns ``GenerationResult(tokens (batch, max_new_tokens) int32, lengths (batch,))``; a row stops
+    after ``eos_token_id`` (counted in its length), later positions hold the pad id 0. Temperature 0 is
+    greedy; otherwise sampling with optional top-k / top-p from ``key`` (default ``jax.random.key(0)``).
+    """
+    _check_tokens(cfg, prompt_ids, 2, "prompt_ids")
+    if lengths is not None:
+        _check_lengths(lengths, *np.shape(prompt_ids))
+    sampler, key = _sampling_args(temperature, top_k, top_p, key)
+    return ssdkit.generate(
+        Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
+        eos_token_id=eos_token_id, prompt_lengths=lengths,
+    )
+
+
+def generate_stream(
+    params: Mamba2Params,
+    cfg: Mamba2Config,
+    prompt_ids: Tokens,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    lengths: Lengths | None = None,
+    key: jax.Array | None = None,
+):
+    """Like :func:`generate`, but yields each step's (batch,) tokens as soon as they exist."""
+    _check_tokens(cfg, prompt_ids, 2, "prompt_ids")
+    if lengths is not None:
+        _check_lengths(lengths, *np.shape(prompt_ids))
+    sampler, key = _sampling_args(temperature, top_k, top_p, key)
+    yield from ssdkit.generate_stream(
+        Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
+        eos_token_id=eos_token_id, prompt_lengths=lengths,
+    )
