@@ -1,5 +1,6 @@
 """Mamba-2 on ssdkit: config, parameters, checkpoints, forward / prefill / decode, generation."""
 
+from models.mamba2.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.mamba2.config import Mamba2Config
 from models.mamba2.model import (
     Mamba2LM,
@@ -12,8 +13,10 @@ from models.mamba2.model import (
     recurrence,
 )
 from models.mamba2.params import Mamba2LayerParams, Mamba2Params, cast_params, init_params
+from models.mamba2.tokenizer import load_tokenizer
 
 __all__ = [
+    "CheckpointError",
     "Mamba2Config",
     "Mamba2LM",
     "Mamba2LayerParams",
@@ -25,6 +28,9 @@ __all__ = [
     "generate_stream",
     "init_cache",
     "init_params",
+    "load_checkpoint",
+    "load_tokenizer",
     "prefill",
     "recurrence",
+    "save_checkpoint",
 ]

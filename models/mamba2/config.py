@@ -17,6 +17,24 @@ _PRESETS = {
 _NEOX_VOCAB = 50277
 
 
+def _json_float(v) -> float:
+    """A float from JSON, including transformers' tagged non-finite values ``{"__float__": "Infinity"}``."""
+    if isinstance(v, dict) and set(v) == {"__float__"}:
+        v = v["__float__"]
+    return float(v)
+
+
+def _tag_nonfinite(obj):
+    """transformers' JSON encoding: non-finite floats as ``{"__float__": "Infinity"}``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
+    if isinstance(obj, dict):
+        return {k: _tag_nonfinite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_tag_nonfinite(v) for v in obj]
+    return obj
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Mamba2Config:
     """A Mamba-2 language model (hashable: used as a static jit argument).
@@ -56,7 +74,7 @@ class Mamba2Config:
             if not isinstance(value, tuple):
                 if not isinstance(value, list | tuple) or len(value) != 2:
                     raise ValueError(f"{name} must be a (low, high) pair, got {value!r}")
-                object.__setattr__(self, name, tuple(float(v) for v in value))
+                object.__setattr__(self, name, tuple(_json_float(v) for v in value))
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "d_conv",
                      "expand", "headdim", "ngroups", "chunk_size"):
             v = getattr(self, name)
@@ -212,7 +230,7 @@ class Mamba2Config:
             if data.get(src) is not None:
                 fields[dst] = data[src]
         if fields.get("dt_limit") is not None:
-            fields["dt_limit"] = tuple(float(v) for v in fields["dt_limit"])
+            fields["dt_limit"] = tuple(_json_float(v) for v in fields["dt_limit"])
         return cls(**fields)
 
     # ------------------------------------------------------------------ serialisation
@@ -223,7 +241,7 @@ class Mamba2Config:
                    dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=self.dt_init_floor,
                    A_init_range=list(self.A_init_range), norm_before_gate=self.norm_before_gate)
         if self.dt_limit != (0.0, math.inf):
-            ssm["dt_limit"] = list(self.dt_limit)
+            ssm["dt_limit"] = list(self.dt_limit)  # mamba_ssm reads Python's json (Infinity allowed)
         return dict(d_model=self.d_model, d_intermediate=0, n_layer=self.n_layer, vocab_size=self.vocab_size,
                     ssm_cfg=ssm, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
                     residual_in_fp32=self.residual_in_fp32, fused_add_norm=True,
@@ -242,3 +260,7 @@ class Mamba2Config:
             rms_norm=self.rmsnorm, norm_before_gate=self.norm_before_gate,
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
+
+    def to_transformers_json(self) -> str:
+        """``config.json`` text in transformers' format (non-finite floats tagged as transformers does)."""
+        return json.dumps(_tag_nonfinite(self.to_transformers_dict()), indent=2)
