@@ -1,0 +1,80 @@
+"""The ``ssdkit`` command line on a tiny checkpoint made here (no hub, no network)."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from models import mamba2
+from models.cli import main
+
+CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    mamba2.save_checkpoint(mamba2.init_params(CFG, jax.random.key(0)), CFG, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt_with_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("ckpt_tok")
+    mamba2.save_checkpoint(mamba2.init_params(CFG, jax.random.key(0)), CFG, path)
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 50)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSDKIT_CACHE_DIR", str(tmp_path / "xla"))
+
+
+def test_generate_with_prompt_ids(ckpt, capsys):
+    assert main(["generate", "--model", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr()
+    ids = [int(t) for t in out.out.split()]
+    assert len(ids) == 5 and all(0 <= i < CFG.padded_vocab_size for i in ids)
+    assert "tokens/s" in out.err
+    assert main(["generate", "--model", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                 "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--seed", "3",
+                 "--dtype", "bfloat16"]) == 0
+
+
+def test_generate_with_text_prompt(ckpt_with_tokenizer, capsys):
+    assert main(["generate", "--model", str(ckpt_with_tokenizer), "--prompt", "w1 w2 w3",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/dir", "--prompt-ids", "1"], "no such directory, and not a preset"),
+    (["--model", "{ckpt}", "--prompt", "hello"], "needs a tokenizer.json"),
+    (["--model", "{ckpt}", "--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--model", "{ckpt}", "--prompt-ids", "1,999"], "out of range"),
+    (["--model", "{ckpt}", "--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be in"),
+    (["--model", "{ckpt}"], "give a prompt"),
+])
+def test_clear_one_line_errors(ckpt, capsys, args, message):
+    args = [a.replace("{ckpt}", str(ckpt)) for a in args]
+    assert main(["generate", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and err.startswith("ssdkit generate: error:")
+
+
+def test_bad_flag_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "x", "--max-new-tokens", "many"])
+    assert exc.value.code == 2
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--prompt-len", "20", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "retention" in out and "GLA" in out and "tokens/s" in out
