@@ -2,6 +2,7 @@
 
     ssdkit generate --model DIR_OR_PRESET [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
+    ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
     ssdkit demo     prefill + O(1) decode of toy recurrences built on the core, with timings
 
 The command line lives in ``models`` (the top of the import graph) because it wires models to the core.
@@ -176,6 +177,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from models import bench
+
+    bad = [d for d in args.dtype.split(",") if d not in DTYPES]
+    if bad:
+        raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+    _enable_compilation_cache()
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssdkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (state stays float32)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="prefill/decode throughput with roofline accounting (see docs/benchmarks.md)")
+    b.add_argument("--model", default="130m", help="checkpoint directory or preset (random weights)")
+    b.add_argument("--dtype", default="float32,bfloat16", help="comma-separated weight dtypes")
+    b.add_argument("--prefill-lengths", default="128,512,2048")
+    b.add_argument("--prefill-batch", type=int, default=1)
+    b.add_argument("--decode-batches", default="1,16")
+    b.add_argument("--decode-steps", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="prefill + decode of toy recurrences on the core, with timings")
     d.add_argument("--prompt-len", type=int, default=512)

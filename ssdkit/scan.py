@@ -53,22 +53,46 @@ def apply_resets(log_a: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.where(reset, jnp.asarray(RESET_LOG_DECAY, log_a.dtype), log_a)
 
 
-def _segsum(a: jax.Array) -> jax.Array:
-    """``out[..., l, s] = Σ_{s < j <= l} a[..., j]`` for l >= s (0 above the diagonal).
-
-    A masked cumulative sum, not ``cumsum[l] - cumsum[s]``: no cancellation, exact at resets.
-    """
+def _masked_cumsum(a: jax.Array) -> jax.Array:
+    """``out[..., l, s] = Σ_{s < j <= l} a[..., j]`` for l >= s (0 above the diagonal), directly."""
     q = a.shape[-1]
     strictly_lower = jnp.tril(jnp.ones((q, q), bool), -1)
-    z = jnp.where(strictly_lower, a[..., :, None], 0)
-    return jnp.cumsum(z, axis=-2)
+    return jnp.cumsum(jnp.where(strictly_lower, a[..., :, None], 0), axis=-2)
+
+
+def _sub_block(q: int) -> int:
+    """Largest divisor of ``q`` that is at most 16 (the in-chunk sub-block of :func:`_segsum`)."""
+    return max(d for d in range(1, min(q, 16) + 1) if q % d == 0)
 
 
 def _decay_matrix(a: jax.Array) -> jax.Array:
-    """``exp(seg[l, s])`` on and below the diagonal, 0 above: (..., Q) -> (..., Q, Q)."""
+    """``exp(Σ_{s < j <= l} a_j)`` for l >= s and 0 above the diagonal: (..., Q) -> (..., Q, Q).
+
+    The sum is never formed as ``cumsum[l] - cumsum[s]`` (that cancels digits when |cumsum| is large
+    and breaks at resets). The chunk is cut into sub-blocks of size b; for l in block K and s in an
+    earlier block k the factor splits into three exponentials of direct sums of non-positive terms,
+    ``exp(prefix_in_block[l]) · exp(Σ_{k<k'<K} total[k']) · exp(suffix_in_block[s])``, each <= 1, so the
+    (Q, Q) matrix costs two multiplications per entry and O(Q·b) exponentials; pairs inside one block
+    use a masked cumulative sum of size (b, b).
+    """
     q = a.shape[-1]
-    causal = jnp.tril(jnp.ones((q, q), bool))
-    return jnp.where(causal, jnp.exp(_segsum(a)), 0)
+    blk = _sub_block(q)
+    nb = q // blk
+    if nb == 1 or blk == 1:
+        return jnp.where(jnp.tril(jnp.ones((q, q), bool)), jnp.exp(_masked_cumsum(a)), 0)
+    lead = a.shape[:-1]
+    ab = a.reshape(*lead, nb, blk)
+    in_prefix = jnp.cumsum(ab, axis=-1)  # Σ_{block start <= j <= l}
+    in_suffix = _suffix_sums(ab)  # Σ_{s < j <= block end}
+    upto = _masked_cumsum(in_prefix[..., -1])  # [K, k] = Σ_{k < k' <= K} total[k']
+    between = jnp.concatenate([jnp.zeros_like(upto[..., :1, :]), upto[..., :-1, :]], axis=-2)  # k < k' < K
+    earlier = jnp.tril(jnp.ones((nb, nb), bool), -1)
+    cross = (jnp.exp(in_prefix)[..., :, :, None, None]
+             * jnp.where(earlier, jnp.exp(between), 0)[..., :, None, :, None]
+             * jnp.exp(in_suffix)[..., None, None, :, :])  # (..., K, l, k, s)
+    within = jnp.where(jnp.tril(jnp.ones((blk, blk), bool)), jnp.exp(_masked_cumsum(ab)), 0)  # (..., K, l, s)
+    same = jnp.eye(nb, dtype=bool)[:, None, :, None]
+    return jnp.where(same, within[..., :, :, None, :], cross).reshape(*lead, q, q)
 
 
 def _suffix_sums(a: jax.Array) -> jax.Array:
@@ -111,12 +135,17 @@ def ssd_scan(
 
 @functools.partial(jax.jit, static_argnums=0)
 def _chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
+    # Every contraction below is a canonical batched matmul (batch, m, k) @ (batch, k, n) with one merged
+    # leading batch axis: XLA's CPU and GPU emitters run those far faster than dots with scattered or
+    # size-1 batch dimensions. Axis letters: z = (batch, chunk, group) merged, r = head within the group,
+    # l/s = target/source position in the chunk, p = head dim, n = state dim.
     batch, seq = x.shape[:2]
     h, p, n, g, r = spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
     q = spec.chunk_size
     diagonal = spec.decay is DecayKind.DIAGONAL
     state_dtypes = () if initial_state is None else (initial_state.dtype,)
     acc = accumulation_dtype(x.dtype, log_a.dtype, b.dtype, c.dtype, *state_dtypes)
+    mm = functools.partial(jnp.einsum, preferred_element_type=acc)
 
     a = log_a.astype(acc)
     if segment_ids is not None:
@@ -130,60 +159,70 @@ def _chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
 
         x, a, b, c = pad_seq(x), pad_seq(a), pad_seq(b), pad_seq(c)
 
-    xc = x.reshape(batch, n_chunks, q, g, r, p)
-    bc = b.reshape(batch, n_chunks, q, g, n)
-    cc = c.reshape(batch, n_chunks, q, g, n)
+    z = batch * n_chunks * g
+
+    def group_major(t, tail):  # (batch, chunks*q, g, *tail) -> (z, q, *tail)
+        t = t.reshape(batch, n_chunks, q, g, *tail)
+        return jnp.moveaxis(t, 3, 2).reshape(z, q, *tail)
+
+    xz = group_major(x, (r, p))  # (z, l, r, p)
+    bz = group_major(b, (n,))  # (z, s, n)
+    cz = group_major(c, (n,))  # (z, l, n)
     if diagonal:
-        # (batch, chunk, q, g, r, n) -> (batch, chunk, g, r, n, q): the in-chunk axis last.
-        at = jnp.moveaxis(a.reshape(batch, n_chunks, q, g, r, n), 2, -1)
+        at = jnp.moveaxis(group_major(a, (r, n)), 1, -1)  # (z, r, n, q)
     else:
-        at = jnp.moveaxis(a.reshape(batch, n_chunks, q, g, r), 2, -1)  # (batch, chunk, g, r, q)
+        at = jnp.moveaxis(group_major(a, (r,)), 1, -1)  # (z, r, q)
 
     prefix = jnp.cumsum(at, axis=-1)
     total = prefix[..., -1]
-    suffix = _suffix_sums(at)
-    decay = _decay_matrix(at)  # scalar: (b, c, g, r, q, s); diagonal: (b, c, g, r, n, q, s)
+    decay = _decay_matrix(at)  # scalar (z, r, l, s); diagonal (z, r, n, l, s)
+    w = jnp.exp(_suffix_sums(at))  # decay from each source to the chunk end
+    in_decay = jnp.exp(prefix)  # decay from the chunk start to each target
+    xh = jnp.moveaxis(xz, 2, 1).reshape(z * r, q, p)  # (z·r, s, p)
 
-    # Intra-chunk (dual form): a masked, decayed attention-like product.
+    # Intra-chunk (dual form): y[l] = Σ_s (c_l·b_s) decay[l, s] x_s, per head.
     if diagonal:
-        scores = jnp.einsum("bclgn,bcsgn,bcgrnls->bcgrls", cc, bc, decay, preferred_element_type=acc)
+        scores = jnp.einsum("zln,zsn,zrnls->zrls", cz, bz, decay, preferred_element_type=acc)
     else:
-        cb = jnp.einsum("bclgn,bcsgn->bcgls", cc, bc, preferred_element_type=acc)
-        scores = cb[:, :, :, None] * decay
-    y_diag = jnp.einsum("bcgrls,bcsgrp->bclgrp", scores, xc, preferred_element_type=acc)
+        scores = mm("zln,zsn->zls", cz, bz)[:, None] * decay  # (z, r, l, s)
+    y = mm("kls,ksp->klp", scores.reshape(z * r, q, q), xh).reshape(z, r, q, p)
 
-    # Chunk states: each chunk's contribution to the state at its end.
-    w = jnp.exp(suffix)
+    # Chunk states: S_c = Σ_s w_s x_s ⊗ b_s.
     if diagonal:
-        chunk_states = jnp.einsum("bcgrns,bcsgrp,bcsgn->bcgrpn", w, xc, bc, preferred_element_type=acc)
+        bw = bz[:, None] * jnp.swapaxes(w, -1, -2)  # (z, r, s, n)
+        states = mm("ksp,ksn->kpn", xh, bw.reshape(z * r, q, n)).reshape(z, r * p, n)
     else:
-        chunk_states = jnp.einsum("bcgrs,bcsgrp,bcsgn->bcgrpn", w, xc, bc, preferred_element_type=acc)
+        xw = xz * jnp.swapaxes(w, 1, 2)[..., None]  # (z, s, r, p)
+        states = mm("zsk,zsn->zkn", xw.reshape(z, q, r * p), bz)  # (z, r·p, n)
 
     # Inter-chunk recurrence: a scan over chunks, linear in their number.
-    chunk_decay = jnp.exp(total)  # (b, c, g, r) or (b, c, g, r, n)
-    if initial_state is None:
-        h0 = jnp.zeros((batch, g, r, p, n), acc)
+    states = states.reshape(batch, n_chunks, g, r * p, n)
+    if diagonal:
+        chunk_decay = jnp.repeat(total, p, axis=1).reshape(batch, n_chunks, g, r * p, n)
     else:
-        h0 = initial_state.astype(acc).reshape(batch, g, r, p, n)
+        chunk_decay = jnp.repeat(total, p, axis=1).reshape(batch, n_chunks, g, r * p, 1)
+    if initial_state is None:
+        h0 = jnp.zeros((batch, g, r * p, n), acc)
+    else:
+        h0 = initial_state.astype(acc).reshape(batch, g, r * p, n)
 
     def carry_chunk(state, inputs):
-        dec, s = inputs
-        dec = dec[..., None, :] if diagonal else dec[..., None, None]
-        return dec * state + s, state
+        log_dec, s = inputs
+        return jnp.exp(log_dec) * state + s, state
 
-    final, entering = lax.scan(
-        carry_chunk, h0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0))
-    )
-    entering = jnp.moveaxis(entering, 0, 1)  # (b, c, g, r, p, n): state entering each chunk
+    final, entering = lax.scan(carry_chunk, h0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(states, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1).reshape(z, r * p, n)  # state entering each chunk
 
-    # Contribution of the carried state to each position of the chunk.
-    in_decay = jnp.exp(prefix)
+    # The carried state's contribution: y[l] += exp(prefix[l]) (H_c · c_l).
     if diagonal:
-        y_off = jnp.einsum("bclgn,bcgrnl,bcgrpn->bclgrp", cc, in_decay, entering, preferred_element_type=acc)
+        cw = cz[:, None] * jnp.swapaxes(in_decay, -1, -2)  # (z, r, l, n)
+        y_off = mm("kln,kpn->klp", cw.reshape(z * r, q, n), entering.reshape(z * r, p, n)).reshape(z, r, q, p)
     else:
-        y_off = jnp.einsum("bclgn,bcgrpn->bclgrp", cc, entering, preferred_element_type=acc)
-        y_off = y_off * jnp.moveaxis(in_decay, -1, 2)[..., None]
+        y_off = mm("zln,zkn->zlk", cz, entering).reshape(z, q, r, p)
+        y_off = jnp.moveaxis(y_off * jnp.swapaxes(in_decay, 1, 2)[..., None], 2, 1)  # (z, r, l, p)
+    y = y + y_off
 
-    y = (y_diag + y_off).reshape(batch, n_chunks * q, h, p)[:, :seq].astype(x.dtype)
+    y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
+    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq].astype(x.dtype)
     final_dtype = acc if initial_state is None else initial_state.dtype
     return y, final.reshape(batch, h, p, n).astype(final_dtype)

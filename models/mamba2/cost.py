@@ -1,0 +1,60 @@
+"""Analytic FLOP and byte counts of Mamba-2 inference (documented in docs/benchmarks.md).
+
+A multiply-add counts as 2 FLOPs. Per layer and token, with D = d_model, E = d_in_proj, C = conv_dim,
+I = d_inner, H heads of P channels, G groups of N states, K = d_conv, Q = chunk size::
+
+    in_proj   2·D·E                out_proj  2·I·D                conv  2·K·C
+    SSD, chunked (prefill):  2·Q·(G·N + H·P)   (intra-chunk C·Bᵀ and scores·x, full Q×Q blocks)
+                           + 4·H·P·N           (chunk states, carried-state output)
+    SSD, one step (decode):  4·H·P·N           (state update, readout)
+
+plus 2·D·V for the LM head, once per sequence in prefill (last position only) and once per token in
+decode. Norms, gates and activations (O(D + I) per token) are left out. Bytes per decode step are every
+weight read once plus the cache read and written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from models.mamba2.config import Mamba2Config
+
+
+def _projections(cfg: Mamba2Config) -> int:
+    return 2 * cfg.d_model * cfg.d_in_proj + 2 * cfg.d_inner * cfg.d_model + 2 * cfg.d_conv * cfg.conv_dim
+
+
+def prefill_flops(cfg: Mamba2Config, batch: int, seq: int, chunk_size: int | None = None) -> float:
+    """FLOPs of one prefill of ``batch`` sequences of ``seq`` tokens (LM head at the last position)."""
+    q = min(chunk_size or cfg.chunk_size, seq)
+    ssd = 2 * q * (cfg.ngroups * cfg.d_state + cfg.nheads * cfg.headdim) + 4 * cfg.nheads * cfg.headdim * cfg.d_state
+    per_token = cfg.n_layer * (_projections(cfg) + ssd)
+    return float(batch) * (seq * per_token + 2 * cfg.d_model * cfg.padded_vocab_size)
+
+
+def decode_flops(cfg: Mamba2Config, batch: int) -> float:
+    """FLOPs of one decode step for ``batch`` rows."""
+    ssd = 4 * cfg.nheads * cfg.headdim * cfg.d_state
+    return float(batch) * (cfg.n_layer * (_projections(cfg) + ssd) + 2 * cfg.d_model * cfg.padded_vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBytes:
+    weights: int  # every parameter read once
+    cache: int  # conv windows and states, read and written once each
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache
+
+
+def decode_bytes(cfg: Mamba2Config, batch: int, weight_dtype=jnp.float32) -> DecodeBytes:
+    """Bytes moved by one decode step: weights (A_log, D, dt_bias in float32) plus the cache."""
+    w = jnp.dtype(weight_dtype).itemsize
+    f32_params = 3 * cfg.n_layer * cfg.nheads
+    weights = (cfg.num_params() - f32_params) * w + f32_params * 4
+    state = cfg.n_layer * batch * cfg.nheads * cfg.headdim * cfg.d_state * 4
+    conv = cfg.n_layer * batch * (cfg.d_conv - 1) * cfg.conv_dim * w
+    return DecodeBytes(weights=weights, cache=2 * (state + conv))

@@ -1,0 +1,53 @@
+"""The benchmark's FLOP and byte formulas, and the harness end to end on a tiny config (no timing asserts)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import bench, mamba2
+from models.mamba2 import cost
+
+CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=100, d_state=16, headdim=16, chunk_size=16)
+
+
+def _xla_flops(fn, *args) -> float:
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list | tuple) else analysis
+    return float(analysis["flops"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_bytes_are_the_parameter_and_cache_bytes(dtype):
+    params = mamba2.cast_params(mamba2.init_params(CFG, jax.random.key(0)), dtype)
+    weights = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
+    cache = mamba2.init_cache(CFG, 3, dtype)
+    b = cost.decode_bytes(CFG, 3, dtype)
+    assert b.weights == weights
+    assert b.cache == 2 * sum(a.nbytes for a in jax.tree_util.tree_leaves(cache))
+
+
+def test_flop_formulas_agree_with_xla_cost_analysis():
+    """The analytic counts leave out norms and activations, and count full Q×Q chunk blocks, so they sit
+    a little off XLA's count; a term missing from the formula would be off by far more than 25%."""
+    params = mamba2.init_params(CFG, jax.random.key(0))
+    cache = mamba2.init_cache(CFG, 2)
+    xla_decode = _xla_flops(lambda p, t, c: mamba2.model._decode(p, CFG, t, c), params,
+                            jnp.zeros((2,), jnp.int32), cache)
+    assert 0.75 < cost.decode_flops(CFG, 2) / xla_decode < 1.25
+    tokens = jnp.zeros((2, 64), jnp.int32)
+    xla_prefill = _xla_flops(lambda p, t: mamba2.model._prefill(p, CFG, t, None, None), params, tokens)
+    assert 0.75 < cost.prefill_flops(CFG, 2, 64) / xla_prefill < 1.25
+
+
+def test_bench_runs_end_to_end(tmp_path):
+    ceilings, results = bench.run(dtypes=("float32",), prefill_lengths=(32,), decode_batches=(2,), decode_steps=3,
+                                  repeats=1, config=CFG)
+    assert ceilings[0].gemm_flops > 0 and ceilings[0].read_bytes_per_s > 0
+    assert [r.workload for r in results] == ["prefill", "decode"]
+    for r in results:
+        assert np.isfinite(r.tokens_per_s) and r.tokens_per_s > 0 and r.compile_s > 0
+    assert results[1].bytes_per_step == cost.decode_bytes(CFG, 2).total
+    assert "| prefill | float32 | 1 | 32 |" in bench.table(results)
