@@ -76,7 +76,7 @@ def bench_decode(params, cfg, ceil: Ceilings, *, batch: int, steps: int, repeats
     per_step = max(t_long.median - t_short.median, 1e-9) / steps
     step_min = max(t_long.min - t_short.median, 1e-9) / steps
     step_max = max(t_long.max - t_short.median, 1e-9) / steps
-    nbytes = cost.decode_bytes(cfg, batch, params.layers.in_proj.dtype).total
+    nbytes = cost.decode_bytes(cfg, batch, params.embedding.dtype).total
     flops = cost.decode_flops(cfg, batch)
     return Result("decode", ceil.dtype, batch, steps, batch / per_step, per_step, step_min, step_max,
                   flops / per_step, flops / per_step / ceil.gemm_flops, nbytes,
@@ -113,6 +113,7 @@ def run(model: str = "130m", dtypes=("float32",), prefill_lengths=(128, 512, 204
             _log(f"[bench]   prefill batch {prefill_batch} x {seq} tokens ...")
             results.append(bench_prefill(params, cfg, ceil, batch=prefill_batch, seq=seq, repeats=repeats))
             _log("[bench]     " + _fmt(results[-1]))
+        params = mamba2.unstack_layers(params)  # the decode layout (weights read in place)
         for batch in decode_batches:
             _log(f"[bench]   decode batch {batch}, {decode_steps} steps ...")
             results.append(bench_decode(params, cfg, ceil, batch=batch, steps=decode_steps, repeats=repeats))

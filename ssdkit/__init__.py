@@ -24,7 +24,7 @@ from ssdkit.norm import gated_rms_norm, rms_norm
 from ssdkit.recurrence import DecayKind, Recurrence
 from ssdkit.reference import ssd_reference
 from ssdkit.scan import ssd_scan
-from ssdkit.stack import scan_layers
+from ssdkit.stack import scan_layers, stack, unstack
 from ssdkit.step import ssd_step
 
 __all__ = [
@@ -44,6 +44,8 @@ __all__ = [
     "rms_norm",
     "Sample",
     "scan_layers",
+    "stack",
+    "unstack",
     "ssd_reference",
     "ssd_scan",
     "ssd_step",

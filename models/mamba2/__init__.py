@@ -12,7 +12,14 @@ from models.mamba2.model import (
     prefill,
     recurrence,
 )
-from models.mamba2.params import Mamba2LayerParams, Mamba2Params, cast_params, init_params
+from models.mamba2.params import (
+    Mamba2LayerParams,
+    Mamba2Params,
+    cast_params,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 from models.mamba2.tokenizer import load_tokenizer
 
 __all__ = [
@@ -33,4 +40,6 @@ __all__ = [
     "prefill",
     "recurrence",
     "save_checkpoint",
+    "stack_layers",
+    "unstack_layers",
 ]

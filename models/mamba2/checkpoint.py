@@ -21,7 +21,13 @@ import ml_dtypes
 import numpy as np
 
 from models.mamba2.config import Mamba2Config
-from models.mamba2.params import FLOAT32_LAYER_FIELDS, Mamba2LayerParams, Mamba2Params, layer_shapes
+from models.mamba2.params import (
+    FLOAT32_LAYER_FIELDS,
+    Mamba2LayerParams,
+    Mamba2Params,
+    layer_shapes,
+    stack_layers,
+)
 
 
 class CheckpointError(ValueError):
@@ -361,6 +367,7 @@ def save_checkpoint(params: Mamba2Params, cfg: Mamba2Config, path: str | Path) -
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    params = stack_layers(params)
     shapes = layer_shapes(cfg)
     for field, shape in shapes.items():
         got = tuple(getattr(params.layers, field).shape)

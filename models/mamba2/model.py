@@ -31,6 +31,7 @@ from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, SeqLogits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, is_concrete
+from ssdkit.stack import is_per_layer, stack, unstack
 
 Hidden = Float[Array, "batch seq d_model"]
 
@@ -54,7 +55,7 @@ def init_cache(cfg: Mamba2Config, batch: int, dtype=jnp.float32) -> RecurrentCac
 
 def compute_dtype(params: Mamba2Params) -> jnp.dtype:
     """The dtype of the projection weights, in which activations are computed."""
-    return params.layers.in_proj.dtype
+    return params.embedding.dtype
 
 
 # ------------------------------------------------------------------------------ one layer
@@ -162,6 +163,8 @@ def _check_lengths(lengths, batch: int, seq: int) -> None:
 
 
 def _check_cache(cfg: Mamba2Config, cache: RecurrentCache, batch: int) -> None:
+    if is_per_layer(cache):
+        raise ValueError("pass the stacked cache (from prefill or init_cache), not a per-layer tuple")
     want_conv = (cfg.n_layer, batch, cfg.d_conv - 1, cfg.conv_dim)
     want_state = (cfg.n_layer, batch, cfg.nheads, cfg.headdim, cfg.d_state)
     if tuple(cache.conv.shape) != want_conv or tuple(cache.state.shape) != want_state:
@@ -177,7 +180,7 @@ def _forward(params, cfg, tokens, return_hidden):
     residual = _embed(params, tokens)
     cache = init_cache(cfg, tokens.shape[0], compute_dtype(params))
     layer = functools.partial(_layer_seq, cfg, lengths=None)
-    residual, _ = ssdkit.scan_layers(layer, params.layers, residual, cache)
+    residual, _ = ssdkit.scan_layers(layer, stack(params.layers), residual, cache)
     logits, hidden = _logits(cfg, params, residual)
     return (logits, hidden) if return_hidden else logits
 
@@ -201,7 +204,7 @@ def _prefill(params, cfg, tokens, lengths, cache):
         cache = init_cache(cfg, batch, compute_dtype(params))
     residual = _embed(params, tokens)
     layer = functools.partial(_layer_seq, cfg, lengths=lengths)
-    residual, cache = ssdkit.scan_layers(layer, params.layers, residual, cache)
+    residual, cache = ssdkit.scan_layers(layer, stack(params.layers), residual, cache)
     last = seq - 1 if lengths is None else lengths - 1
     last_hidden = residual[jnp.arange(batch), jnp.broadcast_to(last, (batch,))]
     logits, _ = _logits(cfg, params, last_hidden)
@@ -263,7 +266,10 @@ class Mamba2LM:
     cfg: Mamba2Config
 
     def prefill(self, params, tokens, lengths=None):
-        return _prefill(params, self.cfg, tokens, lengths, None)
+        logits, cache = _prefill(params, self.cfg, tokens, lengths, None)
+        if is_per_layer(params.layers):  # decode then reads and writes every layer's cache in place
+            cache = unstack(cache)
+        return logits, cache
 
     def decode(self, params, token, cache):
         return _decode(params, self.cfg, token, cache)

@@ -23,6 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ssdkit.stack import is_per_layer, stack, unstack
+
 #: Parameters kept in float32 whatever the weight dtype (A = -exp(A_log) overflows in float16).
 FLOAT32_LAYER_FIELDS = ("dt_bias", "A_log", "D")
 
@@ -49,7 +51,7 @@ class Mamba2Params:
     """All weights of a Mamba-2 language model."""
 
     embedding: jax.Array
-    layers: Mamba2LayerParams
+    layers: Mamba2LayerParams | tuple[Mamba2LayerParams, ...]  # stacked, or per layer (unstack_layers)
     norm_f: jax.Array
     lm_head: jax.Array | None = None
 
@@ -114,13 +116,30 @@ def init_params(cfg, key: jax.Array, dtype=jnp.float32) -> Mamba2Params:
 
 def cast_params(params: Mamba2Params, dtype) -> Mamba2Params:
     """Cast the weight matrices and norms to ``dtype``; dt_bias, A_log and D stay float32."""
-    layers = dataclasses.replace(
-        params.layers,
-        **{f.name: getattr(params.layers, f.name).astype(
-            jnp.float32 if f.name in FLOAT32_LAYER_FIELDS else dtype)
-           for f in dataclasses.fields(params.layers)},
-    )
+
+    def cast_layer(lp: Mamba2LayerParams) -> Mamba2LayerParams:
+        return dataclasses.replace(lp, **{
+            f.name: getattr(lp, f.name).astype(jnp.float32 if f.name in FLOAT32_LAYER_FIELDS else dtype)
+            for f in dataclasses.fields(lp)})
+
+    layers = tuple(map(cast_layer, params.layers)) if is_per_layer(params.layers) else cast_layer(params.layers)
     return Mamba2Params(
         embedding=params.embedding.astype(dtype), layers=layers, norm_f=params.norm_f.astype(dtype),
         lm_head=None if params.lm_head is None else params.lm_head.astype(dtype),
     )
+
+
+def unstack_layers(params: Mamba2Params) -> Mamba2Params:
+    """The same weights with ``layers`` as a tuple of per-layer params (see ``ssdkit.stack``).
+
+    Decode reads each layer's weights in place in this layout instead of slicing (and, on CPU, copying)
+    them out of the stacked arrays every step: about 2x faster single-token decode on CPU. Forward and
+    prefill accept it too (they stack the layers inside the compiled program). Costs one copy of the
+    layer weights; drop the stacked params afterwards.
+    """
+    return dataclasses.replace(params, layers=unstack(params.layers))
+
+
+def stack_layers(params: Mamba2Params) -> Mamba2Params:
+    """Back to the stacked layout (layers on a leading axis)."""
+    return dataclasses.replace(params, layers=stack(params.layers))
