@@ -74,7 +74,8 @@ def main() -> None:
     model = mamba2.Mamba2LM(cfg)
 
     def ours_gen(k):
-        return jax.block_until_ready(ssdkit.generate(model, decode_params, jnp.asarray(prompt), max_new_tokens=k).tokens)
+        out = ssdkit.generate(model, decode_params, jnp.asarray(prompt), max_new_tokens=k)
+        return jax.block_until_ready(out.tokens)
 
     ours_gen(n + 1)
     ours_gen(1)

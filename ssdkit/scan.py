@@ -6,7 +6,7 @@ differences, so they are exact up to rounding and never overflow)::
 
     prefix[l]  = Σ_{j <= l} a_j              decay from the chunk start to l
     suffix[s]  = Σ_{j >  s} a_j              decay from s to the chunk end
-    seg[l, s]  = Σ_{s < j <= l} a_j          decay from s to l (l >= s), by a masked cumsum
+    seg[l, s]  = Σ_{s < j <= l} a_j          decay from s to l (l >= s), see _decay_matrix
     total      = prefix[Q - 1]
 
 each chunk c with entering state H_c contributes::
