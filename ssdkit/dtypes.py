@@ -46,3 +46,14 @@ def check_integer(name: str, arr) -> None:
 def is_concrete(arr) -> bool:
     """True when ``arr`` holds concrete values (not a tracer inside jit/grad/vmap)."""
     return not isinstance(arr, jax.core.Tracer)
+
+
+def check_lengths(name: str, lengths, batch: int, seq: int) -> None:
+    """Raise unless ``lengths`` is a (batch,) integer array with values in 1..seq (when concrete)."""
+    check_integer(name, lengths)
+    if np.shape(lengths) != (batch,):
+        raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
+    if is_concrete(lengths):
+        lv = np.asarray(lengths)
+        if lv.min() < 1 or lv.max() > seq:
+            raise ValueError(f"{name} must lie in 1..{seq} (the padded prompt length), got {lv.tolist()}")

@@ -25,7 +25,7 @@ from jax import lax
 from jaxtyping import Array, Int
 
 from ssdkit._typing import Lengths, Logits, StepTokens, Tokens
-from ssdkit.dtypes import check_integer, is_concrete
+from ssdkit.dtypes import check_integer, check_lengths
 
 
 class LanguageModel(Protocol):
@@ -176,14 +176,7 @@ def _validate(prompt, max_new_tokens, sampler, key, prompt_lengths):
     if key is None and not isinstance(sampler, Greedy):
         raise ValueError("sampling needs a PRNG key: pass key=jax.random.key(seed)")
     if prompt_lengths is not None:
-        check_integer("prompt_lengths", prompt_lengths)
-        batch, seq = np.shape(prompt)
-        if np.shape(prompt_lengths) != (batch,):
-            raise ValueError(f"prompt_lengths must have shape (batch,) = ({batch},), got {np.shape(prompt_lengths)}")
-        if is_concrete(prompt_lengths):
-            lv = np.asarray(prompt_lengths)
-            if lv.min() < 1 or lv.max() > seq:
-                raise ValueError(f"prompt_lengths must lie in 1..{seq}, got {lv.tolist()}")
+        check_lengths("prompt_lengths", prompt_lengths, *np.shape(prompt))
 
 
 def generate(

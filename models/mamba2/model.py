@@ -30,7 +30,7 @@ from models.mamba2.config import Mamba2Config
 from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, SeqLogits, StepTokens, Tokens
-from ssdkit.dtypes import check_integer, is_concrete
+from ssdkit.dtypes import check_integer, check_lengths, is_concrete
 from ssdkit.stack import is_per_layer, stack, unstack
 
 Hidden = Float[Array, "batch seq d_model"]
@@ -152,16 +152,6 @@ def _check_tokens(cfg: Mamba2Config, tokens, ndim: int, name: str = "tokens") ->
             )
 
 
-def _check_lengths(lengths, batch: int, seq: int) -> None:
-    check_integer("lengths", lengths)
-    if np.shape(lengths) != (batch,):
-        raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
-    if is_concrete(lengths):
-        lv = np.asarray(lengths)
-        if lv.min() < 1 or lv.max() > seq:
-            raise ValueError(f"lengths must lie in 1..{seq} (the padded prompt length), got {lv.tolist()}")
-
-
 def _check_cache(cfg: Mamba2Config, cache: RecurrentCache, batch: int) -> None:
     if is_per_layer(cache):
         raise ValueError("pass the stacked cache (from prefill or init_cache), not a per-layer tuple")
@@ -230,7 +220,7 @@ def prefill(
     if seq == 0:
         raise ValueError("tokens must hold at least one position")
     if lengths is not None:
-        _check_lengths(lengths, batch, seq)
+        check_lengths("lengths", lengths, batch, seq)
     if cache is not None:
         _check_cache(cfg, cache, batch)
     return _prefill(params, cfg, tokens, lengths, cache)
@@ -275,7 +265,11 @@ class Mamba2LM:
         return _decode(params, self.cfg, token, cache)
 
 
-def _sampling_args(temperature, top_k, top_p, key):
+def _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key):
+    """Validate a generation request; returns (sampler, key)."""
+    _check_tokens(cfg, prompt_ids, 2, "prompt_ids")
+    if lengths is not None:
+        check_lengths("lengths", lengths, *np.shape(prompt_ids))
     sampler = ssdkit.make_sampler(temperature=temperature, top_k=top_k, top_p=top_p)
     if key is None and not isinstance(sampler, ssdkit.Greedy):
         key = jax.random.key(0)
@@ -301,10 +295,7 @@ def generate(
     after ``eos_token_id`` (counted in its length), later positions hold the pad id 0. Temperature 0 is
     greedy; otherwise sampling with optional top-k / top-p from ``key`` (default ``jax.random.key(0)``).
     """
-    _check_tokens(cfg, prompt_ids, 2, "prompt_ids")
-    if lengths is not None:
-        _check_lengths(lengths, *np.shape(prompt_ids))
-    sampler, key = _sampling_args(temperature, top_k, top_p, key)
+    sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
     return ssdkit.generate(
         Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
         eos_token_id=eos_token_id, prompt_lengths=lengths,
@@ -325,10 +316,7 @@ def generate_stream(
     key: jax.Array | None = None,
 ):
     """Like :func:`generate`, but yields each step's (batch,) tokens as soon as they exist."""
-    _check_tokens(cfg, prompt_ids, 2, "prompt_ids")
-    if lengths is not None:
-        _check_lengths(lengths, *np.shape(prompt_ids))
-    sampler, key = _sampling_args(temperature, top_k, top_p, key)
+    sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
     yield from ssdkit.generate_stream(
         Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
         eos_token_id=eos_token_id, prompt_lengths=lengths,
