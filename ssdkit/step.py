@@ -1,4 +1,9 @@
-"""The O(1) single-step update of the recurrence (decode)."""
+"""The O(1) single-step update of the recurrence (decode).
+
+For a scalar decay the readout is taken from the old state, ``y = e^a (S·c) + x (b·c)`` (equal to
+``S'·c``), so the state update is the state's only consumer and XLA can update it in place inside a
+decode loop (measured: 211 -> 175 ms per step for 130M at batch 16 on CPU).
+"""
 
 from __future__ import annotations
 
@@ -43,6 +48,15 @@ def _step(spec: Recurrence, state, x, log_a, b, c):
         decay = jnp.exp(log_a.astype(acc)).reshape(batch, g, r, 1, n)
     xg = x.astype(acc).reshape(batch, g, r, p, 1)
     bg = b.astype(acc).reshape(batch, g, 1, 1, n)
-    s = decay * s + xg * bg
-    y = jnp.einsum("bgrpn,bgn->bgrp", s, c.astype(acc), preferred_element_type=acc)
+    cg = c.astype(acc)
+    if spec.decay is DecayKind.SCALAR:
+        # y = S'·c = e^a (S·c) + x (b·c): the readout uses the old state, so the update below is the
+        # state's only consumer and XLA can write it in place (no copy of the state per step).
+        sc = jnp.einsum("bgrpn,bgn->bgrp", s, cg, preferred_element_type=acc)
+        bc = jnp.sum(bg[:, :, 0, 0] * cg, axis=-1)[:, :, None, None]
+        y = decay[..., 0] * sc + xg[..., 0] * bc
+        s = decay * s + xg * bg
+    else:
+        s = decay * s + xg * bg
+        y = jnp.einsum("bgrpn,bgn->bgrp", s, cg, preferred_element_type=acc)
     return y.reshape(batch, h, p).astype(x.dtype), s.reshape(batch, h, p, n).astype(state.dtype)
