@@ -1,111 +1,110 @@
-"""Mamba-2 config and checkpoint I/O: presets, both JSON formats, both weight formats, bad files."""
+"""Mamba-2 checkpoint I/O: mamba_ssm .bin (read without torch), transformers safetensors, saving for
+transformers, and every kind of bad checkpoint (missing / unexpected / mis-shaped tensors, truncated,
+corrupt, legacy and malicious files). Also the tokenizer helper."""
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 from models import mamba2
 from models.mamba2 import CheckpointError, Mamba2Config
-
-torch = pytest.importorskip("torch")
+from models.mamba2.checkpoint import LAYER_KEYS
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
+FLOAT32_NAMES = ("mixer.dt_bias", "mixer.A_log", "mixer.D")
 
 
-# ------------------------------------------------------------------------------ config
-@pytest.mark.parametrize("name,millions", [("130m", 129.0), ("370m", 368.3), ("780m", 780.2),
-                                           ("1.3b", 1343.8), ("2.7b", 2702.6)])
-def test_preset_parameter_counts(name, millions):
-    cfg = Mamba2Config.preset(name)
-    assert abs(cfg.num_params() / 1e6 - millions) < 0.1
-    assert cfg.padded_vocab_size == 50288 and cfg.d_state == 128 and cfg.headdim == 64
-    assert Mamba2Config.preset(f"state-spaces/mamba2-{name}") == cfg
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
 
 
-def test_preset_shapes_match_reference_table():
-    cfg = Mamba2Config.preset("130m")
-    assert (cfg.d_in_proj, cfg.d_model) == (3352, 768) and cfg.conv_dim == 1792 and cfg.nheads == 24
+@pytest.fixture
+def transformers():
+    return pytest.importorskip("transformers")
 
 
-def test_config_validation():
-    Mamba2Config(**TINY)  # the documented small model is valid
-    hash(Mamba2Config(**TINY))
-    cases = [
-        (dict(headdim=24), "heads·headdim must equal d_inner"),
-        (dict(ngroups=3), "must be a multiple of ngroups"),
-        (dict(d_intermediate=128), "MLP blocks"),
-        (dict(bias=True), "bias=True is not supported"),
-        (dict(norm_before_gate=True), "norm_before_gate=True is not supported"),
-        (dict(d_state=0), "d_state must be a positive integer"),
-        (dict(dt_limit=(0.5, 0.1)), "dt_limit must be"),
-    ]
-    for override, message in cases:
-        with pytest.raises(ValueError, match=message):
-            Mamba2Config(**{**TINY, **override})
-    with pytest.raises(ValueError, match="unknown Mamba-2 preset"):
-        Mamba2Config.preset("7b")
-    assert Mamba2Config(**{**TINY, "dt_limit": [0.0, 1.0]}).dt_limit == (0.0, 1.0)
+def _np(t) -> np.ndarray:
+    """A torch tensor as numpy, bfloat16 included."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(dtype=torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
-def test_config_json_formats(tmp_path):
-    ssm = {"d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba2"},
-           "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
-           "fused_add_norm": True, "pad_vocab_size_multiple": 16, "tie_embeddings": True}
-    (tmp_path / "a.json").write_text(json.dumps(ssm))
-    assert Mamba2Config.from_json(tmp_path / "a.json") == Mamba2Config.preset("130m")
+def assert_params_match(params, cfg: Mamba2Config, tensors: dict[str, np.ndarray]) -> None:
+    """Every tensor of a checkpoint (torch names) is exactly where it belongs in ``params``."""
+    tensors = dict(tensors)
+    emb = tensors.pop("backbone.embedding.weight", None)
+    if emb is None:
+        emb = tensors.pop("backbone.embeddings.weight")
+    rows = emb.shape[0]
+    np.testing.assert_array_equal(np.asarray(params.embedding[:rows]), emb)
+    assert not np.asarray(params.embedding[rows:]).any()  # zero padding, if any
+    assert params.embedding.shape == (cfg.padded_vocab_size, cfg.d_model)
+    np.testing.assert_array_equal(np.asarray(params.norm_f), tensors.pop("backbone.norm_f.weight"))
+    head = tensors.pop("lm_head.weight", None)
+    if cfg.tie_embeddings:
+        assert params.lm_head is None
+    else:
+        np.testing.assert_array_equal(np.asarray(params.lm_head[: head.shape[0]]), head)
+    for field, key in LAYER_KEYS.items():
+        stacked = np.asarray(getattr(params.layers, field))
+        assert stacked.shape[0] == cfg.n_layer
+        for i in range(cfg.n_layer):
+            want = tensors.pop(f"backbone.layers.{i}.{key}")
+            if field == "conv_weight":
+                want = want[:, 0, :].T  # (conv_dim, 1, K) -> (K, conv_dim)
+            np.testing.assert_array_equal(stacked[i], want, err_msg=f"layers.{field}[{i}]")
+    assert not tensors, f"tensors not checked: {sorted(tensors)}"
 
-    transformers = pytest.importorskip("transformers")
-    cfg = Mamba2Config(**{**TINY, "ngroups": 2, "tie_embeddings": False})
-    transformers.Mamba2Config(**cfg.to_transformers_dict()).to_json_file(tmp_path / "b.json")
-    back = Mamba2Config.from_json(tmp_path / "b.json")
-    assert (back.d_model, back.nheads, back.ngroups, back.padded_vocab_size, back.tie_embeddings) == (
-        cfg.d_model, cfg.nheads, cfg.ngroups, cfg.padded_vocab_size, False)
-    (tmp_path / "c.json").write_text(json.dumps(cfg.to_mamba_ssm_dict()))
-    assert Mamba2Config.from_json(tmp_path / "c.json") == cfg
 
-    bad = dict(ssm, ssm_cfg={"layer": "Mamba1"})
-    (tmp_path / "d.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="only 'Mamba2' models"):
-        Mamba2Config.from_json(tmp_path / "d.json")
-    (tmp_path / "e.json").write_text(json.dumps(dict(ssm, attn_layer_idx=[3])))
-    with pytest.raises(ValueError, match="attention layers"):
-        Mamba2Config.from_json(tmp_path / "e.json")
-    (tmp_path / "f.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        Mamba2Config.from_json(tmp_path / "f.json")
-
-
-# ------------------------------------------------------------------------------ weights
-def _mamba_ssm_state_dict(cfg: Mamba2Config, seed=0, unpadded_vocab=False):
-    """A random state dict with mamba_ssm names, fp16 matrices and fp32 A_log/D/dt_bias like the real ones."""
+def _mamba_ssm_state_dict(torch, cfg: Mamba2Config, seed=0, unpadded_vocab=False, dtype=None):
+    """A random state dict with mamba_ssm names, half-precision matrices and float32 A_log/D/dt_bias
+    like the published checkpoints."""
+    dtype = dtype or torch.float16
     g = torch.Generator().manual_seed(seed)
     rows = cfg.vocab_size if unpadded_vocab else cfg.padded_vocab_size
-    sd = {"backbone.embedding.weight": torch.randn(rows, cfg.d_model, generator=g).half(),
-          "backbone.norm_f.weight": torch.randn(cfg.d_model, generator=g).half()}
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt)
+
+    sd = {"backbone.embedding.weight": randn(rows, cfg.d_model)}
     for i in range(cfg.n_layer):
         p = f"backbone.layers.{i}."
-        sd[p + "norm.weight"] = torch.randn(cfg.d_model, generator=g).half()
-        sd[p + "mixer.in_proj.weight"] = torch.randn(cfg.d_in_proj, cfg.d_model, generator=g).half()
-        sd[p + "mixer.conv1d.weight"] = torch.randn(cfg.conv_dim, 1, cfg.d_conv, generator=g).half()
-        sd[p + "mixer.conv1d.bias"] = torch.randn(cfg.conv_dim, generator=g).half()
-        sd[p + "mixer.dt_bias"] = torch.randn(cfg.nheads, generator=g)
-        sd[p + "mixer.A_log"] = torch.randn(cfg.nheads, generator=g)
-        sd[p + "mixer.D"] = torch.randn(cfg.nheads, generator=g)
-        sd[p + "mixer.norm.weight"] = torch.randn(cfg.d_inner, generator=g).half()
-        sd[p + "mixer.out_proj.weight"] = torch.randn(cfg.d_model, cfg.d_inner, generator=g).half()
-    sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # tied, as mamba_ssm saves it
+        sd[p + "norm.weight"] = randn(cfg.d_model)
+        sd[p + "mixer.in_proj.weight"] = randn(cfg.d_in_proj, cfg.d_model)
+        sd[p + "mixer.conv1d.weight"] = randn(cfg.conv_dim, 1, cfg.d_conv)
+        sd[p + "mixer.conv1d.bias"] = randn(cfg.conv_dim)
+        sd[p + "mixer.dt_bias"] = randn(cfg.nheads, dt=torch.float32)
+        sd[p + "mixer.A_log"] = randn(cfg.nheads, dt=torch.float32)
+        sd[p + "mixer.D"] = randn(cfg.nheads, dt=torch.float32)
+        sd[p + "mixer.norm.weight"] = randn(cfg.d_inner)
+        sd[p + "mixer.out_proj.weight"] = randn(cfg.d_model, cfg.d_inner)
+    sd["backbone.norm_f.weight"] = randn(cfg.d_model)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["backbone.embedding.weight"]  # tied: mamba_ssm saves the shared tensor
+    else:
+        sd["lm_head.weight"] = randn(rows, cfg.d_model)
     return sd
 
 
-def _write_bin(path, cfg, sd):
+def _write_bin(torch, path, cfg, sd):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg.to_mamba_ssm_dict()))
     torch.save(sd, path / "pytorch_model.bin")
@@ -113,117 +112,356 @@ def _write_bin(path, cfg, sd):
 
 
 @pytest.fixture
-def bin_ckpt(tmp_path):
+def bin_ckpt(torch, tmp_path):
     cfg = Mamba2Config(**TINY)
-    sd = _mamba_ssm_state_dict(cfg)
-    return _write_bin(tmp_path / "bin", cfg, sd), cfg, sd
+    sd = _mamba_ssm_state_dict(torch, cfg)
+    return _write_bin(torch, tmp_path / "bin", cfg, sd), cfg, sd
 
 
-def test_bin_loads_every_tensor_in_place(bin_ckpt):
+def _hf_model(transformers, seed=0, **kw):
+    """A small random transformers Mamba2ForCausalLM (vocab already padded, as transformers stores it)."""
+    import torch
+
+    torch.manual_seed(seed)
+    args = dict(hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8, n_groups=1,
+                vocab_size=64, chunk_size=8, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                pad_token_id=0)
+    model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**{**args, **kw}))
+    with torch.no_grad():  # non-trivial norms, D and biases so a misplaced tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+# ------------------------------------------------------------------------------ mamba_ssm .bin
+def test_bin_every_tensor_lands_in_place(bin_ckpt):
     path, cfg, sd = bin_ckpt
     params, loaded_cfg = mamba2.load_checkpoint(path)
     assert loaded_cfg == cfg
-    np.testing.assert_array_equal(params.embedding, sd["backbone.embedding.weight"].numpy())
-    assert params.embedding.dtype == jnp.float16 and params.layers.A_log.dtype == jnp.float32
-    for i in range(cfg.n_layer):
-        p = f"backbone.layers.{i}."
-        np.testing.assert_array_equal(params.layers.in_proj[i], sd[p + "mixer.in_proj.weight"].numpy())
-        np.testing.assert_array_equal(params.layers.out_proj[i], sd[p + "mixer.out_proj.weight"].numpy())
-        np.testing.assert_array_equal(params.layers.conv_weight[i], sd[p + "mixer.conv1d.weight"].numpy()[:, 0].T)
-        np.testing.assert_array_equal(params.layers.conv_bias[i], sd[p + "mixer.conv1d.bias"].numpy())
-        np.testing.assert_array_equal(params.layers.A_log[i], sd[p + "mixer.A_log"].numpy())
-        np.testing.assert_array_equal(params.layers.dt_bias[i], sd[p + "mixer.dt_bias"].numpy())
-        np.testing.assert_array_equal(params.layers.D[i], sd[p + "mixer.D"].numpy())
-        np.testing.assert_array_equal(params.layers.gate_norm[i], sd[p + "mixer.norm.weight"].numpy())
-        np.testing.assert_array_equal(params.layers.norm[i], sd[p + "norm.weight"].numpy())
-    assert params.lm_head is None
-    p32, _ = mamba2.load_checkpoint(path, dtype=jnp.float32)
-    assert p32.layers.in_proj.dtype == jnp.float32
-    np.testing.assert_array_equal(p32.layers.in_proj, params.layers.in_proj.astype(jnp.float32))
+    assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
+    for field in ("embedding", "norm_f"):
+        assert getattr(params, field).dtype == jnp.float16
+    for field in LAYER_KEYS:
+        want = jnp.float32 if field in ("dt_bias", "A_log", "D") else jnp.float16
+        assert getattr(params.layers, field).dtype == want, field
 
 
-def test_bf16_and_noncontiguous_tensors(tmp_path):
+def test_bin_loads_without_torch(bin_ckpt):
+    """The loader never imports torch (or transformers): run it where importing them fails."""
+    path, cfg, sd = bin_ckpt
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import numpy as np\n"
+        "from models import mamba2\n"
+        f"params, cfg = mamba2.load_checkpoint({str(path)!r})\n"
+        "print(cfg.n_layer, float(np.asarray(params.layers.A_log, np.float64).sum()))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    a_log = sum(float(sd[f"backbone.layers.{i}.mixer.A_log"].double().sum()) for i in range(cfg.n_layer))
+    n_layer, total = out.stdout.split()
+    assert int(n_layer) == cfg.n_layer and float(total) == pytest.approx(a_log, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bin_dtype_casts_matrices_only(bin_ckpt, dtype):
+    path, cfg, sd = bin_ckpt
+    ref, _ = mamba2.load_checkpoint(path)
+    params, _ = mamba2.load_checkpoint(path, dtype=dtype)
+    assert params.embedding.dtype == dtype and params.layers.in_proj.dtype == dtype
+    assert params.layers.gate_norm.dtype == dtype and params.norm_f.dtype == dtype
+    assert params.layers.A_log.dtype == params.layers.D.dtype == params.layers.dt_bias.dtype == jnp.float32
+    np.testing.assert_array_equal(params.layers.in_proj, ref.layers.in_proj.astype(dtype))
+    np.testing.assert_array_equal(params.layers.A_log, ref.layers.A_log)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        mamba2.load_checkpoint(path, dtype=jnp.int8)
+
+
+def test_bin_untied_two_groups(torch, tmp_path):
+    cfg = Mamba2Config(**TINY, ngroups=2, tie_embeddings=False)
+    sd = _mamba_ssm_state_dict(torch, cfg, seed=1)
+    params, loaded = mamba2.load_checkpoint(_write_bin(torch, tmp_path / "g2", cfg, sd))
+    assert loaded == cfg and params.lm_head is not None
+    assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
+
+
+def test_bin_bfloat16_parameters_and_strided_tensors(torch, tmp_path):
     cfg = Mamba2Config(**TINY)
-    sd = {k: (v.to(torch.bfloat16) if v.dtype == torch.float16 else v) for k, v in _mamba_ssm_state_dict(cfg).items()}
-    # A transposed view: stored with non-trivial strides in the archive.
+    sd = _mamba_ssm_state_dict(torch, cfg, dtype=torch.bfloat16)
+    # Stored with non-trivial strides (a transposed view) and as an nn.Parameter.
     w = sd["backbone.layers.1.mixer.out_proj.weight"]
     sd["backbone.layers.1.mixer.out_proj.weight"] = w.t().contiguous().t()
-    path = _write_bin(tmp_path / "bf16", cfg, sd)
-    params, _ = mamba2.load_checkpoint(path)
+    assert not sd["backbone.layers.1.mixer.out_proj.weight"].is_contiguous()
+    sd["backbone.layers.0.mixer.D"] = torch.nn.Parameter(sd["backbone.layers.0.mixer.D"])
+    # Several tensors sharing one storage at different offsets.
+    flat = torch.randn(2 * cfg.conv_dim, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    sd["backbone.layers.0.mixer.conv1d.bias"], sd["backbone.layers.1.mixer.conv1d.bias"] = flat.split(cfg.conv_dim)
+    params, _ = mamba2.load_checkpoint(_write_bin(torch, tmp_path / "bf16", cfg, sd))
     assert params.layers.in_proj.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(params.layers.out_proj[1], np.float32), w.float().numpy())
+    assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
 
 
-def test_unpadded_vocab_is_padded(tmp_path):
+def test_bin_unpadded_vocabulary_is_zero_padded(torch, tmp_path):
     cfg = Mamba2Config(**TINY)
-    sd = _mamba_ssm_state_dict(cfg, unpadded_vocab=True)
+    sd = _mamba_ssm_state_dict(torch, cfg, unpadded_vocab=True)
+    params, _ = mamba2.load_checkpoint(_write_bin(torch, tmp_path / "u", cfg, sd))
+    assert params.embedding.shape == (64, cfg.d_model) and cfg.vocab_size == 50
+    assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
+
+
+def test_bin_without_lm_head_when_tied(torch, tmp_path):
+    cfg = Mamba2Config(**TINY)
+    sd = _mamba_ssm_state_dict(torch, cfg)
     del sd["lm_head.weight"]
-    params, _ = mamba2.load_checkpoint(_write_bin(tmp_path / "u", cfg, sd))
-    assert params.embedding.shape == (cfg.padded_vocab_size, cfg.d_model)
-    assert not np.asarray(params.embedding[cfg.vocab_size:]).any()
+    params, _ = mamba2.load_checkpoint(_write_bin(torch, tmp_path / "nohead", cfg, sd))
+    assert params.lm_head is None
+    assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
 
 
-def test_save_load_round_trip_and_transformers(tmp_path, bin_ckpt):
-    transformers = pytest.importorskip("transformers")
-    for tie in (True, False):
-        cfg = Mamba2Config(**{**TINY, "ngroups": 2, "tie_embeddings": tie})
-        params = mamba2.init_params(cfg, jax.random.key(0))
-        out = tmp_path / f"rt{tie}"
-        mamba2.save_checkpoint(params, cfg, out)
-        back, cfg_back = mamba2.load_checkpoint(out)
-        assert cfg_back.padded_vocab_size == cfg.padded_vocab_size and cfg_back.tie_embeddings == tie
-        jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
-        model, info = transformers.Mamba2ForCausalLM.from_pretrained(out, output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"], info
-        np.testing.assert_array_equal(model.backbone.layers[1].mixer.conv1d.weight.detach().numpy()[:, 0].T,
-                                      params.layers.conv_weight[1])
+# ------------------------------------------------------------------------------ transformers safetensors
+@pytest.mark.parametrize("kw", [{}, {"n_groups": 2, "tie_word_embeddings": False}])
+def test_transformers_save_pretrained_loads_exactly(transformers, tmp_path, kw):
+    model = _hf_model(transformers, **kw)
+    model.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    params, cfg = mamba2.load_checkpoint(tmp_path / "hf")
+    assert (cfg.padded_vocab_size, cfg.ngroups, cfg.tie_embeddings) == (
+        64, kw.get("n_groups", 1), kw.get("tie_word_embeddings", True))
+    assert params.layers.in_proj.dtype == jnp.float32
+    sd = {k: _np(v) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        np.testing.assert_array_equal(sd.pop("lm_head.weight"), sd["backbone.embeddings.weight"])
+    assert_params_match(params, cfg, sd)
 
 
-# ------------------------------------------------------------------------------ bad checkpoints
-def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
+def test_transformers_sharded_safetensors(transformers, tmp_path):
+    model = _hf_model(transformers, seed=2)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    params, cfg = mamba2.load_checkpoint(tmp_path / "sharded")
+    sd = {k: _np(v) for k, v in model.state_dict().items()}
+    sd.pop("lm_head.weight")
+    assert_params_match(params, cfg, sd)
+
+
+# ------------------------------------------------------------------------------ save_checkpoint
+@pytest.mark.parametrize("tie,ngroups,dtype", [(True, 1, jnp.float32), (False, 2, jnp.float32),
+                                               (True, 2, jnp.bfloat16)])
+def test_save_load_round_trip_is_exact(tmp_path, tie, ngroups, dtype):
+    cfg = Mamba2Config(**TINY, ngroups=ngroups, tie_embeddings=tie)
+    params = mamba2.init_params(cfg, jax.random.key(0), dtype)
+    mamba2.save_checkpoint(params, cfg, tmp_path / "rt")
+    back, cfg_back = mamba2.load_checkpoint(tmp_path / "rt")
+    assert cfg_back.padded_vocab_size == cfg.padded_vocab_size
+    assert dataclasses.replace(cfg_back, vocab_size=cfg.vocab_size, pad_vocab_size_multiple=16) == cfg
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # per-layer params save the same
+    mamba2.save_checkpoint(mamba2.unstack_layers(params), cfg, tmp_path / "rt2")
+    assert (tmp_path / "rt2" / "model.safetensors").read_bytes() == (tmp_path / "rt" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("tie,ngroups", [(True, 1), (False, 2)])
+def test_save_checkpoint_loads_in_transformers(transformers, tmp_path, tie, ngroups):
+    cfg = Mamba2Config(**TINY, ngroups=ngroups, tie_embeddings=tie)
+    params = mamba2.init_params(cfg, jax.random.key(1))
+    mamba2.save_checkpoint(params, cfg, tmp_path / "ours")
+    model, info = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert (model.config.n_groups, model.config.vocab_size, model.config.tie_word_embeddings) == (ngroups, 64, tie)
+    sd = {k: _np(v) for k, v in model.state_dict().items()}
+    head = sd.pop("lm_head.weight")
+    np.testing.assert_array_equal(head, np.asarray(params.embedding if tie else params.lm_head))
+    if not tie:
+        sd["lm_head.weight"] = head
+    assert_params_match(params, cfg, sd)
+
+
+def test_save_checkpoint_rejects_inconsistent_params(tmp_path):
     cfg = Mamba2Config(**TINY)
-    sd = _mamba_ssm_state_dict(cfg)
-    del sd["backbone.layers.1.mixer.D"]
-    with pytest.raises(CheckpointError, match=r"missing tensors: backbone\.layers\.1\.mixer\.D"):
-        mamba2.load_checkpoint(_write_bin(tmp_path / "m", cfg, sd))
-    sd = _mamba_ssm_state_dict(cfg)
+    params = mamba2.init_params(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"params.layers.in_proj has shape"):
+        mamba2.save_checkpoint(params, dataclasses.replace(cfg, d_state=16), tmp_path / "a")
+    with pytest.raises(ValueError, match="ties the embeddings but params.lm_head is set"):
+        mamba2.save_checkpoint(dataclasses.replace(params, lm_head=params.embedding), cfg, tmp_path / "b")
+    with pytest.raises(ValueError, match="untied embeddings but params.lm_head is None"):
+        mamba2.save_checkpoint(params, dataclasses.replace(cfg, tie_embeddings=False), tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------ mismatching checkpoints
+def test_missing_tensors_are_named(torch, tmp_path):
+    cfg = Mamba2Config(**TINY)
+    sd = _mamba_ssm_state_dict(torch, cfg)
+    del sd["backbone.layers.1.mixer.D"], sd["backbone.norm_f.weight"]
+    with pytest.raises(CheckpointError, match=r"missing tensors: backbone\.layers\.1\.mixer\.D, "
+                                              r"backbone\.norm_f\.weight"):
+        mamba2.load_checkpoint(_write_bin(torch, tmp_path / "m", cfg, sd))
+    # an untied config needs lm_head
+    cfg = Mamba2Config(**TINY, tie_embeddings=False)
+    sd = _mamba_ssm_state_dict(torch, cfg)
+    del sd["lm_head.weight"]
+    with pytest.raises(CheckpointError, match=r"missing tensors: lm_head\.weight"):
+        mamba2.load_checkpoint(_write_bin(torch, tmp_path / "h", cfg, sd))
+    # a checkpoint with fewer layers than its config says
+    sd = _mamba_ssm_state_dict(torch, Mamba2Config(**TINY))
+    with pytest.raises(CheckpointError, match=r"missing tensors: backbone\.layers\.2\.mixer\.A_log, .*"
+                                              r"\(9 in all\)|missing tensors: backbone\.layers\.2\."):
+        mamba2.load_checkpoint(_write_bin(torch, tmp_path / "l", Mamba2Config(**{**TINY, "n_layer": 3}), sd))
+
+
+def test_unexpected_tensors_are_named(torch, tmp_path):
+    cfg = Mamba2Config(**TINY)
+    sd = _mamba_ssm_state_dict(torch, cfg)
     sd["backbone.layers.0.mixer.extra"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=r"unexpected tensors: backbone\.layers\.0\.mixer\.extra"):
-        mamba2.load_checkpoint(_write_bin(tmp_path / "x", cfg, sd))
-    sd = _mamba_ssm_state_dict(cfg)
-    sd["backbone.layers.1.mixer.in_proj.weight"] = torch.zeros(cfg.d_in_proj + 1, cfg.d_model)
-    with pytest.raises(CheckpointError, match=r"tensor backbone\.layers\.1\.mixer\.in_proj\.weight has shape "
-                                              r"\(149, 32\), expected \(148, 32\)"):
-        mamba2.load_checkpoint(_write_bin(tmp_path / "s", cfg, sd))
+    sd["backbone.layers.2.norm.weight"] = torch.zeros(cfg.d_model)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: backbone\.layers\.0\.mixer\.extra, "
+                                              r"backbone\.layers\.2\.norm\.weight"):
+        mamba2.load_checkpoint(_write_bin(torch, tmp_path / "x", cfg, sd))
 
 
-def test_truncated_and_corrupt_files(tmp_path, bin_ckpt):
-    path, cfg, _ = bin_ckpt
-    data = (path / "pytorch_model.bin").read_bytes()
-    (path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        mamba2.load_checkpoint(path)
-    (path / "pytorch_model.bin").write_bytes(b"\x80\x02garbage, not a zip archive")
-    with pytest.raises(CheckpointError, match="not a zip archive"):
-        mamba2.load_checkpoint(path)
+@pytest.mark.parametrize("name,shape,expected", [
+    ("backbone.layers.1.mixer.in_proj.weight", (149, 32), r"\(148, 32\)"),
+    ("backbone.layers.0.mixer.conv1d.weight", (80, 4), r"\(80, 1, 4\)"),
+    ("backbone.layers.1.mixer.A_log", (5,), r"\(4,\)"),
+    ("backbone.norm_f.weight", (31,), r"\(32,\)"),
+    ("backbone.embedding.weight", (60, 32), r"\(64, 32\) or unpadded \(50, 32\)"),
+    ("lm_head.weight", (64, 16), r"\(64, 32\) or unpadded \(50, 32\)"),
+])
+def test_misshaped_tensors_are_named(torch, tmp_path, name, shape, expected):
+    cfg = Mamba2Config(**TINY)
+    sd = _mamba_ssm_state_dict(torch, cfg)
+    sd[name] = torch.zeros(shape, dtype=torch.float16)
+    got = str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+    pattern = rf"tensor {name.replace('.', '[.]')} has shape {got}, expected {expected}"
+    with pytest.raises(CheckpointError, match=pattern):
+        mamba2.load_checkpoint(_write_bin(torch, tmp_path / "s", cfg, sd))
 
+
+def test_safetensors_mismatch_is_named(tmp_path):
+    cfg = Mamba2Config(**TINY)
+    mamba2.save_checkpoint(mamba2.init_params(cfg, jax.random.key(0)), cfg, tmp_path / "st")
+    config = json.loads((tmp_path / "st" / "config.json").read_text())
+    (tmp_path / "st" / "config.json").write_text(json.dumps(dict(config, state_size=16)))
+    with pytest.raises(CheckpointError, match=r"tensor backbone\.layers\.0\.mixer\.in_proj\.weight has shape "
+                                              r"\(148, 32\), expected \(164, 32\)"):
+        mamba2.load_checkpoint(tmp_path / "st")
+
+
+# ------------------------------------------------------------------------------ missing / corrupt files
+def test_missing_directory_config_and_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mamba2.load_checkpoint(tmp_path / "nowhere")
+    cfg = Mamba2Config(**TINY)
     st = tmp_path / "st"
     mamba2.save_checkpoint(mamba2.init_params(cfg, jax.random.key(0)), cfg, st)
-    raw = (st / "model.safetensors").read_bytes()
-    (st / "model.safetensors").write_bytes(raw[:-100])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
-        mamba2.load_checkpoint(st)
     (st / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="holds no weights"):
+    with pytest.raises(CheckpointError, match="holds no weights: expected model.safetensors"):
         mamba2.load_checkpoint(st)
     (st / "config.json").unlink()
     with pytest.raises(CheckpointError, match="has no config.json"):
         mamba2.load_checkpoint(st)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        mamba2.load_checkpoint(tmp_path / "nowhere")
+    (st / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="config.json.*not valid JSON"):
+        mamba2.load_checkpoint(st)
 
 
-class _Evil:
+def test_truncated_safetensors(tmp_path):
+    cfg = Mamba2Config(**TINY)
+    st = tmp_path / "st"
+    mamba2.save_checkpoint(mamba2.init_params(cfg, jax.random.key(0)), cfg, st)
+    raw = (st / "model.safetensors").read_bytes()
+    for cut in (len(raw) - 100, 40, 4):
+        (st / "model.safetensors").write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+            mamba2.load_checkpoint(st)
+
+
+def test_truncated_and_garbage_bin(bin_ckpt):
+    path, _, _ = bin_ckpt
+    binf = path / "pytorch_model.bin"
+    data = binf.read_bytes()
+    for cut in (len(data) // 2, len(data) - 30, 100):
+        binf.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"pytorch_model\.bin .*(truncated or corrupt)"):
+            mamba2.load_checkpoint(path)
+    binf.write_bytes(b"garbage, neither zip nor pickle" * 10)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is not a zip archive: it is neither"):
+        mamba2.load_checkpoint(path)
+    # a zip whose storage bytes were corrupted: zip's CRC check catches it when the tensor is read
+    raw = bytearray(data)
+    pos = raw.find(b"pytorch_model/data/0") + 100  # inside the (uncompressed) embedding storage
+    assert pos >= 100
+    raw[pos:pos + 8] = bytes(8 - i for i in range(8))
+    binf.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot read tensor backbone\.embedding\.weight"):
+        mamba2.load_checkpoint(path)
+
+
+def test_legacy_torch_file_asks_to_resave(torch, tmp_path):
+    cfg = Mamba2Config(**TINY)
+    path = tmp_path / "legacy"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg.to_mamba_ssm_dict()))
+    torch.save(_mamba_ssm_state_dict(torch, cfg), path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="legacy .* re-save it with a current torch"):
+        mamba2.load_checkpoint(path)
+
+
+def _zip_checkpoint(tmp_path, name, pkl: bytes, storages: dict[str, bytes] | None = None):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(Mamba2Config(**TINY).to_mamba_ssm_dict()))
+    with zipfile.ZipFile(path / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        for key, raw in (storages or {}).items():
+            z.writestr(f"archive/data/{key}", raw)
+    return path
+
+
+def _tensor_pickle(offset: int, size: tuple[int, ...], stride: tuple[int, ...], numel: int) -> bytes:
+    """A hand-written data.pkl (as torch writes it) of {"w": tensor} with the given geometry."""
+    tup = lambda xs: b"(" + b"".join(b"I%d\n" % x for x in xs) + b"t"  # noqa: E731
+    return (b"\x80\x02}S'w'\nctorch._utils\n_rebuild_tensor_v2\n("
+            b"(S'storage'\nctorch\nFloatStorage\nS'0'\nS'cpu'\nI%d\ntQ" % numel
+            + b"I%d\n" % offset + tup(size) + tup(stride)
+            + b"I00\nccollections\nOrderedDict\n)RtRs.")
+
+
+def test_tensor_geometry_is_bounds_checked(tmp_path):
+    storage = np.arange(4, dtype="<f4").tobytes()
+    ok = _zip_checkpoint(tmp_path, "ok", _tensor_pickle(0, (2, 2), (2, 1), 4), {"0": storage})
+    with pytest.raises(CheckpointError, match=r"missing tensors: .*unexpected tensors: w"):
+        mamba2.load_checkpoint(ok)  # well-formed, just not a Mamba-2 state dict
+    for name, geometry, message in [
+        ("offset", (3, (2, 2), (2, 1), 4), "reaches element 6 of a storage of 4 elements"),
+        ("stride", (0, (2, 2), (100, 1), 4), "reaches element 101 of a storage of 4 elements"),
+        ("negative", (0, (2, 2), (-2, 1), 4), "invalid tensor geometry"),
+        ("numel", (0, (2, 2), (2, 1), 1000), "fewer than its 1000 elements"),
+    ]:
+        path = _zip_checkpoint(tmp_path, name, _tensor_pickle(*geometry), {"0": storage})
+        with pytest.raises(CheckpointError, match=message):
+            mamba2.load_checkpoint(path)
+    path = _zip_checkpoint(tmp_path, "nostorage", _tensor_pickle(0, (2, 2), (2, 1), 4))
+    with pytest.raises(CheckpointError, match="storage 0 is missing from the archive"):
+        mamba2.load_checkpoint(path)
+    path = _zip_checkpoint(tmp_path, "nodict", pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(CheckpointError, match="expected a dict of tensors"):
+        mamba2.load_checkpoint(path)
+    path = tmp_path / "nopkl"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(Mamba2Config(**TINY).to_mamba_ssm_dict()))
+    with zipfile.ZipFile(path / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/other", b"x")
+    with pytest.raises(CheckpointError, match="expected one data.pkl"):
+        mamba2.load_checkpoint(path)
+
+
+class _SystemCall:
     def __init__(self, marker):
         self.marker = marker
 
@@ -231,15 +469,55 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_executes_nothing(tmp_path):
-    cfg = Mamba2Config(**TINY)
-    path = tmp_path / "evil"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(cfg.to_mamba_ssm_dict()))
+class _Exec:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("evil,refused", [(_SystemCall, "(posix|nt|os).system"),
+                                          (_Exec, "(builtins|__builtin__).exec")])
+def test_malicious_pickle_executes_nothing(tmp_path, evil, refused, protocol):
     marker = tmp_path / "pwned"
-    for payload in (_Evil(marker), {"backbone.embedding.weight": _Evil(marker)}):
-        with zipfile.ZipFile(path / "pytorch_model.bin", "w") as z:
-            z.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
-        with pytest.raises(CheckpointError, match="refusing to load global (posix|os)"):
+    payloads = [evil(marker), {"backbone.embedding.weight": evil(marker)}, OrderedDictWith(evil(marker))]
+    for n, payload in enumerate(payloads):
+        path = _zip_checkpoint(tmp_path, f"evil{n}", pickle.dumps(payload, protocol=protocol))
+        with pytest.raises(CheckpointError, match=f"refusing to load global {refused}"):
             mamba2.load_checkpoint(path)
         assert not marker.exists()
+
+
+def OrderedDictWith(value):  # noqa: N802 - reads like a constructor in the payload list
+    from collections import OrderedDict
+
+    return OrderedDict(a=[1, {"b": value}])
+
+
+# ------------------------------------------------------------------------------ tokenizer
+def test_load_tokenizer(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "hello": 1, "world": 2}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "ckpt").mkdir()
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    assert mamba2.load_tokenizer(tmp_path / "ckpt").encode("hello world").ids == [1, 2]
+    assert mamba2.load_tokenizer(str(tmp_path / "ckpt" / "tokenizer.json")).encode("world").ids == [2]
+    (tmp_path / "empty").mkdir()
+    assert mamba2.load_tokenizer(tmp_path / "empty") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        mamba2.load_tokenizer(tmp_path / "bad")
+
+    hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo_id, filename, **_):
+        raise OSError(f"offline: cannot reach the Hub for {repo_id}/{filename}")
+
+    monkeypatch.setattr(hub, "hf_hub_download", offline)
+    with pytest.raises(ValueError, match=r"'state-spaces/mamba2-130m' is not a local directory .* offline"):
+        mamba2.load_tokenizer("state-spaces/mamba2-130m")

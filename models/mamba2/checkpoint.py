@@ -4,6 +4,19 @@ Loading reads one tensor at a time into preallocated stacked arrays (no second f
 weights) and checks every name and shape against the config. ``.bin`` files are read WITHOUT torch:
 the zip archive's pickle is replayed by a restricted unpickler that only rebuilds tensors and refuses
 every other global, so a malicious checkpoint raises :class:`CheckpointError` and runs nothing.
+
+Name mapping (``{i}`` the layer; both ``backbone.embedding.weight`` (mamba_ssm) and
+``backbone.embeddings.weight`` (transformers) are accepted)::
+
+    backbone.layers.{i}.norm.weight              layers.norm[i]
+    backbone.layers.{i}.mixer.in_proj.weight     layers.in_proj[i]        (out, in), as stored
+    backbone.layers.{i}.mixer.conv1d.weight      layers.conv_weight[i]    (conv_dim, 1, K) -> (K, conv_dim)
+    backbone.layers.{i}.mixer.conv1d.bias        layers.conv_bias[i]
+    backbone.layers.{i}.mixer.dt_bias / A_log / D   layers.dt_bias / A_log / D [i]   (float32)
+    backbone.layers.{i}.mixer.norm.weight        layers.gate_norm[i]
+    backbone.layers.{i}.mixer.out_proj.weight    layers.out_proj[i]       (out, in), as stored
+    backbone.norm_f.weight                       norm_f
+    lm_head.weight                               lm_head (untied configs only)
 """
 
 from __future__ import annotations
@@ -29,13 +42,15 @@ from models.mamba2.params import (
     stack_layers,
 )
 
+__all__ = ["CheckpointError", "LAYER_KEYS", "load_checkpoint", "save_checkpoint"]
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing, corrupt, unsafe, or not matching its config."""
 
 
 # ------------------------------------------------------------------------------ names
-#: checkpoint suffix under ``backbone.layers.{i}.`` for each stacked field
+#: checkpoint name under ``backbone.layers.{i}.`` of each stacked field
 LAYER_KEYS = {
     "norm": "norm.weight",
     "in_proj": "mixer.in_proj.weight",
@@ -47,6 +62,8 @@ LAYER_KEYS = {
     "gate_norm": "mixer.norm.weight",
     "out_proj": "mixer.out_proj.weight",
 }
+_EMBEDDING_NAMES = ("backbone.embedding.weight", "backbone.embeddings.weight")
+_WEIGHT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
 def _checkpoint_shape(field: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -64,12 +81,24 @@ def _to_torch(field: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.T[:, None, :]) if field == "conv_weight" else arr
 
 
+def _name_list(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 # ------------------------------------------------------------------------------ tensor sources
 class _Source(Protocol):
     def names(self) -> set[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> np.dtype: ...
     def read(self, name: str) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+_SAFETENSORS_DTYPES = {
+    "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64,
+    "I8": np.int8, "U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_,
+}
 
 
 class _SafetensorsSource:
@@ -78,15 +107,17 @@ class _SafetensorsSource:
     def __init__(self, files: list[Path]):
         from safetensors import safe_open
 
-        self._where: dict[str, object] = {}
-        self._handles = []
+        self._where: dict[str, tuple[object, Path]] = {}
         for f in files:
             try:
                 handle = safe_open(str(f), framework="np")
-            except Exception as err:  # noqa: BLE001 - the library raises its own error types
-                raise CheckpointError(f"{f} is not a readable safetensors file: {err}") from None
-            self._handles.append(handle)
-            for k in handle.keys():
+                keys = list(handle.keys())
+            except Exception as err:  # the library raises its own (and generic) error types
+                raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): "
+                                      f"{err}") from None
+            for k in keys:
+                if k in self._where:
+                    raise CheckpointError(f"tensor {k} is stored in both {self._where[k][1]} and {f}")
                 self._where[k] = (handle, f)
 
     def names(self) -> set[str]:
@@ -97,16 +128,24 @@ class _SafetensorsSource:
         return tuple(handle.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> np.dtype:
-        return self.read(name).dtype
+        handle, f = self._where[name]
+        code = handle.get_slice(name).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {code}")
+        return np.dtype(_SAFETENSORS_DTYPES[code])
 
     def read(self, name: str) -> np.ndarray:
         handle, f = self._where[name]
         try:
             return handle.get_tensor(name)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise CheckpointError(f"{f}: cannot read tensor {name}: {err}") from None
 
+    def close(self) -> None:
+        self._where.clear()  # safe_open handles unmap when dropped
 
+
+# -- torch zip archives, without torch ------------------------------------------------------------
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
     "HalfStorage": np.float16,
@@ -119,6 +158,8 @@ _STORAGE_DTYPES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+#: how ``torch.save`` without the zip format (torch < 1.6, or _use_new_zipfile_serialization=False) begins
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,33 +186,54 @@ class _LazyTensor:
     stride: tuple[int, ...]
 
 
+def _as_index(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise pickle.UnpicklingError(f"invalid tensor {what} {v!r}")
+    return v
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *_rest):
+    """Stands in for ``torch._utils._rebuild_tensor_v2``: records the tensor's geometry, checked to
+    stay inside its storage (so no offset/stride can reach outside the buffer when read)."""
     if not isinstance(storage, _LazyStorage):
         raise pickle.UnpicklingError("tensor without a storage")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride) or storage_offset < 0:
-        raise pickle.UnpicklingError(f"invalid tensor geometry size={size} stride={stride}")
+    if not isinstance(size, tuple | list) or not isinstance(stride, tuple | list) or len(size) != len(stride):
+        raise pickle.UnpicklingError(f"invalid tensor geometry size={size!r} stride={stride!r}")
+    offset = _as_index(storage_offset, "storage offset")
+    size = tuple(_as_index(s, "size") for s in size)
+    stride = tuple(_as_index(s, "stride") for s in stride)
+    if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise pickle.UnpicklingError(f"invalid tensor geometry offset={offset} size={size} stride={stride}")
     if all(size):
-        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= storage.numel:
             raise pickle.UnpicklingError(
-                f"tensor reaches element {last} of a storage of {storage.numel} elements"
+                f"tensor (offset {offset}, size {size}, stride {stride}) reaches element {last} of a storage "
+                f"of {storage.numel} elements"
             )
-    return _LazyTensor(storage, int(storage_offset), size, stride)
+    return _LazyTensor(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_rest):
+    """Stands in for ``torch._utils._rebuild_parameter`` (an ``nn.Parameter`` in the state dict)."""
+    if not isinstance(data, _LazyTensor):
+        raise pickle.UnpicklingError("parameter without a tensor")
     return data
 
 
+def _torch_size(dims=()):
+    return tuple(_as_index(d, "size") for d in dims)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds a state dict of tensors and nothing else."""
+    """Rebuilds a state dict of tensors and nothing else: every other global is refused."""
 
     _ALLOWED = {
         ("collections", "OrderedDict"): OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch", "Size"): _torch_size,
     }
 
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
@@ -184,7 +246,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._ALLOWED[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not part of a tensor state dict")
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name}: not part of a tensor state dict"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -192,14 +256,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+        if not isinstance(key, str) or isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"invalid storage reference {pid!r}")
         member = f"{self._prefix}/data/{key}"
         try:
             info = self._archive.getinfo(member)
         except KeyError:
             raise pickle.UnpicklingError(f"storage {key} is missing from the archive") from None
-        if info.file_size < int(numel) * storage_type.dtype.itemsize:
-            raise pickle.UnpicklingError(f"storage {key} holds {info.file_size} bytes, fewer than {numel} elements")
-        return _LazyStorage(member, storage_type.dtype, int(numel))
+        if info.file_size < numel * storage_type.dtype.itemsize:
+            raise pickle.UnpicklingError(
+                f"storage {key} holds {info.file_size} bytes, fewer than its {numel} elements need"
+            )
+        return _LazyStorage(member, storage_type.dtype, numel)
 
 
 class _TorchZipSource:
@@ -208,16 +276,25 @@ class _TorchZipSource:
     def __init__(self, path: Path):
         self._path = path
         try:
+            with open(path, "rb") as f:
+                head = f.read(len(_LEGACY_TORCH_MAGIC))
             self._zip = zipfile.ZipFile(path)
         except zipfile.BadZipFile:
-            raise CheckpointError(
-                f"{path} is not a zip archive: legacy (pre-1.6) or corrupt torch files are not supported; "
-                f"re-save it with a current torch (torch.save(state_dict, path)) or convert it to safetensors"
-            ) from None
+            if head.startswith(_LEGACY_TORCH_MAGIC):
+                why = ("it was written by torch's legacy (pre-1.6, non-zip) serialization, which is not "
+                       "supported; re-save it with a current torch (torch.save(torch.load(f), f)) or "
+                       "convert it to safetensors")
+            elif head.startswith(b"PK"):
+                why = "the zip archive is truncated or corrupt"
+            else:
+                why = ("it is neither a torch zip checkpoint nor a legacy torch file (corrupt?); a legacy "
+                       "checkpoint must be re-saved with a current torch")
+            raise CheckpointError(f"{path} is not a zip archive: {why}") from None
         except OSError as err:
             raise CheckpointError(f"cannot open {path}: {err}") from None
         pkl = [n for n in self._zip.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pkl) != 1:
+            self._zip.close()
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0].rpartition("/")[0]
         self._big_endian = False
@@ -226,12 +303,14 @@ class _TorchZipSource:
         try:
             with self._zip.open(pkl[0]) as f:
                 obj = _RestrictedUnpickler(f, self._zip, prefix).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                zipfile.BadZipFile, OSError) as err:
+        except Exception as err:  # malformed pickles raise anything; none of it ran foreign code
+            self._zip.close()
             raise CheckpointError(f"{path}: not a loadable tensor state dict: {err}") from None
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, _LazyTensor) for v in obj.values()):
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, _LazyTensor)
+                                                for k, v in obj.items()):
+            self._zip.close()
             raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
         self._tensors: dict[str, _LazyTensor] = dict(obj)
 
@@ -248,15 +327,20 @@ class _TorchZipSource:
         t = self._tensors[name]
         try:
             raw = self._zip.read(t.storage.member)
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
+        except Exception as err:  # zipfile.BadZipFile (CRC), OSError, EOFError, zlib.error, ...
             raise CheckpointError(f"{self._path}: cannot read tensor {name}: {err}") from None
-        dtype = t.storage.dtype.newbyteorder(">") if self._big_endian else t.storage.dtype
+        dtype = t.storage.dtype.newbyteorder(">" if self._big_endian else "<")
+        if len(raw) < t.storage.numel * dtype.itemsize:
+            raise CheckpointError(f"{self._path}: storage of tensor {name} is truncated")
         flat = np.frombuffer(raw, dtype=dtype, count=t.storage.numel)
-        item = flat.itemsize
+        # _rebuild_tensor checked that offset + Σ(size-1)·stride < numel: the view stays inside `flat`.
         view = np.lib.stride_tricks.as_strided(
-            flat[t.offset:], shape=t.shape, strides=tuple(s * item for s in t.stride), writeable=False
+            flat[t.offset:], shape=t.shape, strides=tuple(s * dtype.itemsize for s in t.stride), writeable=False
         )
         return np.ascontiguousarray(view).astype(t.storage.dtype, copy=False)
+
+    def close(self) -> None:
+        self._zip.close()
 
 
 def _open(path: Path) -> _Source:
@@ -268,9 +352,9 @@ def _open(path: Path) -> _Source:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
-        files = sorted({path / f for f in weight_map.values()})
+            files = sorted({path / f for f in weight_map.values()})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index} names missing shard files: {missing}")
@@ -284,29 +368,52 @@ def _open(path: Path) -> _Source:
 
 # ------------------------------------------------------------------------------ load
 def load_checkpoint(path: str | Path, *, dtype=None) -> tuple[Mamba2Params, Mamba2Config]:
-    """Load ``config.json`` and the weights of a Mamba-2 checkpoint directory.
+    """Load the config and weights of a Mamba-2 checkpoint directory.
 
-    Accepts mamba_ssm naming (``backbone.embedding.weight``) and transformers naming
-    (``backbone.embeddings.weight``); ``lm_head.weight`` may be present or absent when tied (it is
-    then not read). The embedding is zero-padded to the padded vocabulary if stored unpadded.
+    The directory holds ``config.json`` (mamba_ssm or transformers format) and the weights:
+    ``model.safetensors``, a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` (a
+    ``torch.save`` zip archive, read without torch or arbitrary unpickling), in that order of preference.
 
-    ``dtype=None`` keeps the checkpoint's dtype of ``in_proj`` for all matrices and norms; a dtype
-    casts them. ``dt_bias``, ``A_log`` and ``D`` are always float32.
+    * Names: mamba_ssm (``backbone.embedding.weight``) or transformers (``backbone.embeddings.weight``).
+      Every expected tensor must be there, nothing else may be, and every shape must match the config;
+      otherwise :class:`CheckpointError` lists the offending tensors.
+    * LM head: with tied embeddings ``lm_head.weight`` may be present or absent; when present its shape
+      is checked and its values are ignored (``lm_head`` is None and the embedding is used, as in
+      mamba_ssm and transformers). With untied embeddings it is required.
+    * Vocabulary: an embedding (or head) stored with ``vocab_size`` rows is zero-padded to
+      ``padded_vocab_size``.
+    * dtype: ``None`` keeps the checkpoint's dtype of ``in_proj`` (the published checkpoints mix float16
+      matrices with float32 ``A_log``/``D``/``dt_bias``) for all matrices and norms; a dtype casts them.
+      ``dt_bias``, ``A_log`` and ``D`` are always float32.
+
+    Each stacked field is filled layer by layer into one preallocated numpy array, then moved to the
+    device once: peak host memory is about one field beyond the loaded weights.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+        if not any(dtype == jnp.dtype(d) for d in _WEIGHT_DTYPES):
+            raise ValueError(f"dtype must be one of float16, bfloat16, float32, float64 (or None), got {dtype}")
     try:
         cfg = Mamba2Config.from_json(path / "config.json")
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no config.json") from None
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OSError) as err:
         raise CheckpointError(f"{path / 'config.json'}: {err}") from None
     src = _open(path)
+    try:
+        return _load(src, path, cfg, dtype)
+    finally:
+        src.close()
+
+
+def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype) -> tuple[Mamba2Params, Mamba2Config]:
     names = src.names()
 
-    emb_name = next((n for n in ("backbone.embedding.weight", "backbone.embeddings.weight") if n in names),
-                    "backbone.embedding.weight")
+    present = [n for n in _EMBEDDING_NAMES if n in names]
+    emb_name = present[0] if present else _EMBEDDING_NAMES[0]
     expected = {emb_name, "backbone.norm_f.weight"}
     expected |= {f"backbone.layers.{i}.{k}" for i in range(cfg.n_layer) for k in LAYER_KEYS.values()}
     if not cfg.tie_embeddings:
@@ -317,43 +424,66 @@ def load_checkpoint(path: str | Path, *, dtype=None) -> tuple[Mamba2Params, Mamb
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+            alt = " (or backbone.embeddings.weight)" if emb_name in missing else ""
+            parts.append(f"missing tensors: {_name_list(missing)}{alt}")
         if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected[:10])}"
-                         + (" ..." if len(unexpected) > 10 else ""))
-        raise CheckpointError(f"{path}: checkpoint does not match its config ({'; '.join(parts)})")
+            parts.append(f"unexpected tensors: {_name_list(unexpected)}")
+        raise CheckpointError(
+            f"{path}: checkpoint does not match its config (n_layer={cfg.n_layer}, "
+            f"tie_embeddings={cfg.tie_embeddings}): {'; '.join(parts)}"
+        )
 
-    mat_dtype = np.dtype(src.dtype("backbone.layers.0.mixer.in_proj.weight") if dtype is None
-                         else jnp.dtype(dtype))
-
-    def checked(name: str, want: tuple[int, ...]) -> np.ndarray:
+    def check_shape(name: str, want: tuple[int, ...]) -> None:
         got = tuple(src.shape(name))
         if got != want:
             raise CheckpointError(f"{path}: tensor {name} has shape {got}, expected {want} for this config")
+
+    def checked(name: str, want: tuple[int, ...]) -> np.ndarray:
+        check_shape(name, want)
         return src.read(name)
 
-    def vocab_matrix(name: str) -> jnp.ndarray:
-        rows = src.shape(name)[0] if len(src.shape(name)) == 2 else -1
-        want_rows = rows if rows in (cfg.vocab_size, cfg.padded_vocab_size) else cfg.padded_vocab_size
-        arr = checked(name, (want_rows, cfg.d_model))
+    # Check every shape before reading anything.
+    shapes = layer_shapes(cfg)
+    for field, shape in shapes.items():
+        for i in range(cfg.n_layer):
+            check_shape(f"backbone.layers.{i}.{LAYER_KEYS[field]}", _checkpoint_shape(field, shape[1:]))
+    check_shape("backbone.norm_f.weight", (cfg.d_model,))
+    vocab_names = [emb_name] + (["lm_head.weight"] if "lm_head.weight" in names else [])
+    for name in vocab_names:
+        shape = tuple(src.shape(name))
+        if shape not in ((cfg.vocab_size, cfg.d_model), (cfg.padded_vocab_size, cfg.d_model)):
+            want = f"({cfg.padded_vocab_size}, {cfg.d_model})"
+            if cfg.vocab_size != cfg.padded_vocab_size:
+                want += f" or unpadded ({cfg.vocab_size}, {cfg.d_model})"
+            raise CheckpointError(f"{path}: tensor {name} has shape {shape}, expected {want} for this config")
+
+    in_proj_dtype = src.dtype("backbone.layers.0.mixer.in_proj.weight")
+    if not np.issubdtype(in_proj_dtype, np.floating) and in_proj_dtype != np.dtype(ml_dtypes.bfloat16):
+        raise CheckpointError(f"{path}: backbone.layers.0.mixer.in_proj.weight has non-floating dtype "
+                              f"{in_proj_dtype}")
+    mat_dtype = np.dtype(in_proj_dtype if dtype is None else dtype)
+
+    def vocab_matrix(name: str):
+        arr = src.read(name)
+        if arr.shape[0] == cfg.padded_vocab_size:
+            return jnp.asarray(arr.astype(mat_dtype, copy=False))
         out = np.zeros((cfg.padded_vocab_size, cfg.d_model), mat_dtype)
-        out[:rows] = arr
+        out[: arr.shape[0]] = arr
+        del arr
         return jnp.asarray(out)
 
     fields = {}
-    for field, shape in layer_shapes(cfg).items():
-        field_dtype = np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype
-        stacked = np.empty(shape, field_dtype)
+    for field, shape in shapes.items():
+        stacked = np.empty(shape, np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype)
         want = _checkpoint_shape(field, shape[1:])
         for i in range(cfg.n_layer):
-            name = f"backbone.layers.{i}.{LAYER_KEYS[field]}"
-            stacked[i] = _to_ours(field, checked(name, want))
+            stacked[i] = _to_ours(field, checked(f"backbone.layers.{i}.{LAYER_KEYS[field]}", want))
         fields[field] = jnp.asarray(stacked)
         del stacked
     params = Mamba2Params(
         embedding=vocab_matrix(emb_name),
         layers=Mamba2LayerParams(**fields),
-        norm_f=jnp.asarray(checked("backbone.norm_f.weight", (cfg.d_model,)).astype(mat_dtype)),
+        norm_f=jnp.asarray(src.read("backbone.norm_f.weight").astype(mat_dtype, copy=False)),
         lm_head=None if cfg.tie_embeddings else vocab_matrix("lm_head.weight"),
     )
     return params, cfg
@@ -361,28 +491,44 @@ def load_checkpoint(path: str | Path, *, dtype=None) -> tuple[Mamba2Params, Mamb
 
 # ------------------------------------------------------------------------------ save
 def save_checkpoint(params: Mamba2Params, cfg: Mamba2Config, path: str | Path) -> None:
-    """Write ``config.json`` (transformers format) and ``model.safetensors`` (transformers names), which
-    ``transformers.Mamba2ForCausalLM.from_pretrained`` and :func:`load_checkpoint` both read."""
+    """Write ``config.json`` (transformers format) and ``model.safetensors`` (transformers names, metadata
+    ``{"format": "pt"}``) into directory ``path``, which :func:`load_checkpoint` and
+    ``transformers.Mamba2ForCausalLM.from_pretrained`` both read.
+
+    ``lm_head.weight`` is written only for untied configs. Tensors keep their dtypes. Stacked or
+    per-layer params are accepted.
+    """
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     params = stack_layers(params)
-    shapes = layer_shapes(cfg)
-    for field, shape in shapes.items():
-        got = tuple(getattr(params.layers, field).shape)
-        if got != shape:
-            raise ValueError(f"params.layers.{field} has shape {got}, expected {shape} for this config")
-    tensors: dict[str, np.ndarray] = {"backbone.embeddings.weight": np.asarray(params.embedding),
-                                      "backbone.norm_f.weight": np.asarray(params.norm_f)}
-    for field in shapes:
-        stacked = np.asarray(getattr(params.layers, field))
-        for i in range(cfg.n_layer):
-            tensors[f"backbone.layers.{i}.{LAYER_KEYS[field]}"] = _to_torch(field, stacked[i])
+    shapes = {f"layers.{k}": v for k, v in layer_shapes(cfg).items()}
+    shapes["embedding"] = (cfg.padded_vocab_size, cfg.d_model)
+    shapes["norm_f"] = (cfg.d_model,)
+    if cfg.tie_embeddings and params.lm_head is not None:
+        raise ValueError("the config ties the embeddings but params.lm_head is set: save with an untied config "
+                         "(dataclasses.replace(cfg, tie_embeddings=False)) or drop lm_head")
     if not cfg.tie_embeddings:
         if params.lm_head is None:
             raise ValueError("the config has untied embeddings but params.lm_head is None")
+        shapes["lm_head"] = shapes["embedding"]
+    for name, shape in shapes.items():
+        obj = params
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        if tuple(obj.shape) != shape:
+            raise ValueError(f"params.{name} has shape {tuple(obj.shape)}, expected {shape} for this config")
+
+    tensors: dict[str, np.ndarray] = {"backbone.embeddings.weight": np.asarray(params.embedding)}
+    for field in layer_shapes(cfg):
+        stacked = np.asarray(getattr(params.layers, field))
+        for i in range(cfg.n_layer):
+            tensors[f"backbone.layers.{i}.{LAYER_KEYS[field]}"] = _to_torch(field, stacked[i])
+    tensors["backbone.norm_f.weight"] = np.asarray(params.norm_f)
+    if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = np.asarray(params.lm_head)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    (path / "config.json").write_text(cfg.to_transformers_json())
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(cfg.to_transformers_json())

@@ -1,10 +1,20 @@
-"""Mamba-2 configuration: mamba_ssm field names and published defaults, presets, both JSON formats."""
+"""Mamba-2 configuration: mamba_ssm field names and published defaults, presets, both JSON formats.
+
+Two ``config.json`` formats are read (:meth:`Mamba2Config.from_json`) and written:
+
+* mamba_ssm's (``d_model``, ``n_layer``, ``vocab_size`` at the top level, SSM settings in ``ssm_cfg``;
+  every setting missing from ``ssm_cfg`` takes mamba_ssm's default, which are this class's defaults);
+* transformers' (``model_type: "mamba2"``, ``hidden_size``, ``num_heads``, ...; a missing key takes
+  transformers' default, e.g. ``n_groups=8`` and ``tie_word_embeddings=False``, as transformers would).
+  Its ``vocab_size`` is the already padded one and is kept as is.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from numbers import Integral, Real
 from pathlib import Path
 
 _PRESETS = {
@@ -14,13 +24,40 @@ _PRESETS = {
     "1.3b": dict(d_model=2048, n_layer=48),
     "2.7b": dict(d_model=2560, n_layer=64),
 }
+#: EleutherAI gpt-neox-20b tokenizer, used by every published Mamba-2 checkpoint.
 _NEOX_VOCAB = 50277
+
+_INT_FIELDS = ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "d_conv", "expand",
+               "headdim", "ngroups", "chunk_size")
+_FLOAT_FIELDS = ("dt_min", "dt_max", "dt_init_floor", "norm_eps")
+_PAIR_FIELDS = ("dt_limit", "A_init_range")
+#: boolean fields and the only value this implementation supports (None: any)
+_BOOL_FIELDS = {"tie_embeddings": None, "conv_bias": True, "bias": False, "rmsnorm": True,
+                "norm_before_gate": False, "residual_in_fp32": True}
+
+#: transformers key -> our field, for the optional transformers keys
+_TRANSFORMERS_KEYS = {
+    "state_size": "d_state", "n_groups": "ngroups", "expand": "expand", "conv_kernel": "d_conv",
+    "chunk_size": "chunk_size", "layer_norm_epsilon": "norm_eps", "time_step_limit": "dt_limit",
+    "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_floor": "dt_init_floor",
+    "tie_word_embeddings": "tie_embeddings", "residual_in_fp32": "residual_in_fp32", "use_bias": "bias",
+    "use_conv_bias": "conv_bias", "rms_norm": "rmsnorm", "norm_before_gate": "norm_before_gate",
+}
+#: transformers.Mamba2Config's defaults (5.x) for keys a transformers config.json may leave out
+_TRANSFORMERS_DEFAULTS = {"num_heads": 128, "head_dim": 64, "state_size": 128, "n_groups": 8, "expand": 2,
+                          "conv_kernel": 4, "chunk_size": 256, "tie_word_embeddings": False}
+
+#: mamba_ssm ``ssm_cfg`` keys that do not change the model this class describes
+_SSM_CFG_IGNORED = {"layer", "conv_init", "use_mem_eff_path", "process_group", "sequence_parallel",
+                    "layer_idx", "device", "dtype"}
 
 
 def _json_float(v) -> float:
     """A float from JSON, including transformers' tagged non-finite values ``{"__float__": "Infinity"}``."""
     if isinstance(v, dict) and set(v) == {"__float__"}:
         v = v["__float__"]
+    if isinstance(v, bool) or not isinstance(v, Real | str):
+        raise ValueError(f"expected a number, got {v!r}")
     return float(v)
 
 
@@ -37,11 +74,17 @@ def _tag_nonfinite(obj):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Mamba2Config:
-    """A Mamba-2 language model (hashable: used as a static jit argument).
+    """A Mamba-2 language model (frozen and hashable: used as a static jit argument).
 
-    Derived sizes: ``d_inner = expand·d_model``, ``nheads = d_inner / headdim``,
-    ``conv_dim = d_inner + 2·ngroups·d_state``, ``d_in_proj = 2·d_inner + 2·ngroups·d_state + nheads``,
-    ``padded_vocab_size`` = vocab rounded up to ``pad_vocab_size_multiple``.
+    ``d_model``, ``n_layer`` and ``vocab_size`` are required keywords; everything else defaults to
+    mamba_ssm's published values. Derived sizes: ``d_inner = expand·d_model``,
+    ``nheads = d_inner / headdim``, ``conv_dim = d_inner + 2·ngroups·d_state``,
+    ``d_in_proj = 2·d_inner + 2·ngroups·d_state + nheads``, ``padded_vocab_size`` = ``vocab_size``
+    rounded up to a multiple of ``pad_vocab_size_multiple``.
+
+    Not supported (rejected with a ``ValueError``): an MLP between mixers (``d_intermediate != 0``),
+    biases on in/out_proj (``bias=True``), no conv bias, LayerNorm (``rmsnorm=False``), normalising
+    before the gate, and a low-precision residual (the residual stream is always float32).
     """
 
     d_model: int
@@ -69,46 +112,68 @@ class Mamba2Config:
     residual_in_fp32: bool = True
 
     def __post_init__(self):
-        for name in ("dt_limit", "A_init_range"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple):
-                if not isinstance(value, list | tuple) or len(value) != 2:
-                    raise ValueError(f"{name} must be a (low, high) pair, got {value!r}")
-                object.__setattr__(self, name, tuple(_json_float(v) for v in value))
-        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "d_conv",
-                     "expand", "headdim", "ngroups", "chunk_size"):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        for name in _INT_FIELDS:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
                 raise ValueError(f"Mamba2Config.{name} must be a positive integer, got {v!r}")
-        if self.d_intermediate != 0:
+            put(name, int(v))
+        v = self.d_intermediate
+        if isinstance(v, bool) or not isinstance(v, Integral):
+            raise ValueError(f"Mamba2Config.d_intermediate must be an integer, got {v!r}")
+        if v != 0:
             raise ValueError(
-                f"Mamba2Config.d_intermediate={self.d_intermediate}: MLP blocks between mixers are not "
-                f"supported (the published Mamba-2 checkpoints have d_intermediate=0)"
+                f"Mamba2Config.d_intermediate={v}: MLP blocks between mixers are not supported by this "
+                f"implementation (the published Mamba-2 checkpoints have d_intermediate=0)"
             )
-        for name, supported in (("bias", False), ("conv_bias", True), ("rmsnorm", True),
-                                ("norm_before_gate", False), ("residual_in_fp32", True)):
-            if getattr(self, name) is not supported:
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+                raise ValueError(f"Mamba2Config.{name} must be a finite number, got {v!r}")
+            put(name, float(v))
+        for name in _PAIR_FIELDS:  # lists (from JSON) become tuples so the config stays hashable
+            v = getattr(self, name)
+            if isinstance(v, str) or not isinstance(v, list | tuple) or len(v) != 2:
+                raise ValueError(f"Mamba2Config.{name} must be a (low, high) pair, got {v!r}")
+            try:
+                put(name, tuple(_json_float(x) for x in v))
+            except ValueError:
+                raise ValueError(f"Mamba2Config.{name} must be a pair of numbers, got {v!r}") from None
+        for name, supported in _BOOL_FIELDS.items():
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"Mamba2Config.{name} must be True or False, got {v!r}")
+            if supported is not None and v is not supported:
                 raise ValueError(
-                    f"Mamba2Config.{name}={getattr(self, name)} is not supported by this implementation "
+                    f"Mamba2Config.{name}={v} is not supported by this implementation "
                     f"(the published checkpoints use {name}={supported})"
                 )
+
         if self.d_inner % self.headdim:
             raise ValueError(
-                f"heads·headdim must equal d_inner = expand·d_model = {self.d_inner}, but headdim="
-                f"{self.headdim} does not divide it"
+                f"heads·headdim must equal d_inner = expand·d_model = {self.expand}·{self.d_model} = "
+                f"{self.d_inner}, but headdim={self.headdim} does not divide it"
             )
         if self.nheads % self.ngroups:
-            raise ValueError(f"the number of heads ({self.nheads}) must be a multiple of ngroups ({self.ngroups})")
+            raise ValueError(
+                f"the number of heads (d_inner/headdim = {self.nheads}) must be a multiple of "
+                f"ngroups={self.ngroups}"
+            )
         lo, hi = self.dt_limit
         if not 0.0 <= lo < hi:
-            raise ValueError(f"dt_limit must be (low, high) with 0 <= low < high, got {self.dt_limit}")
+            raise ValueError(f"Mamba2Config.dt_limit must be (low, high) with 0 <= low < high, got {self.dt_limit}")
         a_lo, a_hi = self.A_init_range
-        if not 0.0 < a_lo <= a_hi:
-            raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {self.A_init_range}")
+        if not (0.0 < a_lo <= a_hi and math.isfinite(a_hi)):
+            raise ValueError(f"Mamba2Config.A_init_range must satisfy 0 < low <= high < inf, got {self.A_init_range}")
         if not 0.0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+            raise ValueError(f"Mamba2Config needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, "
+                             f"dt_max={self.dt_max}")
+        if self.dt_init_floor < 0.0:
+            raise ValueError(f"Mamba2Config.dt_init_floor must be >= 0, got {self.dt_init_floor}")
+        if self.norm_eps <= 0.0:
+            raise ValueError(f"Mamba2Config.norm_eps must be positive, got {self.norm_eps}")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -133,122 +198,141 @@ class Mamba2Config:
         return -(-self.vocab_size // m) * m
 
     def num_params(self) -> int:
-        """Exact parameter count (the embedding counted once when tied)."""
+        """Exact number of parameters in the PyTree for this config (the embedding counted once when tied)."""
         per_layer = (
-            self.d_model  # norm
-            + self.d_in_proj * self.d_model
-            + self.conv_dim * self.d_conv + self.conv_dim
+            self.d_model  # pre-mixer norm
+            + self.d_in_proj * self.d_model  # in_proj
+            + self.conv_dim * self.d_conv + self.conv_dim  # conv weight and bias
             + 3 * self.nheads  # dt_bias, A_log, D
             + self.d_inner  # gated norm
-            + self.d_model * self.d_inner
+            + self.d_model * self.d_inner  # out_proj
         )
-        head = 0 if self.tie_embeddings else self.padded_vocab_size * self.d_model
-        return self.padded_vocab_size * self.d_model + self.n_layer * per_layer + self.d_model + head
+        vocab = self.padded_vocab_size * self.d_model
+        return vocab + self.n_layer * per_layer + self.d_model + (0 if self.tie_embeddings else vocab)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def preset(cls, name: str) -> Mamba2Config:
-        """One of the published sizes: "130m", "370m", "780m", "1.3b", "2.7b"."""
-        key = name.lower().removeprefix("state-spaces/").removeprefix("mamba2-")
+        """A published size: "130m", "370m", "780m", "1.3b", "2.7b" (also "mamba2-130m",
+        "state-spaces/mamba2-130m", ...)."""
+        key = str(name).strip().lower().removeprefix("state-spaces/").removeprefix("mamba2-")
         if key not in _PRESETS:
             raise ValueError(f"unknown Mamba-2 preset {name!r}; expected one of {', '.join(_PRESETS)}")
         return cls(vocab_size=_NEOX_VOCAB, **_PRESETS[key])
 
     @classmethod
     def from_json(cls, path: str | Path) -> Mamba2Config:
-        """Read a mamba_ssm ``config.json`` or a transformers one (``model_type: "mamba2"``)."""
+        """Read a mamba_ssm ``config.json`` or a transformers one (``model_type: "mamba2"``).
+
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the file) for
+        anything that is not a supported Mamba-2 config.
+        """
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"no config file at {path}") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        if data.get("model_type") == "mamba2" or "hidden_size" in data:
-            return cls._from_transformers(data, path)
-        return cls._from_mamba_ssm(data, path)
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def _from_mamba_ssm(cls, data: dict, path: Path) -> Mamba2Config:
+    def from_dict(cls, data: dict, *, source: str = "config") -> Mamba2Config:
+        """Like :meth:`from_json`, from an already parsed dict (either format)."""
+        try:
+            if "d_model" in data:
+                return cls._from_mamba_ssm(data)
+            model_type = data.get("model_type")
+            if model_type is not None and model_type != "mamba2":
+                raise ValueError(f"model_type is {model_type!r}; only 'mamba2' models are supported")
+            if model_type == "mamba2" or "hidden_size" in data:
+                return cls._from_transformers(data)
+            raise ValueError("neither a mamba_ssm config (no d_model) nor a transformers Mamba-2 config "
+                             "(no model_type 'mamba2' / hidden_size)")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def _from_mamba_ssm(cls, data: dict) -> Mamba2Config:
         missing = [k for k in ("d_model", "n_layer", "vocab_size") if k not in data]
         if missing:
-            raise ValueError(f"{path}: not a Mamba-2 config (missing {', '.join(missing)})")
-        ssm = dict(data.get("ssm_cfg") or {})
-        layer = ssm.pop("layer", "Mamba2")
-        if layer != "Mamba2":
-            raise ValueError(f"{path}: ssm_cfg.layer is {layer!r}; only 'Mamba2' models are supported")
+            raise ValueError(f"mamba_ssm config lacks {', '.join(missing)}")
+        ssm = data.get("ssm_cfg") or {}
+        if not isinstance(ssm, dict):
+            raise ValueError(f"ssm_cfg must be an object, got {ssm!r}")
+        if "layer" not in ssm:  # mamba_ssm's MixerModel builds Mamba1 blocks when ssm_cfg names no layer
+            raise ValueError("ssm_cfg names no layer, which mamba_ssm reads as a Mamba-1 model; only "
+                             "Mamba-2 models (ssm_cfg.layer = 'Mamba2') are supported")
+        if ssm["layer"] != "Mamba2":
+            raise ValueError(f"ssm_cfg.layer is {ssm['layer']!r}; only 'Mamba2' models are supported")
         if data.get("attn_layer_idx"):
-            raise ValueError(f"{path}: hybrid models with attention layers (attn_layer_idx) are not supported")
-        if data.get("rms_norm") is False:
-            raise ValueError(f"{path}: rms_norm=false (LayerNorm backbone) is not supported")
-        known = {f.name for f in dataclasses.fields(cls)}
-        ignored = {"use_mem_eff_path", "D_has_hdim", "d_ssm", "process_group", "sequence_parallel",
-                   "layer_idx", "activation", "learnable_init_states", "dt_init"}
+            raise ValueError(
+                f"attn_layer_idx={data['attn_layer_idx']}: hybrid models with attention layers are not supported"
+            )
         if ssm.get("D_has_hdim"):
-            raise ValueError(f"{path}: D_has_hdim=true is not supported")
-        if ssm.get("d_ssm") not in (None, data["d_model"] * ssm.get("expand", 2)):
-            raise ValueError(f"{path}: d_ssm != d_inner (a gated MLP inside the mixer) is not supported")
-        unknown = sorted(set(ssm) - known - ignored)
+            raise ValueError("ssm_cfg.D_has_hdim=true (D per channel) is not supported")
+        d_ssm = ssm.get("d_ssm")
+        if d_ssm is not None and d_ssm != data["d_model"] * ssm.get("expand", 2):
+            raise ValueError(f"ssm_cfg.d_ssm={d_ssm} != expand·d_model (a gated MLP inside the mixer) is not "
+                             f"supported")
+        known = {f.name for f in dataclasses.fields(cls)} - {"d_model", "n_layer", "vocab_size"}
+        unknown = sorted(set(ssm) - known - _SSM_CFG_IGNORED - {"D_has_hdim", "d_ssm"})
         if unknown:
-            raise ValueError(f"{path}: unknown ssm_cfg fields {unknown}")
+            raise ValueError(f"unknown ssm_cfg fields {unknown}")
         fields = {k: v for k, v in ssm.items() if k in known}
-        if "bias" in fields:
-            fields["bias"] = bool(fields["bias"])
-        top = {k: data[k] for k in ("d_model", "n_layer", "vocab_size", "d_intermediate",
-                                     "pad_vocab_size_multiple", "tie_embeddings", "residual_in_fp32")
-               if k in data}
-        return cls(**top, **fields)
+        for k in ("d_model", "n_layer", "vocab_size", "d_intermediate", "pad_vocab_size_multiple",
+                  "tie_embeddings", "residual_in_fp32"):
+            if k in data:
+                fields[k] = data[k]
+        if "rms_norm" in data:
+            fields["rmsnorm"] = data["rms_norm"]
+        return cls(**_coerce(fields))
 
     @classmethod
-    def _from_transformers(cls, data: dict, path: Path) -> Mamba2Config:
-        try:
-            d_model, expand = int(data["hidden_size"]), int(data.get("expand", 2))
-            heads, headdim = int(data["num_heads"]), int(data["head_dim"])
-            fields = dict(
-                d_model=d_model, n_layer=int(data["num_hidden_layers"]), vocab_size=int(data["vocab_size"]),
-                d_state=int(data.get("state_size", 128)), ngroups=int(data.get("n_groups", 1)),
-                expand=expand, headdim=headdim, d_conv=int(data.get("conv_kernel", 4)),
-                chunk_size=int(data.get("chunk_size", 256)),
-            )
-        except KeyError as err:
-            raise ValueError(f"{path}: transformers Mamba-2 config lacks {err.args[0]!r}") from None
-        if heads * headdim != expand * d_model:
+    def _from_transformers(cls, data: dict) -> Mamba2Config:
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k not in data]
+        if missing:
+            raise ValueError(f"transformers Mamba-2 config lacks {', '.join(missing)}")
+        data = {**_TRANSFORMERS_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+        fields = dict(d_model=data["hidden_size"], n_layer=data["num_hidden_layers"],
+                      vocab_size=data["vocab_size"], headdim=data["head_dim"])
+        for src, dst in _TRANSFORMERS_KEYS.items():
+            if src in data:
+                fields[dst] = data[src]
+        fields = _coerce(fields)
+        heads, d_inner = data["num_heads"], fields["expand"] * fields["d_model"]
+        if heads * fields["headdim"] != d_inner:
             raise ValueError(
-                f"{path}: num_heads·head_dim = {heads}·{headdim} = {heads * headdim} must equal "
-                f"expand·hidden_size = {expand * d_model}"
+                f"num_heads·head_dim = {heads}·{fields['headdim']} = {heads * fields['headdim']} must equal "
+                f"expand·hidden_size = {fields['expand']}·{fields['d_model']} = {d_inner}"
             )
         # transformers stores the already padded vocabulary: keep it as is.
         fields["pad_vocab_size_multiple"] = 16 if fields["vocab_size"] % 16 == 0 else 1
-        optional = {"layer_norm_epsilon": "norm_eps", "time_step_limit": "dt_limit", "time_step_min": "dt_min",
-                    "time_step_max": "dt_max", "time_step_floor": "dt_init_floor",
-                    "tie_word_embeddings": "tie_embeddings", "residual_in_fp32": "residual_in_fp32",
-                    "use_bias": "bias", "use_conv_bias": "conv_bias", "rms_norm": "rmsnorm",
-                    "norm_before_gate": "norm_before_gate"}
-        for src, dst in optional.items():
-            if data.get(src) is not None:
-                fields[dst] = data[src]
-        if fields.get("dt_limit") is not None:
-            fields["dt_limit"] = tuple(_json_float(v) for v in fields["dt_limit"])
         return cls(**fields)
 
     # ------------------------------------------------------------------ serialisation
     def to_mamba_ssm_dict(self) -> dict:
-        """mamba_ssm's ``config.json`` layout."""
+        """mamba_ssm's ``config.json`` layout (``MambaConfig`` fields, SSM settings in ``ssm_cfg``)."""
         ssm = dict(layer="Mamba2", d_state=self.d_state, d_conv=self.d_conv, expand=self.expand,
                    headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.chunk_size,
                    dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=self.dt_init_floor,
-                   A_init_range=list(self.A_init_range), norm_before_gate=self.norm_before_gate)
-        if self.dt_limit != (0.0, math.inf):
-            ssm["dt_limit"] = list(self.dt_limit)  # mamba_ssm reads Python's json (Infinity allowed)
-        return dict(d_model=self.d_model, d_intermediate=0, n_layer=self.n_layer, vocab_size=self.vocab_size,
-                    ssm_cfg=ssm, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
-                    residual_in_fp32=self.residual_in_fp32, fused_add_norm=True,
+                   A_init_range=list(self.A_init_range), norm_before_gate=self.norm_before_gate,
+                   rmsnorm=self.rmsnorm, bias=self.bias, conv_bias=self.conv_bias)
+        if self.dt_limit != (0.0, math.inf):  # the default needs Infinity, which strict JSON lacks
+            ssm["dt_limit"] = list(self.dt_limit)
+        return dict(d_model=self.d_model, d_intermediate=self.d_intermediate, n_layer=self.n_layer,
+                    vocab_size=self.vocab_size, ssm_cfg=ssm, attn_layer_idx=[], attn_cfg={},
+                    rms_norm=self.rmsnorm, residual_in_fp32=self.residual_in_fp32, fused_add_norm=True,
                     pad_vocab_size_multiple=self.pad_vocab_size_multiple, tie_embeddings=self.tie_embeddings)
 
     def to_transformers_dict(self) -> dict:
-        """transformers' ``Mamba2Config`` keys (``model_type: "mamba2"``), vocabulary already padded."""
+        """transformers' ``Mamba2Config`` keys (``model_type: "mamba2"``), vocabulary already padded.
+
+        ``transformers.Mamba2Config(**d)`` builds the equivalent model. ``time_step_limit`` may hold
+        ``inf``: write it with :meth:`to_transformers_json` (or transformers' own ``to_json_file``).
+        """
         return dict(
             model_type="mamba2", architectures=["Mamba2ForCausalLM"], hidden_size=self.d_model,
             num_hidden_layers=self.n_layer, vocab_size=self.padded_vocab_size, num_heads=self.nheads,
@@ -264,3 +348,15 @@ class Mamba2Config:
     def to_transformers_json(self) -> str:
         """``config.json`` text in transformers' format (non-finite floats tagged as transformers does)."""
         return json.dumps(_tag_nonfinite(self.to_transformers_dict()), indent=2)
+
+
+def _coerce(fields: dict) -> dict:
+    """JSON values to the field types: integral floats (``2.0``) to int, 0/1 to bool where a bool is expected."""
+    out = {}
+    for k, v in fields.items():
+        if k in _BOOL_FIELDS and not isinstance(v, bool) and isinstance(v, Integral) and v in (0, 1):
+            v = bool(v)
+        elif isinstance(v, float) and v.is_integer() and k not in _FLOAT_FIELDS and k not in _PAIR_FIELDS:
+            v = int(v)
+        out[k] = v
+    return out
