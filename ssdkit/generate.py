@@ -1,20 +1,35 @@
 """The compiled generation loop and samplers, generic over any model.
 
-A model is a hashable object (a frozen dataclass) with::
+A model is a hashable object (a frozen dataclass, so the model itself is a static ``jit`` argument) with::
 
-    prefill(params, tokens (batch, seq) int32[, lengths (batch,)]) -> (last_logits (batch, vocab), cache)
-    decode(params, token (batch,) int32, cache)                    -> (logits (batch, vocab), cache)
+    prefill(params, tokens (batch, seq) int32[, lengths=(batch,) int32]) -> (last_logits (batch, vocab), cache)
+    decode(params, token (batch,) int32, cache)                           -> (logits (batch, vocab), cache)
 
-:func:`generate` compiles prefill and the whole decode loop into ONE program: a ``lax.while_loop``
-whose carry is (step, last token, output buffer, done flags, lengths, cache). Sampling happens inside
-the loop with the key ``fold_in(key, step)``; ``max_new_tokens`` only sizes the output buffer, so the
-traced program does not grow with it.
+``prefill`` gets ``lengths`` (by keyword) only when the caller gives prompt lengths, so models without
+padding support work unchanged; with lengths, ``last_logits[b]`` are the logits after token
+``lengths[b] - 1`` of row ``b``. ``decode`` must return a cache of the same structure, shapes and dtypes
+as the one it was given (it is a ``lax.while_loop`` carry).
+
+:func:`generate` compiles prefill and the whole decode loop into ONE program. Token 0 is sampled from the
+prefill's last logits; then a ``lax.while_loop`` whose carry is (step, last token, output buffer, done
+flags, lengths, cache) runs decode + sample and writes token ``i`` into a preallocated
+(batch, max_new_tokens) buffer. ``max_new_tokens`` only sizes that buffer: the traced program does not
+grow with it. Token ``i`` is sampled with the key ``fold_in(key, i)``. A row is done after it emits
+``eos_token_id``; its later positions hold ``pad_token_id``; the loop ends when every row is done or
+``max_new_tokens`` tokens are written. :func:`generate_stream` yields the same tokens one device call per
+step, for interactive use.
+
+Samplers are hashable callables ``sampler(logits (batch, vocab), key) -> tokens (batch,) int32``:
+:class:`Greedy` and :class:`Sample` (temperature, top-k, nucleus top-p, in float32); :func:`make_sampler`
+builds one from the usual knobs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -22,33 +37,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Int
+from jaxtyping import Array, Bool, Int
 
 from ssdkit._typing import Lengths, Logits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths
 
+_INT32 = np.iinfo(np.int32)
+
 
 class LanguageModel(Protocol):
-    """What :func:`generate` needs of a model. Implementations must be hashable."""
+    """What :func:`generate` needs of a model. Implementations must be hashable (frozen dataclasses)."""
 
-    def prefill(self, params: Any, tokens: Tokens, lengths: Lengths | None = None) -> tuple[Logits, Any]: ...
+    def prefill(self, params: Any, tokens: Tokens, lengths: Lengths | None = None) -> tuple[Logits, Any]:
+        """Run the prompt; return the logits after each row's last prompt token, and the cache."""
+        ...
 
-    def decode(self, params: Any, token: StepTokens, cache: Any) -> tuple[Logits, Any]: ...
+    def decode(self, params: Any, token: StepTokens, cache: Any) -> tuple[Logits, Any]:
+        """Feed one token per row; return the next logits and the updated cache."""
+        ...
 
 
 # ------------------------------------------------------------------------------ samplers
+class Sampler(Protocol):
+    """A hashable callable drawing one token per row; ``key`` is None only for :class:`Greedy`."""
+
+    def __call__(self, logits: Logits, key: jax.Array | None) -> StepTokens: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
-    """argmax of the logits."""
+    """The most likely token (argmax of the logits; the lowest id on ties). Needs no key."""
 
-    def __call__(self, logits: Logits, key: jax.Array | None) -> StepTokens:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    def __call__(self, logits: Logits, key: jax.Array | None = None) -> StepTokens:
+        return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """Temperature sampling, optionally restricted to the top-k tokens and then to the nucleus top-p
-    (the smallest set of most likely tokens whose probability reaches p; the top token always stays)."""
+    """Temperature sampling, optionally restricted to the top-k logits and then to the nucleus top-p.
+
+    In float32: divide the logits by ``temperature``; keep the ``top_k`` largest (a ``top_k`` above the
+    vocabulary keeps everything); then keep the nucleus, the smallest set of most likely tokens whose
+    probability reaches ``top_p`` (the top token always stays); draw with ``jax.random.categorical``.
+    Both cuts are thresholds on the logits, so tokens tied with the last one kept are kept too.
+    """
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -57,128 +89,239 @@ class Sample:
     def __post_init__(self):
         _check_sampling(self.temperature, self.top_k, self.top_p)
         if self.temperature == 0:
-            raise ValueError("Sample needs temperature > 0; use Greedy() for temperature 0")
+            raise ValueError("Sample needs temperature > 0, got 0; use Greedy() (or make_sampler(0.0)) instead")
+        # Plain Python numbers, so equal samplers hash equally (one jit cache entry).
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", int(self.top_k))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", float(self.top_p))
 
     def __call__(self, logits: Logits, key: jax.Array) -> StepTokens:
-        logits = logits.astype(jnp.float32) / self.temperature
+        logits = logits.astype(jnp.float32) / jnp.float32(self.temperature)
         vocab = logits.shape[-1]
         if self.top_k is not None and self.top_k < vocab:
             kth = lax.top_k(logits, self.top_k)[0][..., -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         if self.top_p is not None and self.top_p < 1.0:
-            order = jnp.argsort(-logits, axis=-1)
-            sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-            probs = jax.nn.softmax(sorted_logits, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
-            drop_sorted = mass_before >= self.top_p
-            drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-            logits = jnp.where(drop, -jnp.inf, logits)
+            desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+            probs = jax.nn.softmax(desc, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens (0 first)
+            kept = jnp.sum(mass_before < self.top_p, axis=-1, keepdims=True)  # >= 1
+            cutoff = jnp.take_along_axis(desc, kept - 1, axis=-1)
+            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-Sampler = Greedy | Sample
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if not isinstance(temperature, int | float) or not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, int | float) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if not _is_real(temperature) or not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
-def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> Sampler:
-    """Greedy for temperature 0, else :class:`Sample`; validates every parameter."""
+def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> Greedy | Sample:
+    """:class:`Greedy` for temperature 0 (top-k / top-p are then irrelevant), else :class:`Sample`.
+
+    Raises ValueError naming the bad value unless temperature >= 0, top_k >= 1 and 0 < top_p <= 1.
+    """
     _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return Greedy()
-    return Sample(float(temperature), top_k, None if top_p is None else float(top_p))
+    return Sample(temperature, top_k, top_p)
 
 
-# ------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------ results and loop state
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    """Generated ids (batch, max_new_tokens) int32, pad after a row's EOS; lengths (batch,) int32
-    count each row's generated tokens including its EOS."""
+    """The output of :func:`generate`.
+
+    Attributes:
+        tokens: (batch, max_new_tokens) int32 generated ids; positions after a row's EOS (and after
+            the loop ended) hold ``pad_token_id``.
+        lengths: (batch,) int32 number of generated tokens of each row, its EOS included.
+    """
 
     tokens: Int[Array, "batch new"]
-    lengths: Int[Array, " batch"]
+    lengths: Lengths
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _LoopState:
-    step: jax.Array  # () int32: tokens written so far
-    token: jax.Array  # (batch,) last sampled token
-    tokens: jax.Array  # (batch, max_new_tokens)
-    done: jax.Array  # (batch,) bool
-    lengths: jax.Array  # (batch,) int32
-    cache: Any
+    """The ``lax.while_loop`` carry of :func:`generate`."""
+
+    step: Int[Array, ""]  # tokens written so far; the next token's index
+    token: StepTokens  # last sampled token (fed to decode, in vocabulary even for finished rows)
+    tokens: Int[Array, "batch new"]  # the output buffer
+    done: Bool[Array, " batch"]  # the row has emitted its EOS
+    lengths: Lengths  # tokens generated per row, EOS included
+    cache: Any  # the model's cache
 
 
-def _step_key(key, step):
-    return None if key is None else jax.random.fold_in(key, step)
+def _sample(sampler, logits, key, step, batch: int) -> StepTokens:
+    """``sampler(logits, fold_in(key, step))``, checked to give (batch,) integer tokens."""
+    token = sampler(logits, None if key is None else jax.random.fold_in(key, step))
+    if jnp.shape(token) != (batch,) or not jnp.issubdtype(jnp.result_type(token), jnp.integer):
+        raise ValueError(
+            f"the sampler must return (batch,) = ({batch},) integer tokens, got shape {jnp.shape(token)} "
+            f"and dtype {jnp.result_type(token)}"
+        )
+    return token.astype(jnp.int32)
 
 
-def _accept(state_tokens, done, lengths, token, step, eos_token_id, pad_token_id):
-    """Write ``token`` at ``step`` for rows still running; update done flags and lengths."""
-    token = jnp.where(done, jnp.int32(pad_token_id), token)
-    tokens = lax.dynamic_update_slice_in_dim(state_tokens, token[:, None], step, axis=1)
-    lengths = lengths + (~done).astype(jnp.int32)
+def _emit(done, token, eos_token_id, pad_token_id):
+    """What a step writes (pad for finished rows) and the done flags after it."""
+    written = jnp.where(done, jnp.int32(pad_token_id), token)
     if eos_token_id is not None:
         done = done | (token == eos_token_id)
-    return tokens, done, lengths, token
+    return written, done
 
 
 def _prefill_and_sample(model, params, prompt, lengths, key, sampler):
+    """Prefill (``lengths`` passed only when given) and sample token 0 from the last logits."""
     if lengths is None:
         logits, cache = model.prefill(params, prompt)
     else:
-        logits, cache = model.prefill(params, prompt, lengths)
-    return sampler(logits, _step_key(key, 0)), cache
-
-
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id")
-)
-def _generate(model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id):
+        logits, cache = model.prefill(params, prompt, lengths=lengths)
     batch = prompt.shape[0]
-    first, cache = _prefill_and_sample(model, params, prompt, lengths, key, sampler)
-    buf = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
-    tokens, done, lens, first = _accept(buf, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32),
-                                        first, 0, eos_token_id, pad_token_id)
-    state = _LoopState(jnp.int32(1), first, tokens, done, lens, cache)
+    if jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != batch:
+        raise ValueError(
+            f"model.prefill must return last logits of shape (batch, vocab) = ({batch}, vocab), got "
+            f"{jnp.shape(logits)}"
+        )
+    return _sample(sampler, logits, key, 0, batch), logits, cache
+
+
+def _check_decode(model, params, token, logits, cache) -> None:
+    """Raise a plain-words error (at trace time) unless decode keeps the logits and cache types fixed."""
+    out_logits, out_cache = jax.eval_shape(model.decode, params, token, cache)
+    if out_logits.shape != jnp.shape(logits):
+        raise ValueError(
+            f"model.decode returned logits of shape {out_logits.shape}, but model.prefill returned "
+            f"{jnp.shape(logits)}; both must be (batch, vocab)"
+        )
+    given, returned = jax.tree_util.tree_structure(cache), jax.tree_util.tree_structure(out_cache)
+    if given != returned:
+        raise ValueError(
+            f"model.decode must return a cache with the same structure as the one it is given (it is a "
+            f"loop carry); got {returned}, expected {given}"
+        )
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree_util.tree_leaves(out_cache),
+                            strict=True):
+        if (jnp.shape(a), jnp.result_type(a)) != (b.shape, b.dtype):
+            raise ValueError(
+                f"model.decode changed the cache entry {jax.tree_util.keystr(path) or '(root)'} from "
+                f"{jnp.result_type(a)}{list(jnp.shape(a))} to {b.dtype}{list(b.shape)}; the cache must keep "
+                f"its shapes and dtypes (it is a loop carry)"
+            )
+
+
+def _generation_loop(
+    model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id
+) -> _LoopState:
+    """The traced body of :func:`generate` (un-jitted): prefill, token 0, then the decode loop."""
+    batch = prompt.shape[0]
+    token, logits, cache = _prefill_and_sample(model, params, prompt, lengths, key, sampler)
+    _check_decode(model, params, token, logits, cache)
+    written, done = _emit(jnp.zeros((batch,), bool), token, eos_token_id, pad_token_id)
+    buffer = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
+    buffer = lax.dynamic_update_slice_in_dim(buffer, written[:, None], 0, axis=1)
+    init = _LoopState(
+        step=jnp.int32(1), token=token, tokens=buffer, done=done, lengths=jnp.ones((batch,), jnp.int32),
+        cache=cache,
+    )
 
     def cond(s: _LoopState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(s: _LoopState):
+    def body(s: _LoopState) -> _LoopState:
         logits, cache = model.decode(params, s.token, s.cache)
-        token = sampler(logits, _step_key(key, s.step))
-        tokens, done, lens, token = _accept(s.tokens, s.done, s.lengths, token, s.step, eos_token_id,
-                                            pad_token_id)
-        return _LoopState(s.step + 1, token, tokens, done, lens, cache)
+        token = _sample(sampler, logits, key, s.step, batch)
+        written, done = _emit(s.done, token, eos_token_id, pad_token_id)
+        return _LoopState(
+            step=s.step + 1,
+            token=token,
+            tokens=lax.dynamic_update_slice_in_dim(s.tokens, written[:, None], s.step, axis=1),
+            done=done,
+            lengths=s.lengths + (~s.done).astype(jnp.int32),
+            cache=cache,
+        )
 
-    final = lax.while_loop(cond, body, state)
+    return lax.while_loop(cond, body, init)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id"))
+def _generate(model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id):
+    final = _generation_loop(
+        model, params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
     return GenerationResult(tokens=final.tokens, lengths=final.lengths)
 
 
-def _validate(prompt, max_new_tokens, sampler, key, prompt_lengths):
+# ------------------------------------------------------------------------------ validation
+def _check_hashable(name: str, obj) -> None:
+    try:
+        hash(obj)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be hashable (a frozen dataclass holding no arrays): it is a static jit argument; "
+            f"got an unhashable {type(obj).__name__}"
+        ) from None
+
+
+def _token_id(name: str, value, *, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not _INT32.min <= value <= _INT32.max:
+        kind = "a Python int or None" if optional else "a Python int"
+        raise TypeError(f"{name} must be {kind} (it is a static jit argument), got {value!r}")
+    return int(value)
+
+
+def _validate(model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id):
+    """Check a generation request; return the normalised (max_new_tokens, eos_token_id, pad_token_id)."""
+    if not (callable(getattr(model, "prefill", None)) and callable(getattr(model, "decode", None))):
+        raise TypeError(
+            f"model must have prefill(params, tokens[, lengths]) and decode(params, token, cache) methods, "
+            f"got {type(model).__name__}"
+        )
+    _check_hashable("model", model)
     check_integer("prompt", prompt)
     if np.ndim(prompt) != 2 or 0 in np.shape(prompt):
         raise ValueError(f"prompt must have shape (batch, seq) with batch, seq >= 1, got {np.shape(prompt)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, numbers.Integral)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(sampler, Greedy | Sample):
-        raise TypeError(f"sampler must be Greedy() or Sample(...), got {sampler!r}")
+    if not callable(sampler):
+        raise TypeError(f"sampler must be a callable such as Greedy() or Sample(...), got {sampler!r}")
+    _check_hashable("sampler", sampler)
     if key is None and not isinstance(sampler, Greedy):
-        raise ValueError("sampling needs a PRNG key: pass key=jax.random.key(seed)")
+        raise ValueError(f"{sampler!r} needs a PRNG key: pass key=jax.random.key(seed)")
     if prompt_lengths is not None:
         check_lengths("prompt_lengths", prompt_lengths, *np.shape(prompt))
+    eos = _token_id("eos_token_id", eos_token_id, optional=True)
+    pad = _token_id("pad_token_id", pad_token_id, optional=False)
+    return int(max_new_tokens), eos, pad
 
 
+def _as_inputs(prompt, prompt_lengths):
+    lengths = None if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
+    return jnp.asarray(prompt, jnp.int32), lengths
+
+
+# ------------------------------------------------------------------------------ public entry points
 def generate(
     model: LanguageModel,
     params: Any,
@@ -191,28 +334,47 @@ def generate(
     prompt_lengths: Lengths | None = None,
     pad_token_id: int = 0,
 ) -> GenerationResult:
-    """Prefill ``prompt`` and generate up to ``max_new_tokens`` per row, in one compiled device call.
+    """Prefill ``prompt`` and generate up to ``max_new_tokens`` tokens per row in one compiled device call.
 
-    The first token is sampled from the prefill's last logits, each later one from a decode step; the
-    step-i token uses the key ``fold_in(key, i)``. A row is done after it emits ``eos_token_id``; its
-    later positions hold ``pad_token_id``. The loop ends when every row is done.
+    Args:
+        model: a hashable :class:`LanguageModel` (static: one compilation per model object value).
+        params: the model's parameters (any PyTree of arrays).
+        prompt: (batch, seq) integer token ids; right-padded when ``prompt_lengths`` is given.
+        max_new_tokens: buffer size, the most tokens generated per row (static).
+        sampler: :class:`Greedy` (default) or :class:`Sample`, see :func:`make_sampler` (static).
+        key: PRNG key; token ``i`` is drawn with ``fold_in(key, i)``. Only :class:`Greedy` may omit it.
+        eos_token_id: a row is done after emitting it (it counts in the row's length). None: never.
+        prompt_lengths: (batch,) integer lengths in 1..seq of the right-padded prompt rows.
+        pad_token_id: written after a row's EOS.
+
+    Returns:
+        :class:`GenerationResult` with ``tokens`` (batch, max_new_tokens) int32 and ``lengths`` (batch,).
     """
-    _validate(prompt, max_new_tokens, sampler, key, prompt_lengths)
-    return _generate(model, params, jnp.asarray(prompt, jnp.int32),
-                     None if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32), key,
-                     max_new_tokens=max_new_tokens, sampler=sampler, eos_token_id=eos_token_id,
-                     pad_token_id=pad_token_id)
+    max_new_tokens, eos, pad = _validate(
+        model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
+    )
+    prompt, lengths = _as_inputs(prompt, prompt_lengths)
+    return _generate(
+        model, params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler, eos_token_id=eos,
+        pad_token_id=pad,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampler"))
-def _stream_first(model, params, prompt, lengths, key, sampler):
-    return _prefill_and_sample(model, params, prompt, lengths, key, sampler)
+@functools.partial(jax.jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"))
+def _stream_first(model, params, prompt, lengths, key, *, sampler, eos_token_id, pad_token_id):
+    token, _, cache = _prefill_and_sample(model, params, prompt, lengths, key, sampler)
+    written, done = _emit(jnp.zeros(token.shape, bool), token, eos_token_id, pad_token_id)
+    return token, written, done, cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampler"), donate_argnames=("cache",))
-def _stream_next(model, params, token, cache, key, step, sampler):
+@functools.partial(
+    jax.jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"), donate_argnames=("cache",)
+)
+def _stream_next(model, params, token, done, cache, key, step, *, sampler, eos_token_id, pad_token_id):
     logits, cache = model.decode(params, token, cache)
-    return sampler(logits, _step_key(key, step)), cache
+    token = _sample(sampler, logits, key, step, token.shape[0])
+    written, done = _emit(done, token, eos_token_id, pad_token_id)
+    return token, written, done, cache
 
 
 def generate_stream(
@@ -227,19 +389,30 @@ def generate_stream(
     prompt_lengths: Lengths | None = None,
     pad_token_id: int = 0,
 ) -> Iterator[StepTokens]:
-    """Yield each step's (batch,) tokens as they are produced (one device call per token, for
-    interactive use). Same tokens and key schedule as :func:`generate`; rows that are done yield
-    ``pad_token_id``; stops early when every row is done."""
-    _validate(prompt, max_new_tokens, sampler, key, prompt_lengths)
-    lengths = None if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
-    token, cache = _stream_first(model, params, jnp.asarray(prompt, jnp.int32), lengths, key, sampler)
-    done = np.zeros(np.shape(prompt)[0], bool)
-    for step in range(max_new_tokens):
-        if step:
-            token, cache = _stream_next(model, params, token, cache, key, jnp.int32(step), sampler)
-        host = np.where(done, pad_token_id, np.asarray(token))
-        yield jnp.asarray(host, jnp.int32)
-        if eos_token_id is not None:
-            done |= host == eos_token_id
-            if done.all():
+    """Yield each step's (batch,) int32 tokens as they are produced, for interactive use.
+
+    Same arguments, key schedule and tokens as :func:`generate` (finished rows yield ``pad_token_id``),
+    but one device call per token: a jitted prefill + sample, then a jitted decode + sample step that
+    donates the cache. Step ``i + 1`` is dispatched before step ``i`` is yielded, so the device works
+    while the caller handles a token. Stops after ``max_new_tokens`` steps or once every row is done.
+    Arguments are checked when this is called, not at the first ``next``.
+    """
+    max_new_tokens, eos, pad = _validate(
+        model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
+    )
+    prompt, lengths = _as_inputs(prompt, prompt_lengths)
+    first = functools.partial(_stream_first, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
+    advance = functools.partial(_stream_next, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
+
+    def steps() -> Iterator[StepTokens]:
+        token, written, done, cache = first(params, prompt, lengths, key)
+        for step in range(1, max_new_tokens + 1):
+            if step < max_new_tokens:  # dispatched now, runs while the caller handles `written`
+                following = advance(params, token, done, cache, key, np.int32(step))
+            yield written
+            if eos is not None and bool(np.all(np.asarray(done))):
                 return
+            if step < max_new_tokens:
+                token, written, done, cache = following
+
+    return steps()
