@@ -1,13 +1,27 @@
 """The short causal depthwise convolution (Mamba-2's conv1d), full-sequence and single-step forms.
 
-Weights are time-major, (K, chan)::
+Weights are time-major, (K, chan), one K-tap filter per channel (depthwise)::
 
     out[t, c] = bias[c] + Σ_{k=0..K-1} weight[k, c] · in[t - (K-1) + k, c]
 
-with the K-1 inputs before t = 0 taken from a carried window (zeros when none is given). The window
-(batch, K-1, chan) holds the most recent K-1 inputs, oldest first, in the input dtype; the full form
-returns the window after the sequence (after each row's last real token when ``lengths`` is given) and
-the step form shifts it by one token.
+so ``weight[K-1]`` multiplies the current input and ``weight[0]`` the oldest one. The K-1 inputs before
+t = 0 come from a carried *window* (batch, K-1, chan), oldest first (zeros when none is given). The
+full form computes the sum as K shifted slices of ``concat([window, x], axis=1)`` (one elementwise
+fusion, no ``lax.conv``) and returns the window after the sequence; the step form appends one token
+and drops the oldest. Both sum the K terms in the same order (k = 0, 1, ..., K-1, then the bias), so
+stepping token by token reproduces the full form up to the compiler's fusion choices (in practice
+bit for bit on CPU).
+
+With ``lengths`` (right padding), the returned window ends at each row's last *real* token::
+
+    padded = concat([window, x], axis=1)                     (batch, K-1+seq, chan)
+    new_window[b] = padded[b, lengths[b] : lengths[b] + K-1]
+
+which draws on the incoming window when a row has fewer than K-1 real tokens (``lengths[b] = 0``
+leaves it unchanged). Outputs at padded positions are computed but meaningless.
+
+K = 1 is supported: the window then has zero length. Accumulation is float32 (float64 for float64
+inputs); ``y`` and the window come back in ``x.dtype``.
 """
 
 from __future__ import annotations
@@ -17,32 +31,68 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths
-from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer
+from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, is_concrete
 
 
 def _check(x, weight, bias, window, *, seq_form: bool) -> int:
+    """Validate conv inputs (full or step form); return the kernel size K."""
     check_floating("x", x)
     check_floating("weight", weight)
     want = 3 if seq_form else 2
     axes = "(batch, seq, chan)" if seq_form else "(batch, chan)"
+    form = "sequence" if seq_form else "step"
     if np.ndim(x) != want:
-        raise ValueError(f"x must have shape {axes}, got {np.shape(x)}")
-    chan = np.shape(x)[-1]
-    if np.ndim(weight) != 2 or np.shape(weight)[1] != chan or np.shape(weight)[0] < 1:
-        raise ValueError(f"weight must have shape (K, chan) = (K, {chan}) with K >= 1, got {np.shape(weight)}")
-    k = np.shape(weight)[0]
+        raise ValueError(f"x must have shape {axes} ({want} axes) in {form} form, got {np.shape(x)}")
+    batch, chan = np.shape(x)[0], np.shape(x)[-1]
+    if np.ndim(weight) != 2:
+        raise ValueError(
+            f"weight must have shape (K, chan) = (K, {chan}) (time-major, one K-tap filter per channel), "
+            f"got {np.shape(weight)}"
+        )
+    k, w_chan = np.shape(weight)
+    if w_chan != chan:
+        raise ValueError(
+            f"weight must have shape (K, chan) = (K, {chan}) to match x's {chan} channels, got "
+            f"{np.shape(weight)}"
+        )
+    if k < 1:
+        raise ValueError(f"weight must have shape (K, chan) with K >= 1 taps, got {np.shape(weight)}")
     if bias is not None:
         check_floating("bias", bias)
         if np.shape(bias) != (chan,):
             raise ValueError(f"bias must have shape (chan,) = ({chan},), got {np.shape(bias)}")
     if window is not None:
         check_floating("window", window)
-        expected = (np.shape(x)[0], k - 1, chan)
+        expected = (batch, k - 1, chan)
         if np.shape(window) != expected:
             raise ValueError(
-                f"window must have shape (batch, K-1, chan) = {expected}, got {np.shape(window)}"
+                f"window must have shape (batch, K-1, chan) = {expected} (the K-1 inputs before x, oldest "
+                f"first, for a kernel of K={k} taps), got {np.shape(window)}"
             )
     return k
+
+
+def _check_conv_lengths(lengths, batch: int, seq: int) -> None:
+    check_integer("lengths", lengths)
+    if np.shape(lengths) != (batch,):
+        raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
+    if is_concrete(lengths) and batch:
+        lv = np.asarray(lengths)
+        if lv.min() < 0 or lv.max() > seq:
+            raise ValueError(
+                f"lengths must lie in 0..{seq} (the number of real tokens of each row of x), got {lv.tolist()}"
+            )
+
+
+def _weighted_sum(taps, weight, bias, acc):
+    """``bias + Σ_k weight[k] · taps[k]`` in ``acc``, summed in the fixed order k = 0..K-1."""
+    w = weight.astype(acc)
+    y = taps(0) * w[0]
+    for i in range(1, weight.shape[0]):
+        y = y + taps(i) * w[i]
+    if bias is not None:
+        y = y + bias.astype(acc)
+    return y
 
 
 def causal_conv1d(
@@ -57,35 +107,29 @@ def causal_conv1d(
 
     Args:
         x: (batch, seq, chan) inputs, any float dtype.
-        weight: (K, chan) time-major kernel; bias: optional (chan,).
-        window: optional (batch, K-1, chan) inputs preceding ``x`` (oldest first); zeros if None.
-        lengths: optional (batch,) number of real tokens per row (right padding after them).
+        weight: (K, chan) time-major kernel, K >= 1: ``weight[K-1]`` multiplies the current input.
+        bias: optional (chan,).
+        window: optional (batch, K-1, chan) inputs preceding ``x``, oldest first; zeros if None.
+        lengths: optional (batch,) integers in 0..seq, the number of real tokens of each row (right
+            padding after them). Only the returned window depends on it. Checked when concrete;
+            under ``jit`` values outside 0..seq are a precondition violation (they get clamped).
 
     Returns:
-        ``(y, new_window)``: y (batch, seq, chan) in ``x.dtype`` (accumulated in float32); new_window
-        (batch, K-1, chan), the K-1 most recent real inputs, drawing on ``window`` for short rows.
+        ``(y, new_window)``: y (batch, seq, chan) in ``x.dtype`` (accumulated in float32, float64 for
+        float64 inputs); new_window (batch, K-1, chan) in ``x.dtype``, the K-1 most recent real inputs,
+        drawing on ``window`` for rows with fewer than K-1 real tokens.
+
+    Cost: K multiply-adds per output element, one fused elementwise pass.
     """
     k = _check(x, weight, bias, window, seq_form=True)
-    batch, seq, chan = x.shape
+    batch, seq, chan = np.shape(x)
+    if lengths is not None:
+        _check_conv_lengths(lengths, batch, seq)
     if window is None:
         window = jnp.zeros((batch, k - 1, chan), x.dtype)
     if lengths is not None:
-        check_integer("lengths", lengths)
-        if np.shape(lengths) != (batch,):
-            raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
-    acc = accumulation_dtype(x.dtype, weight.dtype)
-    padded = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # (batch, K-1+seq, chan)
-    w = weight.astype(acc)
-    y = sum(padded[:, i : i + seq].astype(acc) * w[i] for i in range(k))
-    if bias is not None:
-        y = y + bias.astype(acc)
-    if lengths is None:
-        new_window = padded[:, seq:]
-    else:
-        # The window ends at each row's last real token: padded[b, len_b : len_b + K-1].
-        take = lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1, axis=0)  # noqa: E731
-        new_window = jax.vmap(take)(padded, jnp.asarray(lengths, jnp.int32))
-    return y.astype(x.dtype), new_window
+        lengths = jnp.asarray(lengths, jnp.int32)
+    return _conv_seq(x, weight, bias, window, lengths)
 
 
 def causal_conv1d_step(
@@ -94,17 +138,45 @@ def causal_conv1d_step(
     """One token: ``y = bias + Σ_k weight[k] · [window, x][k]``; the window drops its oldest input.
 
     Args:
-        x: (batch, chan); weight: (K, chan); bias: (chan,) or None; window: (batch, K-1, chan).
+        x: (batch, chan) the new token's inputs, any float dtype.
+        weight: (K, chan); bias: (chan,) or None.
+        window: (batch, K-1, chan) the previous K-1 inputs, oldest first (required; zeros to start).
 
     Returns:
-        ``(y (batch, chan) in x.dtype, new_window (batch, K-1, chan))``. Cost O(K·chan) per row.
+        ``(y, new_window)``: y (batch, chan) in ``x.dtype``; new_window (batch, K-1, chan) in ``x.dtype``,
+        ``concat([window[:, 1:], x[:, None]], axis=1)``. Cost O(K·chan) per row.
     """
     if window is None:
-        raise ValueError("causal_conv1d_step needs the carried window (batch, K-1, chan)")
+        raise ValueError(
+            "causal_conv1d_step needs the carried window (batch, K-1, chan); start from zeros, e.g. "
+            "jnp.zeros((batch, K - 1, chan), x.dtype)"
+        )
     _check(x, weight, bias, window, seq_form=False)
+    return _conv_step(x, weight, bias, window)
+
+
+# One compiled program per shape for eager callers; inside a caller's jit these simply inline.
+@jax.jit
+def _conv_seq(x, weight, bias, window, lengths):
+    seq, k = x.shape[1], weight.shape[0]
+    acc = accumulation_dtype(x.dtype, weight.dtype)
+    padded = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # (batch, K-1+seq, chan)
+    # Cast each tap after slicing: XLA then shares ``padded`` in x.dtype, not a float32 copy.
+    y = _weighted_sum(lambda i: padded[:, i : i + seq].astype(acc), weight, bias, acc)
+    if lengths is None:
+        new_window = padded[:, seq:]
+    else:
+        # The window ends at each row's last real token: padded[b, len_b : len_b + K-1].
+        def take(row, n):
+            return jax.lax.dynamic_slice_in_dim(row, n, k - 1, axis=0)
+
+        new_window = jax.vmap(take)(padded, lengths)
+    return y.astype(x.dtype), new_window
+
+
+@jax.jit
+def _conv_step(x, weight, bias, window):
     acc = accumulation_dtype(x.dtype, weight.dtype)
     full = jnp.concatenate([window.astype(x.dtype), x[:, None]], axis=1)  # (batch, K, chan)
-    y = jnp.einsum("bkc,kc->bc", full.astype(acc), weight.astype(acc))
-    if bias is not None:
-        y = y + bias.astype(acc)
+    y = _weighted_sum(lambda i: full[:, i].astype(acc), weight, bias, acc)
     return y.astype(x.dtype), full[:, 1:]

@@ -1,51 +1,115 @@
 """RMSNorm and Mamba-2's gated group RMSNorm. Computed in float32, returned in the input dtype.
 
+Over the last axis (size d)::
+
     rms_norm(x)          = x / sqrt(mean(x²) + eps) ⊙ weight
-    gated_rms_norm(y, z) = weight ⊙ GroupRMSNorm(y ⊙ silu(z))     (norm over groups of d / G channels)
+    gated_rms_norm(y, z) = weight ⊙ GroupRMSNorm(y ⊙ silu(z))
+
+where ``GroupRMSNorm`` splits the d features into ``num_groups`` contiguous groups of d / num_groups
+and normalises each on its own: for group g holding features ``u_g``, ``u_g / sqrt(mean(u_g²) + eps)``.
+This is mamba_ssm's ``RMSNormGated(norm_before_gate=False, group_size=d / ngroups)``; with one group it
+is plain RMSNorm of the gated input. The mean of squares and the scaling are done in float32 (float64
+for float64 inputs) whatever the input dtype.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ssdkit.dtypes import accumulation_dtype, check_floating
+from ssdkit.dtypes import accumulation_dtype, check_floating, is_concrete
 
+#: Features: any leading axes, normalised over the last one (size d).
 Features = Float[Array, "*batch d"]
+#: Per-feature scale.
 Weight = Float[Array, " d"]
 
 
 def _check(name: str, x, weight) -> None:
     check_floating(name, x)
     check_floating("weight", weight)
+    if np.ndim(x) < 1:
+        raise ValueError(f"{name} must have at least one axis (the features to normalise), got a scalar")
     if np.shape(weight) != np.shape(x)[-1:]:
-        raise ValueError(f"weight must have shape ({np.shape(x)[-1]},) to match {name}, got {np.shape(weight)}")
+        raise ValueError(
+            f"weight must have shape ({np.shape(x)[-1]},) to match the last axis of {name} "
+            f"{np.shape(x)}, got {np.shape(weight)}"
+        )
+
+
+def _check_eps(eps) -> None:
+    bad = isinstance(eps, bool | str) or np.ndim(eps) != 0
+    if not bad and is_concrete(eps):
+        bad = not float(eps) >= 0  # also catches NaN
+    if bad:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def _normalise(u, eps):
+    """``u / sqrt(mean(u², -1) + eps)`` in ``u``'s dtype."""
+    return u * jax.lax.rsqrt(jnp.mean(u * u, axis=-1, keepdims=True) + eps)
 
 
 def rms_norm(x: Features, weight: Weight, *, eps: float = 1e-5) -> Features:
-    """``x / sqrt(mean(x², -1) + eps) * weight``, in float32, returned in ``x.dtype``."""
+    """``x / sqrt(mean(x², -1) + eps) * weight``.
+
+    Args:
+        x: (..., d) features, any float dtype.
+        weight: (d,) per-feature scale.
+        eps: non-negative constant added to the mean of squares.
+
+    Returns:
+        (..., d) in ``x.dtype``; computed in float32 (float64 when ``x`` is float64).
+    """
     _check("x", x, weight)
-    acc = accumulation_dtype(x.dtype)
-    xf = x.astype(acc)
-    out = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (out * weight.astype(acc)).astype(x.dtype)
+    _check_eps(eps)
+    return _rms_norm(x, weight, eps)
 
 
 def gated_rms_norm(y: Features, z: Features, weight: Weight, *, num_groups: int = 1, eps: float = 1e-5) -> Features:
-    """``weight ⊙ GroupRMSNorm(y ⊙ silu(z))``: the last axis is split into ``num_groups`` groups of
-    ``d / num_groups`` channels, each normalised on its own (mamba_ssm's RMSNormGated with
-    ``norm_before_gate=False``). Computed in float32, returned in ``y.dtype``."""
+    """Mamba-2's gated norm ``weight ⊙ GroupRMSNorm(y ⊙ silu(z))`` (gate first, then normalise).
+
+    Args:
+        y: (..., d) features (Mamba-2: the SSD output plus the D skip), any float dtype.
+        z: (..., d) gate, same shape as ``y``.
+        weight: (d,) per-feature scale.
+        num_groups: number of contiguous groups of ``d / num_groups`` features, each normalised on its
+            own; must divide d (Mamba-2 uses its ``ngroups``).
+        eps: non-negative constant added to each group's mean of squares.
+
+    Returns:
+        (..., d) in ``y.dtype``; computed in float32 (float64 when ``y`` or ``z`` is float64).
+    """
     _check("y", y, weight)
     check_floating("z", z)
+    _check_eps(eps)
     if np.shape(z) != np.shape(y):
         raise ValueError(f"z must have the shape of y {np.shape(y)}, got {np.shape(z)}")
     d = np.shape(y)[-1]
-    if not isinstance(num_groups, int) or num_groups < 1 or d % num_groups:
-        raise ValueError(f"num_groups must be a positive divisor of the feature size {d}, got {num_groups!r}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int | np.integer) or num_groups < 1 or d % num_groups:
+        raise ValueError(
+            f"num_groups must be a positive divisor of the feature size d={d} (the last axis of y), "
+            f"got {num_groups!r}"
+        )
+    return _gated_rms_norm(y, z, weight, eps, int(num_groups))
+
+
+# One compiled program per shape for eager callers; inside a caller's jit these simply inline.
+@jax.jit
+def _rms_norm(x, weight, eps):
+    acc = accumulation_dtype(x.dtype)
+    out = _normalise(x.astype(acc), eps)
+    return (out * weight.astype(acc)).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _gated_rms_norm(y, z, weight, eps, num_groups: int):
+    d = y.shape[-1]
     acc = accumulation_dtype(y.dtype, z.dtype)
     g = y.astype(acc) * jax.nn.silu(z.astype(acc))
-    g = g.reshape(*g.shape[:-1], num_groups, d // num_groups)
-    g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + eps)
+    g = _normalise(g.reshape(*g.shape[:-1], num_groups, d // num_groups), eps)
     return (g.reshape(*g.shape[:-2], d) * weight.astype(acc)).astype(y.dtype)

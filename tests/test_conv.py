@@ -1,0 +1,262 @@
+"""The short causal depthwise conv: full form, step form, carried windows and ``lengths``.
+
+Tolerances: the conv is a K-term sum (K <= 5) per output, with no accumulation across time, so
+float64 agrees with the numpy oracle to ~1e-15 relative (1e-12 leaves room for summation order), and
+float32 to a few ulps (1e-5 relative to the largest entry). The full and step forms sum the K terms in
+the same order, so they agree to float32 rounding (1e-6). Windows are copies of inputs: exact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from ssdkit import causal_conv1d, causal_conv1d_step
+
+
+def conv_oracle(x, w, bias=None, window=None):
+    """Plain loops: ``out[b, t, c] = bias[c] + Σ_k w[k, c] · in[b, t-(K-1)+k, c]``, history from ``window``.
+
+    Returns (y, new_window) in float64; new_window is the last K-1 inputs of [window, x].
+    """
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    batch, seq, chan = x.shape
+    k = w.shape[0]
+    hist = np.zeros((batch, k - 1, chan)) if window is None else np.asarray(window, np.float64)
+    full = np.concatenate([hist, x], axis=1)  # in[t'] = full[t' + K-1]
+    out = np.zeros((batch, seq, chan))
+    for b in range(batch):
+        for t in range(seq):
+            for c in range(chan):
+                acc = 0.0 if bias is None else float(bias[c])
+                for i in range(k):
+                    acc += w[i, c] * full[b, t + i, c]
+                out[b, t, c] = acc
+    return out, full[:, seq:]
+
+
+def make_inputs(rng, batch, seq, chan, k, *, with_bias=True, with_window=True):
+    x = rng.standard_normal((batch, seq, chan))
+    w = rng.standard_normal((k, chan))
+    bias = rng.standard_normal(chan) if with_bias else None
+    window = rng.standard_normal((batch, k - 1, chan)) if with_window else None
+    return x, w, bias, window
+
+
+def j(a, dtype=None):
+    return None if a is None else jnp.asarray(a, dtype)
+
+
+def f32(*arrays):
+    """numpy float32 copies (the conv takes numpy arrays; slicing them costs no compilation)."""
+    return tuple(None if a is None else np.asarray(a, np.float32) for a in arrays)
+
+
+def run_steps(x, w, bias, window):
+    """Feed ``x`` token by token through the (jitted) step form; returns stacked y and the last window."""
+    step = jax.jit(causal_conv1d_step)
+    ys = []
+    for t in range(x.shape[1]):
+        y_t, window = step(x[:, t], w, bias, window)
+        ys.append(np.asarray(y_t))
+    return np.stack(ys, axis=1), window
+
+
+dims = dict(batch=st.integers(1, 3), seq=st.integers(1, 20), chan=st.integers(1, 6), k=st.integers(1, 5),
+            seed=st.integers(0, 2**32 - 1))
+
+
+# ------------------------------------------------------------------------------ against the oracle
+@given(**dims, with_bias=st.booleans(), with_window=st.booleans())
+@example(batch=2, seq=1, chan=3, k=5, seed=1, with_bias=True, with_window=True)  # seq < K-1
+@example(batch=1, seq=3, chan=2, k=1, seed=2, with_bias=False, with_window=False)  # K = 1: empty window
+def test_full_form_matches_oracle_float64(batch, seq, chan, k, seed, with_bias, with_window):
+    x, w, bias, window = make_inputs(np.random.default_rng(seed), batch, seq, chan, k,
+                                     with_bias=with_bias, with_window=with_window)
+    ref_y, ref_win = conv_oracle(x, w, bias, window)
+    with jax.enable_x64(True):
+        y, new_window = causal_conv1d(j(x), j(w), j(bias), window=j(window))
+        assert y.dtype == jnp.float64 and new_window.dtype == jnp.float64
+        assert y.shape == (batch, seq, chan) and new_window.shape == (batch, k - 1, chan)
+        # K <= 5 terms of O(1) values: float64 rounding is ~1e-15; 1e-12 leaves room for ordering.
+        np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(np.asarray(new_window), ref_win)  # copies of inputs: exact
+
+
+@given(**dims)
+def test_full_form_matches_oracle_float32(batch, seq, chan, k, seed):
+    x, w, bias, window = make_inputs(np.random.default_rng(seed), batch, seq, chan, k)
+    ref_y, ref_win = conv_oracle(x, w, bias, window)
+    y, new_window = causal_conv1d(j(x, jnp.float32), j(w, jnp.float32), j(bias, jnp.float32),
+                                  window=j(window, jnp.float32))
+    assert y.dtype == jnp.float32 and new_window.dtype == jnp.float32
+    # A few float32 roundings of O(1) terms (plus the float32 cast of the inputs): ~1e-6 absolute.
+    np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_window), ref_win, rtol=1e-7)  # float32 cast of inputs only
+
+
+def test_kernel_size_one_is_pointwise(rng):
+    x, w, bias, _ = make_inputs(rng, 2, 5, 3, 1)
+    y, new_window = causal_conv1d(j(x, jnp.float32), j(w, jnp.float32), j(bias, jnp.float32))
+    assert new_window.shape == (2, 0, 3)
+    # One product and one add per entry in float32.
+    np.testing.assert_allclose(np.asarray(y), x * w[0] + bias, rtol=1e-6, atol=1e-6)
+    y_t, win = causal_conv1d_step(j(x[:, 0], jnp.float32), j(w, jnp.float32), j(bias, jnp.float32),
+                                  jnp.zeros((2, 0, 3)))
+    assert win.shape == (2, 0, 3)
+    np.testing.assert_allclose(np.asarray(y_t), np.asarray(y[:, 0]), rtol=1e-6)
+
+
+def test_weight_is_time_major():
+    # weight[K-1] multiplies the current input, weight[0] the oldest: an impulse shows the taps in reverse.
+    x = jnp.zeros((1, 6, 1)).at[0, 0, 0].set(1.0)
+    w = jnp.asarray([[1.0], [2.0], [3.0], [4.0]])
+    y, _ = causal_conv1d(x, w)
+    np.testing.assert_array_equal(np.asarray(y[0, :, 0]), [4.0, 3.0, 2.0, 1.0, 0.0, 0.0])
+
+
+# ------------------------------------------------------------------------------ step form and carries
+@given(**dims, with_bias=st.booleans())
+@example(batch=2, seq=2, chan=3, k=5, seed=3, with_bias=True)  # seq < K-1
+@example(batch=1, seq=4, chan=2, k=1, seed=4, with_bias=True)  # K = 1: empty window
+def test_full_form_equals_stepping(batch, seq, chan, k, seed, with_bias):
+    x, w, bias, window = make_inputs(np.random.default_rng(seed), batch, seq, chan, k, with_bias=with_bias)
+    x, w, bias, window = f32(x, w, bias, window)
+    y, new_window = causal_conv1d(x, w, bias, window=window)
+    y_steps, win_steps = run_steps(x, w, bias, window)
+    # Same K terms summed in the same order; only fusion differences (e.g. FMA) remain: ~1 ulp.
+    np.testing.assert_allclose(np.asarray(y_steps), np.asarray(y), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(win_steps), np.asarray(new_window))
+
+
+@given(**dims, data=st.data())
+def test_split_sequence_equals_one_pass(batch, seq, chan, k, seed, data):
+    cut = data.draw(st.integers(0, seq), label="cut")
+    x, w, bias, window = make_inputs(np.random.default_rng(seed), batch, seq, chan, k)
+    x, w, bias, window = f32(x, w, bias, window)
+    y, new_window = causal_conv1d(x, w, bias, window=window)
+    parts, win = [], window
+    for piece in (x[:, :cut], x[:, cut:]):
+        if piece.shape[1]:
+            y_part, win = causal_conv1d(piece, w, bias, window=win)
+            parts.append(y_part)
+    # Identical sums on identical operands; 1e-6 only guards against fusion differences.
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), np.asarray(y), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(win), np.asarray(new_window))
+
+
+@given(**dims, data=st.data())
+def test_lengths_window_equals_running_the_real_prefix(batch, seq, chan, k, seed, data):
+    lengths = data.draw(st.lists(st.integers(0, seq), min_size=batch, max_size=batch), label="lengths")
+    x, w, bias, window = make_inputs(np.random.default_rng(seed), batch, seq, chan, k)
+    x, w, bias, window = f32(x, w, bias, window)
+    y, new_window = causal_conv1d(x, w, bias, window=window, lengths=jnp.asarray(lengths, jnp.int32))
+    y_full, _ = causal_conv1d(x, w, bias, window=window)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_full))  # lengths only moves the window
+    for b, n in enumerate(lengths):
+        if n == 0:
+            expected = window[b]  # no real token: the window is unchanged
+        else:
+            _, alone = causal_conv1d(x[b : b + 1, :n], w, bias, window=window[b : b + 1])
+            expected = alone[0]
+        np.testing.assert_array_equal(np.asarray(new_window[b]), np.asarray(expected))  # copies: exact
+
+
+def test_lengths_short_rows_draw_on_window():
+    # K = 4: a row with 1 real token keeps the 2 newest window entries and appends that token.
+    x = jnp.arange(1.0, 7.0).reshape(1, 6, 1)
+    window = jnp.asarray([[[-3.0], [-2.0], [-1.0]]])
+    w = jnp.ones((4, 1))
+    _, new_window = causal_conv1d(x, w, window=window, lengths=jnp.asarray([1]))
+    np.testing.assert_array_equal(np.asarray(new_window[0, :, 0]), [-2.0, -1.0, 1.0])
+    _, new_window = causal_conv1d(x, w, window=window, lengths=jnp.asarray([0]))
+    np.testing.assert_array_equal(np.asarray(new_window), np.asarray(window))
+    _, new_window = causal_conv1d(x, w, window=window, lengths=jnp.asarray([5]))
+    np.testing.assert_array_equal(np.asarray(new_window[0, :, 0]), [3.0, 4.0, 5.0])
+
+
+def test_jit_with_traced_lengths(rng):
+    x, w, bias, window = make_inputs(rng, 3, 9, 4, 4)
+    x, w, bias, window = f32(x, w, bias, window)
+    lengths = np.asarray([9, 0, 2], np.int32)
+    eager = causal_conv1d(x, w, bias, window=window, lengths=lengths)
+    jitted = jax.jit(lambda *a: causal_conv1d(*a[:3], window=a[3], lengths=a[4]))(x, w, bias, window, lengths)
+    # Same graph compiled once vs op by op: agreement to float32 rounding.
+    np.testing.assert_allclose(np.asarray(jitted[0]), np.asarray(eager[0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(jitted[1]), np.asarray(eager[1]))
+
+
+# ------------------------------------------------------------------------------ dtypes
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_inputs_keep_their_dtype(rng, dtype):
+    x, w, bias, window = make_inputs(rng, 2, 7, 5, 4)
+    y, new_window = causal_conv1d(j(x, dtype), j(w, jnp.float32), j(bias, jnp.float32), window=j(window, dtype))
+    assert y.dtype == dtype and new_window.dtype == dtype
+    y_t, win_t = causal_conv1d_step(j(x[:, 0], dtype), j(w, jnp.float32), j(bias, jnp.float32), j(window, dtype))
+    assert y_t.dtype == dtype and win_t.dtype == dtype
+    ref_y, _ = conv_oracle(np.asarray(j(x, dtype), np.float64), w, bias, np.asarray(j(window, dtype), np.float64))
+    # Inputs rounded to half precision above; the float32 sum is then rounded once more to 8 (bf16) or
+    # 11 (fp16) mantissa bits: ~4e-3 relative to entries up to ~|y|max.
+    scale = np.abs(ref_y).max()
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref_y, rtol=0, atol=1e-2 * scale)
+
+
+def test_window_in_another_dtype_is_cast_to_x_dtype(rng):
+    x, w, _, window = make_inputs(rng, 1, 3, 2, 3)
+    y, new_window = causal_conv1d(j(x, jnp.bfloat16), j(w, jnp.float32), window=j(window, jnp.float32))
+    assert y.dtype == jnp.bfloat16 and new_window.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------ errors
+X = jnp.ones((2, 5, 3))
+W = jnp.ones((4, 3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(x=jnp.ones((5, 3))), ValueError, r"x must have shape \(batch, seq, chan\) \(3 axes\).*got \(5, 3\)"),
+        (dict(weight=jnp.ones(3)), ValueError, r"weight must have shape \(K, chan\) = \(K, 3\).*got \(3,\)"),
+        (dict(weight=jnp.ones((4, 2))), ValueError, r"weight must have shape \(K, chan\) = \(K, 3\) to match"),
+        (dict(weight=jnp.ones((0, 3))), ValueError, r"K >= 1 taps, got \(0, 3\)"),
+        (dict(bias=jnp.ones(4)), ValueError, r"bias must have shape \(chan,\) = \(3,\), got \(4,\)"),
+        (dict(window=jnp.ones((2, 4, 3))), ValueError,
+         r"window must have shape \(batch, K-1, chan\) = \(2, 3, 3\).*got \(2, 4, 3\)"),
+        (dict(window=jnp.ones((1, 3, 3))), ValueError, r"window must have shape .* = \(2, 3, 3\)"),
+        (dict(x=jnp.ones((2, 5, 3), jnp.int32)), TypeError, "x must be a floating array"),
+        (dict(weight=jnp.ones((4, 3), jnp.int32)), TypeError, "weight must be a floating array"),
+        (dict(bias=jnp.ones(3, jnp.int32)), TypeError, "bias must be a floating array"),
+        (dict(window=jnp.ones((2, 3, 3), jnp.int32)), TypeError, "window must be a floating array"),
+        (dict(lengths=jnp.ones(2)), TypeError, "lengths must be an integer array"),
+        (dict(lengths=jnp.ones(3, jnp.int32)), ValueError, r"lengths must have shape \(batch,\) = \(2,\)"),
+        (dict(lengths=jnp.asarray([6, 1])), ValueError, r"lengths must lie in 0\.\.5.*\[6, 1\]"),
+        (dict(lengths=jnp.asarray([-1, 1])), ValueError, r"lengths must lie in 0\.\.5"),
+    ],
+)
+def test_full_form_rejects_bad_inputs(kwargs, error, match):
+    args = dict(x=X, weight=W, bias=None, window=None, lengths=None) | kwargs
+    with pytest.raises(error, match=match):
+        causal_conv1d(args["x"], args["weight"], args["bias"], window=args["window"], lengths=args["lengths"])
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((jnp.ones((2, 1, 3)), W, None, jnp.zeros((2, 3, 3))), ValueError,
+         r"x must have shape \(batch, chan\) \(2 axes\) in step form"),
+        ((jnp.ones((2, 3)), W, None, None), ValueError, "needs the carried window"),
+        ((jnp.ones((2, 3)), W, None, jnp.zeros((2, 4, 3))), ValueError,
+         r"window must have shape \(batch, K-1, chan\) = \(2, 3, 3\)"),
+        ((jnp.ones((2, 3)), jnp.ones((4, 2)), None, jnp.zeros((2, 3, 3))), ValueError,
+         r"weight must have shape \(K, chan\) = \(K, 3\)"),
+        ((jnp.ones((2, 3), jnp.int32), W, None, jnp.zeros((2, 3, 3))), TypeError, "x must be a floating array"),
+    ],
+)
+def test_step_form_rejects_bad_inputs(args, error, match):
+    with pytest.raises(error, match=match):
+        causal_conv1d_step(*args)
