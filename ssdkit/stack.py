@@ -6,6 +6,10 @@ Layer weights come in one of two layouts, and the cache is always stacked (layer
   (compile time independent of depth). Inside a compiled program each layer's weights are then a
   (dynamic) slice of the stacked arrays, which XLA's CPU backend copies every call: fine for prefill,
   where the copies are small next to the work, but it doubles the memory traffic of single-token decode.
+  Small per-layer arrays (norm scales, conv taps, biases: at most :data:`SMALL_LEAF` elements a layer)
+  are not sliced at all: they ride in the loop carry and are rotated by one layer each iteration, so a
+  layer reads them at the static index 0. An elementwise fusion that reads a dynamic slice runs about
+  6x slower on XLA's CPU backend (measured: a conv + SiLU over 2048 x 1792, 16 -> 2.5 ms a layer).
 * **per layer** — a tuple of per-layer PyTrees (see :func:`unstack`): the stack is unrolled and every
   layer reads its weights in place. The fast layout for memory-bound decode (docs/benchmarks.md).
 """
@@ -20,6 +24,10 @@ import jax.numpy as jnp
 from jax import lax
 
 C = TypeVar("C")
+
+#: Per-layer leaves with at most this many elements are rotated through the ``lax.scan`` carry instead of
+#: being sliced with a dynamic layer index (see the module docstring).
+SMALL_LEAF = 1 << 16
 
 
 def is_per_layer(layers: Any) -> bool:
@@ -51,16 +59,27 @@ def scan_layers(
     """Run ``layer_fn(layer_params, residual, layer_cache) -> (residual, layer_cache)`` over the layers.
 
     ``layers`` and ``cache`` each come stacked (a PyTree with the layer axis first) or per layer (a
-    tuple); the cache is returned in the layout it came in. Stacked weights run as one ``lax.scan``.
+    tuple); the cache is returned in the layout it came in. Stacked weights run as one ``lax.scan``
+    (small per-layer arrays rotate through its carry, large ones are sliced per iteration).
     Per-layer weights run unrolled; with a per-layer cache too nothing is sliced or copied, which is
     what a decode loop wants (a stacked cache is split before and restacked after, two copies).
     """
     if not is_per_layer(layers):
-        def body(res, xs):
-            lp, layer_cache = xs
-            return layer_fn(lp, res, layer_cache)
+        leaves, treedef = jax.tree_util.tree_flatten(layers)
+        small = [leaf.size <= SMALL_LEAF * leaf.shape[0] for leaf in leaves]
 
-        residual, new = lax.scan(body, residual, (layers, stack(cache)))
+        def body(carry, xs):
+            res, rotating = carry
+            big, layer_cache = xs
+            it_small, it_big = iter(rotating), iter(big)
+            lp = treedef.unflatten([next(it_small)[0] if s else next(it_big) for s in small])
+            res, layer_cache = layer_fn(lp, res, layer_cache)
+            # Layer i + 1's small arrays move to index 0 for the next iteration.
+            return (res, [jnp.roll(a, -1, axis=0) for a in rotating]), layer_cache
+
+        rotating = [leaf for leaf, s in zip(leaves, small, strict=True) if s]
+        big = [leaf for leaf, s in zip(leaves, small, strict=True) if not s]
+        (residual, _), new = lax.scan(body, (residual, rotating), (big, stack(cache)))
         return residual, (unstack(new) if is_per_layer(cache) else new)
 
     caches = unstack(cache)
