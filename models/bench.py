@@ -55,7 +55,7 @@ def bench_prefill(params, cfg, ceil: Ceilings, *, batch: int, seq: int, repeats:
     fn = mamba2.model._prefill
     compile_s, compiled = compile_seconds(fn, params, cfg, tokens, None, None)
     t = time_calls(lambda: compiled(params, tokens, None, None), repeats=repeats)
-    flops = cost.prefill_flops(cfg, batch, seq)
+    flops = cost.prefill_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
     return Result("prefill", ceil.dtype, batch, seq, batch * seq / t.median, t.median, t.min, t.max,
                   flops / t.median, flops / t.median / ceil.gemm_flops, None, None, compile_s, temp_bytes(compiled))
 

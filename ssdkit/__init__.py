@@ -23,7 +23,7 @@ from ssdkit.generate import (
 from ssdkit.norm import gated_rms_norm, rms_norm
 from ssdkit.recurrence import DecayKind, Recurrence
 from ssdkit.reference import ssd_reference
-from ssdkit.scan import ssd_scan
+from ssdkit.scan import preferred_chunk_size, ssd_scan
 from ssdkit.stack import scan_layers, stack, unstack
 from ssdkit.step import ssd_step
 
@@ -41,6 +41,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "make_sampler",
+    "preferred_chunk_size",
     "rms_norm",
     "Sample",
     "scan_layers",

@@ -39,6 +39,24 @@ from ssdkit.recurrence import DecayKind, Recurrence
 #: log-decay written at a sequence reset; exp() of any sum containing it is exactly 0.
 RESET_LOG_DECAY = -1.0e30
 
+#: The largest chunk that ran fastest per backend (see :func:`preferred_chunk_size`).
+_MAX_CHUNK = {"cpu": 64}
+
+
+def preferred_chunk_size(chunk_size: int, backend: str | None = None) -> int:
+    """The chunk size to scan with on ``backend`` (JAX's default backend if None), given a model's own.
+
+    :func:`ssd_scan`'s result does not depend on the chunk size (beyond float rounding), only its cost:
+    the intra-chunk work grows with Q and the chunk-state work shrinks. On XLA's CPU backend Q = 64 ran
+    fastest (Mamba-2 130M, float32, 2,048 tokens: 614 / 579 / 532 tokens/s at Q = 64 / 128 / 256, one
+    alternating run; docs/benchmarks.md), so this returns ``min(chunk_size, 64)`` there and
+    ``chunk_size`` on other backends.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    cap = _MAX_CHUNK.get(backend or jax.default_backend())
+    return chunk_size if cap is None else min(chunk_size, cap)
+
 
 def apply_resets(log_a: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Force the decay to zero where ``segment_ids`` changes between consecutive steps.

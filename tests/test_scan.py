@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssdkit import Recurrence, ssd_reference, ssd_scan, ssd_step
+from ssdkit import Recurrence, preferred_chunk_size, ssd_reference, ssd_scan, ssd_step
 from tests.helpers import assert_close
 
 F64_RTOL = 1e-10
@@ -110,6 +110,18 @@ def test_result_independent_of_chunk_size(rng, diagonal):
         for y, final in outs[1:]:
             assert_close(y, outs[0][0], rtol=1e-12, name="y")
             assert_close(final, outs[0][1], rtol=1e-12, name="final_state")
+
+
+def test_preferred_chunk_size_caps_only_on_cpu():
+    """The speed choice: at most 64 on CPU, the model's own chunk elsewhere; the result is chunk-independent
+    (test_result_independent_of_chunk_size)."""
+    assert preferred_chunk_size(256, "cpu") == 64
+    assert preferred_chunk_size(16, "cpu") == 16
+    assert preferred_chunk_size(256, "gpu") == 256
+    assert preferred_chunk_size(256, "tpu") == 256
+    assert preferred_chunk_size(256) == preferred_chunk_size(256, jax.default_backend())
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        preferred_chunk_size(0)
 
 
 @pytest.mark.parametrize("diagonal", [False, True])

@@ -104,7 +104,8 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
     if lengths is not None:
         valid = jnp.arange(residual.shape[1])[None, :] < lengths[:, None]
     x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw, valid)
-    y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=cfg.chunk_size, initial_state=cache.state)
+    chunk = ssdkit.preferred_chunk_size(cfg.chunk_size)  # the result does not depend on it, the speed does
+    y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=chunk, initial_state=cache.state)
     residual = residual + _out_proj(cfg, lp, x, y, z)
     return residual, RecurrentCache(conv=window, state=state)
 
