@@ -43,14 +43,16 @@ def _step(spec: Recurrence, state, x, log_a, b, c):
     batch = x.shape[0]
     h, p, n, g, r = spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
     acc = accumulation_dtype(state.dtype, x.dtype, log_a.dtype, b.dtype, c.dtype)
-    z = batch * g  # one (r·p, n) block per row and group: the readout's canonical shape (module docstring)
-    s = state.astype(acc).reshape(z, r * p, n)
+    z = batch * g
+    # XLA drops a unit batch axis from the readout; keep the state in exactly the readout's operand shape.
+    lead = (z,) if z > 1 else ()
+    s = state.astype(acc).reshape(*lead, r * p, n)
     if spec.decay is DecayKind.SCALAR:
-        decay = jnp.repeat(jnp.exp(log_a.astype(acc)).reshape(z, r, 1), p, axis=1).reshape(z, r * p, 1)
+        decay = jnp.repeat(jnp.exp(log_a.astype(acc)).reshape(*lead, r, 1), p, axis=-2).reshape(*lead, r * p, 1)
     else:
-        decay = jnp.repeat(jnp.exp(log_a.astype(acc)).reshape(z, r, 1, n), p, axis=2).reshape(z, r * p, n)
-    xg = x.astype(acc).reshape(z, r * p, 1)
-    bg = b.astype(acc).reshape(z, 1, n)
+        decay = jnp.repeat(jnp.exp(log_a.astype(acc)).reshape(*lead, r, 1, n), p, axis=-3).reshape(*lead, r * p, n)
+    xg = x.astype(acc).reshape(*lead, r * p, 1)
+    bg = b.astype(acc).reshape(*lead, 1, n)
     s = decay * s + xg * bg
-    y = jnp.einsum("zkn,zn->zk", s, c.astype(acc).reshape(z, n), preferred_element_type=acc)
+    y = jnp.einsum("...kn,...n->...k", s, c.astype(acc).reshape(*lead, n), preferred_element_type=acc)
     return y.reshape(batch, h, p).astype(x.dtype), s.reshape(batch, h, p, n).astype(state.dtype)
