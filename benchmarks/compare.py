@@ -50,9 +50,12 @@ import numpy as np
 import ssdkit
 from models import mamba2
 from models.bench import load_params
-from ssdkit.bench import time_calls
+from models.mamba2 import cost
+from ssdkit.bench import RooflinePoint, measure_ceilings, plot_roofline, time_calls
 
 PEERS = ("transformers", "mamba2-jax", "llama.cpp")
+#: Bytes per weight of GGUF types (q8_0: blocks of 32 int8 weights and one float16 scale), for the roofline.
+GGUF_BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
 PROMPT_LEN = 8  # decode prompt for the in-process implementations
 
 #: One timed sample of a workload: seconds per token.
@@ -91,6 +94,7 @@ class InProcess(abc.ABC):
 class SsdKit(InProcess):
     def __init__(self, params, cfg, dtype):
         self.name = "ssdkit"
+        self.weight_bytes = jnp.dtype(dtype).itemsize
         self.cfg = cfg
         self.params = mamba2.cast_params(params, dtype)
         self.decode_params = mamba2.unstack_layers(self.params)  # the decode layout (weights read in place)
@@ -112,6 +116,7 @@ class Transformers(InProcess):
         torch.set_num_threads(threads)
         self.torch = torch
         self.name = f"transformers {jnp.dtype(dtype).name}"
+        self.weight_bytes = jnp.dtype(dtype).itemsize
         self.model = transformers.Mamba2ForCausalLM.from_pretrained(
             checkpoint, dtype=getattr(torch, jnp.dtype(dtype).name)).eval()
 
@@ -141,6 +146,7 @@ class Mamba2Jax(InProcess):
         from flax import nnx
 
         self.name = f"mamba2-jax {jnp.dtype(dtype).name}"
+        self.weight_bytes = jnp.dtype(dtype).itemsize
         self.forward = mamba2_jax.forward
         self.model = mamba2_jax.create_random_model(mamba2_jax.Mamba2Config(
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, state_size=cfg.d_state, head_dim=cfg.headdim,
@@ -178,6 +184,7 @@ class LlamaCpp:
 
     def __init__(self, bench: str, gguf: Path, gguf_type: str, threads: int, reps: int):
         self.name = f"llama.cpp {gguf_type}"
+        self.weight_bytes = GGUF_BYTES_PER_WEIGHT.get(gguf_type, 4)
         self.bench, self.gguf, self.threads, self.reps = bench, gguf, threads, reps
 
     def _run(self, n_prompt: int, n_gen: int) -> float:
@@ -264,6 +271,7 @@ def main() -> None:
     ap.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"),
                     help="GGUF type to convert to (default: f32 for float32, f16 for bfloat16)")
     ap.add_argument("--llama-reps", type=int, default=1, help="llama-bench -r per sample")
+    ap.add_argument("--plot", help="also write a roofline PNG of every implementation (needs matplotlib)")
     args = ap.parse_args()
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := set(peers) - set(PEERS):
@@ -291,6 +299,7 @@ def main() -> None:
 
         workloads = [(f"prefill {seq}", lambda impl, seq=seq: impl.prefill_sampler(tokens(seq))) for seq in lengths]
         workloads.append(("decode b=1", lambda impl: impl.decode_sampler(tokens(PROMPT_LEN), args.decode_steps)))
+        ceilings = measure_ceilings(dtype) if args.plot else None
         rows = []
         for name, make in workloads:
             seconds = alternate([make(impl) for impl in impls], args.rounds)
@@ -305,6 +314,26 @@ def main() -> None:
     for name, rates in rows:
         cells = [f"{rates[0]:,.1f}", *(f"{r:,.1f} ({rates[0] / r:.2f}x)" for r in rates[1:])]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.plot:
+        points = [roofline_point(cfg, impl, name, rate) for name, rates in rows
+                  for impl, rate in zip(impls, rates, strict=True)]
+        out = plot_roofline([ceilings], points, args.plot, title=f"Mamba-2 {args.model}, batch 1: ssdkit and peers")
+        print(f"[compare] roofline written to {out}", flush=True)
+
+
+def roofline_point(cfg: mamba2.Mamba2Config, impl, workload: str, tokens_per_s: float) -> RooflinePoint:
+    """One workload of one implementation on the roofline. Every implementation is credited with the same
+    analytic work (models.mamba2.cost, ssdkit's chunked count; mamba2-jax's logits at every position and
+    llama.cpp's step-by-step scan are not counted differently) and its own bytes per weight."""
+    if workload.startswith("prefill"):
+        seq = int(workload.split()[1])
+        flops = cost.prefill_flops(cfg, 1, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
+        nbytes = cost.prefill_bytes(cfg, 1, seq, impl.weight_bytes)
+        per_token = flops / seq
+    else:
+        flops = per_token = cost.decode_flops(cfg, 1)
+        nbytes = cost.decode_bytes(cfg, 1, impl.weight_bytes).total
+    return RooflinePoint(impl.name, workload, per_token * tokens_per_s, flops / nbytes)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ import numpy as np
 import ssdkit
 from models import mamba2
 from models.mamba2 import cost
-from ssdkit.bench import Ceilings, compile_seconds, measure_ceilings, temp_bytes, time_calls
+from ssdkit.bench import (
+    Ceilings,
+    RooflinePoint,
+    compile_seconds,
+    measure_ceilings,
+    plot_roofline,
+    temp_bytes,
+    time_calls,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +51,8 @@ class Result:
     bytes_per_step: int | None  # decode only
     bandwidth_util: float | None  # decode only, against the measured streaming read bandwidth
     compile_s: float
-    scratch_bytes: int | None
+    scratch_bytes: int | None  # XLA's planned temporary memory of the compiled program
+    intensity: float  # FLOPs per byte of compulsory traffic (models.mamba2.cost), for the roofline
 
 
 def _log(msg: str) -> None:
@@ -56,8 +65,10 @@ def bench_prefill(params, cfg, ceil: Ceilings, *, batch: int, seq: int, repeats:
     compile_s, compiled = compile_seconds(fn, params, cfg, tokens, None, None)
     t = time_calls(lambda: compiled(params, tokens, None, None), repeats=repeats)
     flops = cost.prefill_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
+    nbytes = cost.prefill_bytes(cfg, batch, seq, params.embedding.dtype)
     return Result("prefill", ceil.dtype, batch, seq, batch * seq / t.median, t.median, t.min, t.max,
-                  flops / t.median, flops / t.median / ceil.gemm_flops, None, None, compile_s, temp_bytes(compiled))
+                  flops / t.median, flops / t.median / ceil.gemm_flops, None, None, compile_s, temp_bytes(compiled),
+                  flops / nbytes)
 
 
 def bench_decode(params, cfg, ceil: Ceilings, *, batch: int, steps: int, repeats: int, prompt_len: int = 8) -> Result:
@@ -70,8 +81,9 @@ def bench_decode(params, cfg, ceil: Ceilings, *, batch: int, steps: int, repeats
 
     t0 = time.perf_counter()
     jax.block_until_ready(gen(steps + 1))
-    compile_s = time.perf_counter() - t0
+    first = time.perf_counter() - t0
     t_long = time_calls(lambda: gen(steps + 1), repeats=repeats)
+    compile_s = max(first - t_long.median, 0.0)  # the first call compiles, then runs like the others
     t_short = time_calls(lambda: gen(1), repeats=repeats)
     per_step = max(t_long.median - t_short.median, 1e-9) / steps
     step_min = max(t_long.min - t_short.median, 1e-9) / steps
@@ -80,7 +92,7 @@ def bench_decode(params, cfg, ceil: Ceilings, *, batch: int, steps: int, repeats
     flops = cost.decode_flops(cfg, batch)
     return Result("decode", ceil.dtype, batch, steps, batch / per_step, per_step, step_min, step_max,
                   flops / per_step, flops / per_step / ceil.gemm_flops, nbytes,
-                  nbytes / per_step / ceil.read_bytes_per_s, compile_s, None)
+                  nbytes / per_step / ceil.read_bytes_per_s, compile_s, None, flops / nbytes)
 
 
 def load_params(model: str, dtype, seed: int = 0):
@@ -132,15 +144,24 @@ def _fmt(r: Result) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = ("| workload | dtype | batch | tokens | tokens/s | ms (median) | GFLOP/s | MFU | bandwidth | compile s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| workload | dtype | batch | tokens | tokens/s | ms (median) | GFLOP/s | MFU | bandwidth | compile s "
+            "| scratch MiB |\n|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [
         f"| {r.workload} | {r.dtype} | {r.batch} | {r.tokens} | {r.tokens_per_s:,.1f} | {r.seconds_median * 1e3:.2f} | "
         f"{r.flops_per_s / 1e9:.1f} | {100 * r.mfu:.1f}% | "
-        f"{'' if r.bandwidth_util is None else f'{100 * r.bandwidth_util:.0f}%'} | {r.compile_s:.2f} |"
+        f"{'' if r.bandwidth_util is None else f'{100 * r.bandwidth_util:.0f}%'} | {r.compile_s:.2f} | "
+        f"{'' if r.scratch_bytes is None else f'{r.scratch_bytes / 2**20:,.0f}'} |"
         for r in results
     ]
     return "\n".join([head, *rows])
+
+
+def roofline_points(results: list[Result], implementation: str = "ssdkit") -> list[RooflinePoint]:
+    """Each result as a roofline point, labelled by workload (and the dtype in the implementation name)."""
+    def label(r: Result) -> str:
+        return f"prefill {r.tokens}" if r.workload == "prefill" else f"decode b={r.batch}"
+
+    return [RooflinePoint(f"{implementation} {r.dtype}", label(r), r.flops_per_s, r.intensity) for r in results]
 
 
 def main(args) -> int:
@@ -156,4 +177,7 @@ def main(args) -> int:
             "ceilings": [dataclasses.asdict(c) for c in ceilings],
             "results": [dataclasses.asdict(r) for r in results],
         }, indent=2, default=lambda o: None if isinstance(o, float) and not np.isfinite(o) else o))
+    if args.plot:
+        title = f"Mamba-2 {args.model} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})"
+        _log(f"[bench] roofline written to {plot_roofline(ceilings, roofline_points(results), args.plot, title=title)}")
     return 0

@@ -3,6 +3,7 @@
     ssdkit generate --model DIR_OR_PRESET [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
+                    [--plot roofline.png]
     ssdkit demo     prefill + O(1) decode of toy recurrences built on the core, with timings
 
 The command line lives in ``models`` (the top of the import graph) because it wires models to the core.
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-steps", type=int, default=32)
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.add_argument("--plot", default=None, help="also write a roofline PNG here (needs matplotlib: ssdkit[bench])")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="prefill + decode of toy recurrences on the core, with timings")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +84,65 @@ def measure_ceilings(dtype=jnp.float32, *, n: int = 2048, read_mib: int = 512, r
     tr = time_calls(lambda: read(buf), repeats=repeats)
     nbytes = buf.size * 4
     return Ceilings(jnp.dtype(dtype).name, flops / tg.median, flops / tg.min, nbytes / tr.median, nbytes / tr.min)
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflinePoint:
+    """One measured workload placed on the roofline.
+
+    ``intensity`` is FLOPs per byte of compulsory memory traffic (what must cross the memory bus at
+    least once: weights, cache, inputs), so the bandwidth roof at that intensity is an upper bound.
+    """
+
+    implementation: str
+    workload: str
+    flops_per_s: float
+    intensity: float
+
+
+def plot_roofline(ceilings: Sequence[Ceilings], points: Sequence[RooflinePoint], path: str | Path, *,
+                  title: str = "") -> Path:
+    """Write a log-log roofline PNG: for each measured ceiling the roof ``min(peak, bandwidth · intensity)``,
+    and every point as achieved FLOP/s at its intensity, one marker colour per implementation.
+
+    Needs matplotlib (``pip install 'ssdkit[bench]'``); uses its object API (no pyplot global state).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting the roofline needs matplotlib: pip install 'ssdkit[bench]'") from err
+    if not ceilings:
+        raise ValueError("plot_roofline needs at least one measured Ceilings")
+    lo = min([0.1, *(p.intensity / 3 for p in points)])
+    hi = max([1e4, *(p.intensity * 3 for p in points)])
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    fig = Figure(figsize=(8, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for k, c in enumerate(ceilings):
+        style = ["-", "--", ":", "-."][k % 4]
+        label = f"roof {c.dtype}: GEMM {c.gemm_flops / 1e9:.0f} GFLOP/s, read {c.read_bytes_per_s / 1e9:.0f} GB/s"
+        ax.plot(xs, [min(c.gemm_flops, c.read_bytes_per_s * x) / 1e9 for x in xs], "k" + style, lw=1.2, label=label)
+    names = list(dict.fromkeys(p.implementation for p in points))
+    markers = "osD^v<>ph*"
+    for i, name in enumerate(names):
+        mine = [p for p in points if p.implementation == name]
+        ax.scatter([p.intensity for p in mine], [p.flops_per_s / 1e9 for p in mine], s=36, zorder=3,
+                   marker=markers[i % len(markers)], label=name)
+        for p in mine:
+            ax.annotate(p.workload, (p.intensity, p.flops_per_s / 1e9), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    top = max([c.gemm_flops for c in ceilings] + [p.flops_per_s for p in points]) / 1e9
+    bottom = min([top / 100, *(p.flops_per_s / 1e9 / 3 for p in points)])
+    ax.set_ylim(bottom, top * 2)
+    ax.set_xlabel("arithmetic intensity (FLOP per byte of compulsory traffic)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(title or "roofline")
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=7, loc="lower right")
+    out = Path(path)
+    fig.savefig(out)
+    return out

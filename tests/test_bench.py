@@ -9,6 +9,7 @@ import pytest
 
 from models import bench, mamba2
 from models.mamba2 import cost
+from ssdkit.bench import plot_roofline
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=100, d_state=16, headdim=16, chunk_size=16)
 
@@ -27,6 +28,16 @@ def test_decode_bytes_are_the_parameter_and_cache_bytes(dtype):
     b = cost.decode_bytes(CFG, 3, dtype)
     assert b.weights == weights
     assert b.cache == 2 * sum(a.nbytes for a in jax.tree_util.tree_leaves(cache))
+
+
+def test_prefill_bytes_are_weights_cache_and_tokens():
+    params = mamba2.init_params(CFG, jax.random.key(0))
+    weights = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
+    cache = sum(a.nbytes for a in jax.tree_util.tree_leaves(mamba2.init_cache(CFG, 2)))
+    assert cost.prefill_bytes(CFG, 2, 50) == weights + cache + 4 * 2 * 50
+    # bytes per weight given as a number (quantised formats): float32 params stay 4 bytes
+    f32_params = 3 * CFG.n_layer * CFG.nheads
+    assert cost.decode_bytes(CFG, 1, 1.0625).weights == (CFG.num_params() - f32_params) * 1.0625 + 4 * f32_params
 
 
 def test_flop_formulas_agree_with_xla_cost_analysis():
@@ -52,4 +63,11 @@ def test_bench_runs_end_to_end(tmp_path):
     for r in results:
         assert np.isfinite(r.tokens_per_s) and r.tokens_per_s > 0 and r.compile_s > 0
     assert results[1].bytes_per_step == cost.decode_bytes(CFG, 2).total
+    assert results[1].intensity == pytest.approx(cost.decode_flops(CFG, 2) / cost.decode_bytes(CFG, 2).total)
+    assert results[0].intensity == pytest.approx(cost.prefill_flops(CFG, 1, 32) / cost.prefill_bytes(CFG, 1, 32))
+    assert results[0].scratch_bytes is not None and results[0].scratch_bytes > 0
     assert "| prefill | float32 | 1 | 32 |" in bench.table(results)
+
+    png = plot_roofline(ceilings, bench.roofline_points(results), tmp_path / "roofline.png", title="tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert [p.workload for p in bench.roofline_points(results)] == ["prefill 32", "decode b=2"]

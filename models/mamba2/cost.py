@@ -10,7 +10,9 @@ I = d_inner, H heads of P channels, G groups of N states, K = d_conv, Q = chunk 
 
 plus 2·D·V for the LM head, once per sequence in prefill (last position only) and once per token in
 decode. Norms, gates and activations (O(D + I) per token) are left out. Bytes per decode step are every
-weight read once plus the cache read and written once.
+weight read once plus the cache read and written once; a prefill's compulsory bytes are every weight read
+once, the cache written once and the tokens read (activations that could stay in cache are not counted),
+so the arithmetic intensity FLOPs / bytes places a workload on the roofline (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,19 +44,40 @@ def decode_flops(cfg: Mamba2Config, batch: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBytes:
-    weights: int  # every parameter read once
-    cache: int  # conv windows and states, read and written once each
+    weights: float  # every parameter read once (an int for dtypes; fractional for quantised formats)
+    cache: float  # conv windows and states, read and written once each
 
     @property
-    def total(self) -> int:
+    def total(self) -> float:
         return self.weights + self.cache
 
 
-def decode_bytes(cfg: Mamba2Config, batch: int, weight_dtype=jnp.float32) -> DecodeBytes:
-    """Bytes moved by one decode step: weights (A_log, D, dt_bias in float32) plus the cache."""
-    w = jnp.dtype(weight_dtype).itemsize
+def _itemsize(weight_dtype) -> float:
+    """Bytes per weight: a dtype's size, or a number given directly (e.g. 34 / 32 for GGUF's q8_0 blocks)."""
+    return weight_dtype if isinstance(weight_dtype, int | float) else jnp.dtype(weight_dtype).itemsize
+
+
+def _weight_bytes(cfg: Mamba2Config, weight_dtype):
+    """Every parameter once: A_log, D and dt_bias in float32, the rest in ``weight_dtype``."""
     f32_params = 3 * cfg.n_layer * cfg.nheads
-    weights = (cfg.num_params() - f32_params) * w + f32_params * 4
+    return (cfg.num_params() - f32_params) * _itemsize(weight_dtype) + f32_params * 4
+
+
+def _cache_bytes(cfg: Mamba2Config, batch: int, weight_dtype):
+    """One copy of the cache: float32 states and conv windows in ``weight_dtype``."""
     state = cfg.n_layer * batch * cfg.nheads * cfg.headdim * cfg.d_state * 4
-    conv = cfg.n_layer * batch * (cfg.d_conv - 1) * cfg.conv_dim * w
-    return DecodeBytes(weights=weights, cache=2 * (state + conv))
+    conv = cfg.n_layer * batch * (cfg.d_conv - 1) * cfg.conv_dim * _itemsize(weight_dtype)
+    return state + conv
+
+
+def decode_bytes(cfg: Mamba2Config, batch: int, weight_dtype=jnp.float32) -> DecodeBytes:
+    """Bytes moved by one decode step: weights (A_log, D, dt_bias in float32) plus the cache.
+
+    ``weight_dtype`` is a dtype, or bytes per weight for formats that are not one (quantised GGUF files).
+    """
+    return DecodeBytes(weights=_weight_bytes(cfg, weight_dtype), cache=2 * _cache_bytes(cfg, batch, weight_dtype))
+
+
+def prefill_bytes(cfg: Mamba2Config, batch: int, seq: int, weight_dtype=jnp.float32) -> float:
+    """Compulsory bytes of one prefill: every weight once, the cache written once, the int32 tokens."""
+    return _weight_bytes(cfg, weight_dtype) + _cache_bytes(cfg, batch, weight_dtype) + 4 * batch * seq
