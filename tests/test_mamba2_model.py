@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from models import mamba2
+from ssdkit.dtypes import sequence_matmul_dtype
 from tests.helpers import assert_close
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
@@ -130,6 +131,30 @@ def test_half_precision_weights(dtype):
     assert_close(logits, ref, rtol=0.1, name="logits")
     _, cache = mamba2.prefill(params, CFG, tokens)
     assert cache.state.dtype == jnp.float32 and cache.conv.dtype == dtype
+
+
+def test_sequence_matmul_dtype_policy():
+    """Half-precision weights multiply a whole sequence in float32 on CPU only; one token never upcasts."""
+    for half in (jnp.bfloat16, jnp.float16):
+        assert sequence_matmul_dtype(half, "cpu") == jnp.float32
+        assert sequence_matmul_dtype(half, "gpu") == half and sequence_matmul_dtype(half, "tpu") == half
+    assert sequence_matmul_dtype(jnp.float32, "cpu") == jnp.float32
+    assert sequence_matmul_dtype(jnp.float64, "cpu") == jnp.float64
+
+    params = mamba2.cast_params(_params(CFG), jnp.bfloat16)
+    tokens = _tokens(CFG, 1, 8)
+
+    def in_proj_dots(fn, *args):  # the dtype in_proj's weight has where a dot_general reads it
+        text = jax.jit(fn).lower(*args).as_text()
+        weight = f"tensor<{CFG.d_in_proj}x{CFG.d_model}x"
+        return {line.split(weight)[1].split(">")[0] for line in text.splitlines()
+                if "dot_general" in line and weight in line}
+
+    want = sequence_matmul_dtype(jnp.bfloat16)
+    assert in_proj_dots(lambda p, t: mamba2.model._prefill(p, CFG, t, None, None), params, tokens) == {
+        {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}[want]}
+    cache = mamba2.init_cache(CFG, 1, jnp.bfloat16)
+    assert in_proj_dots(lambda p, t, c: mamba2.model._decode(p, CFG, t, c), params, tokens[:, 0], cache) == {"bf16"}
 
 
 def test_init_params_traceable_at_full_scale():

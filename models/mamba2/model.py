@@ -30,7 +30,7 @@ from models.mamba2.config import Mamba2Config
 from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, SeqLogits, StepTokens, Tokens
-from ssdkit.dtypes import check_integer, check_lengths, is_concrete
+from ssdkit.dtypes import check_integer, check_lengths, is_concrete, sequence_matmul_dtype
 from ssdkit.stack import is_per_layer, stack, unstack
 
 Hidden = Float[Array, "batch seq d_model"]
@@ -59,11 +59,18 @@ def compute_dtype(params: Mamba2Params) -> jnp.dtype:
 
 
 # ------------------------------------------------------------------------------ one layer
-def _in_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, residual):
+def _project(x, w, spec: str, sequence: bool):
+    """``einsum(spec, x, w)`` accumulated in float32; a whole sequence may multiply in a wider dtype
+    (``ssdkit.dtypes.sequence_matmul_dtype``), one token always in the weights' own."""
+    dtype = sequence_matmul_dtype(w.dtype) if sequence else w.dtype
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _in_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, sequence: bool):
     """Pre-norm and input projection: returns (z, xBC, dt_raw) in the compute dtype."""
     dtype = lp.in_proj.dtype
     h = ssdkit.rms_norm(residual, lp.norm, eps=cfg.norm_eps).astype(dtype)
-    zxbcdt = jnp.einsum("...d,ed->...e", h, lp.in_proj, preferred_element_type=jnp.float32).astype(dtype)
+    zxbcdt = _project(h, lp.in_proj, "...d,ed->...e", sequence).astype(dtype)
     z, xbc, dt = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
     return z, xbc, dt
 
@@ -87,17 +94,17 @@ def _ssm_inputs(cfg: Mamba2Config, lp: Mamba2LayerParams, xbc, dt_raw, valid=Non
     return x, x_dt, log_a, b, c
 
 
-def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z):
+def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z, sequence: bool):
     """D skip, gated group RMSNorm and output projection; returns float32 (.., d_model)."""
     y = y.astype(jnp.float32) + lp.D[:, None] * x.astype(jnp.float32)
     y = y.reshape(*y.shape[:-2], cfg.d_inner).astype(z.dtype)
     y = ssdkit.gated_rms_norm(y, z, lp.gate_norm, num_groups=cfg.ngroups, eps=cfg.norm_eps)
-    return jnp.einsum("...e,de->...d", y, lp.out_proj, preferred_element_type=jnp.float32)
+    return _project(y, lp.out_proj, "...e,de->...d", sequence)
 
 
 def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache, lengths):
     """One layer over a sequence, continuing from ``cache``; returns (residual, new cache)."""
-    z, xbc, dt_raw = _in_proj(cfg, lp, residual)
+    z, xbc, dt_raw = _in_proj(cfg, lp, residual, sequence=True)
     xbc, window = ssdkit.causal_conv1d(xbc, lp.conv_weight, lp.conv_bias, window=cache.conv, lengths=lengths)
     xbc = jax.nn.silu(xbc)
     valid = None
@@ -106,18 +113,18 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
     x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw, valid)
     chunk = ssdkit.preferred_chunk_size(cfg.chunk_size)  # the result does not depend on it, the speed does
     y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=chunk, initial_state=cache.state)
-    residual = residual + _out_proj(cfg, lp, x, y, z)
+    residual = residual + _out_proj(cfg, lp, x, y, z, sequence=True)
     return residual, RecurrentCache(conv=window, state=state)
 
 
 def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
     """One layer for one token: O(1) conv step and SSD step."""
-    z, xbc, dt_raw = _in_proj(cfg, lp, residual)
+    z, xbc, dt_raw = _in_proj(cfg, lp, residual, sequence=False)
     xbc, window = ssdkit.causal_conv1d_step(xbc, lp.conv_weight, lp.conv_bias, cache.conv)
     xbc = jax.nn.silu(xbc)
     x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw)
     y, state = ssdkit.ssd_step(cache.state, x_dt, log_a, b, c)
-    residual = residual + _out_proj(cfg, lp, x, y, z)
+    residual = residual + _out_proj(cfg, lp, x, y, z, sequence=False)
     return residual, RecurrentCache(conv=window, state=state)
 
 
