@@ -93,7 +93,7 @@ class InProcess(abc.ABC):
 
 class SsdKit(InProcess):
     def __init__(self, params, cfg, dtype):
-        self.name = "ssdkit"
+        self.name = f"ssdkit {jnp.dtype(dtype).name}"
         self.weight_bytes = jnp.dtype(dtype).itemsize
         self.cfg = cfg
         self.params = mamba2.cast_params(params, dtype)
