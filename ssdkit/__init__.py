@@ -10,7 +10,7 @@ Core primitives (one JAX source for CPU, GPU and TPU):
 
 from ssdkit.cache import RecurrentCache
 from ssdkit.conv import causal_conv1d, causal_conv1d_step
-from ssdkit.dtypes import accumulation_dtype
+from ssdkit.dtypes import accumulation_dtype, sequence_matmul_dtype
 from ssdkit.generate import (
     GenerationResult,
     Greedy,
@@ -45,6 +45,7 @@ __all__ = [
     "rms_norm",
     "Sample",
     "scan_layers",
+    "sequence_matmul_dtype",
     "stack",
     "unstack",
     "ssd_reference",

@@ -137,11 +137,11 @@ def _head_weight(params: Mamba2Params):
     return params.embedding if params.lm_head is None else params.lm_head
 
 
-def _logits(cfg: Mamba2Config, params: Mamba2Params, hidden):
-    """Final norm and LM head: float32 logits over the padded vocabulary."""
+def _logits(cfg: Mamba2Config, params: Mamba2Params, hidden, sequence: bool = False):
+    """Final norm and LM head: float32 logits over the padded vocabulary (``sequence``: every position)."""
     w = _head_weight(params)
     h = ssdkit.rms_norm(hidden, params.norm_f, eps=cfg.norm_eps)
-    return jnp.einsum("...d,vd->...v", h.astype(w.dtype), w, preferred_element_type=jnp.float32), h
+    return _project(h.astype(w.dtype), w, "...d,vd->...v", sequence), h
 
 
 def _check_tokens(cfg: Mamba2Config, tokens, ndim: int, name: str = "tokens") -> None:
@@ -179,7 +179,7 @@ def _forward(params, cfg, tokens, return_hidden):
     cache = init_cache(cfg, tokens.shape[0], compute_dtype(params))
     layer = functools.partial(_layer_seq, cfg, lengths=None)
     residual, _ = ssdkit.scan_layers(layer, stack(params.layers), residual, cache)
-    logits, hidden = _logits(cfg, params, residual)
+    logits, hidden = _logits(cfg, params, residual, sequence=True)
     return (logits, hidden) if return_hidden else logits
 
 
