@@ -47,10 +47,9 @@ def _step(spec: Recurrence, state, x, log_a, b, c):
     # XLA drops a unit batch axis from the readout; keep the state in exactly the readout's operand shape.
     lead = (z,) if z > 1 else ()
     s = state.astype(acc).reshape(*lead, r * p, n)
-    if spec.decay is DecayKind.SCALAR:
-        decay = jnp.repeat(jnp.exp(log_a.astype(acc)).reshape(*lead, r, 1), p, axis=-2).reshape(*lead, r * p, 1)
-    else:
-        decay = jnp.repeat(jnp.exp(log_a.astype(acc)).reshape(*lead, r, 1, n), p, axis=-3).reshape(*lead, r * p, n)
+    k = 1 if spec.decay is DecayKind.SCALAR else n  # one decay per head, or per head and state channel
+    decay = jnp.exp(log_a.astype(acc)).reshape(*lead, r, 1, k)
+    decay = jnp.broadcast_to(decay, (*lead, r, p, k)).reshape(*lead, r * p, k)
     xg = x.astype(acc).reshape(*lead, r * p, 1)
     bg = b.astype(acc).reshape(*lead, 1, n)
     s = decay * s + xg * bg
