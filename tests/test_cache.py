@@ -1,7 +1,8 @@
 """The registered PyTree cache: shapes and dtypes, jit / tree_map / scan over layers, donation.
 
-Comparisons here are on zeros, small integers or a single float32 K-term conv / one recurrence step
-recomputed outside the cache, so they are exact or within 1e-6 (stated at each use).
+Comparisons here are on zeros, small integers and copies (exact: data movement and exactly
+representable sums) or on one recurrence step computed inside and outside a scanned program (two
+compiled programs: equal up to float32 rounding, ``assert_same_up_to_rounding``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from jax import lax
 
 from ssdkit import Recurrence, RecurrentCache, causal_conv1d_step, ssd_step
+from tests.helpers import assert_same_up_to_rounding
 
 SPEC = Recurrence(num_heads=4, head_dim=3, state_dim=5, num_groups=2)
 
@@ -143,8 +145,8 @@ def test_decode_step_over_layers_keeps_the_cache_layout(rng):
         np.testing.assert_array_equal(np.asarray(new.conv[i, :, :-1]), np.asarray(cache.conv[i, :, 1:]))
         np.testing.assert_array_equal(np.asarray(new.conv[i, :, -1]), np.asarray(x))
         _, want = ssd_step(cache.state[i], vals, log_a, keys, keys)
-        # Same float32 step inside and outside the scan: equal to float32 rounding.
-        np.testing.assert_allclose(np.asarray(new.state[i]), np.asarray(want), rtol=1e-6, atol=1e-6)
+        # The same float32 step inside the scanned program and alone: two programs, equal up to rounding.
+        assert_same_up_to_rounding(new.state[i], want, name=f"layer {i} state")
 
 
 def test_cache_can_be_donated():

@@ -8,7 +8,9 @@ Random small models are built in torch, saved in both checkpoint formats (mamba_
   different order (our chunked SSD vs torch's own chunking, different matmul kernels). Measured:
   2.5e-7 to 4.7e-7 relative (float32 rounding); 1e-5 leaves a 20x margin, while a wrong term (a
   misplaced group, a missing D skip, an unclamped dt) shows up as an O(1e-2..1) difference.
-* cached greedy decoding: identical tokens for 64 steps.
+* cached greedy decoding for 64 steps: identical tokens up to a near tie (``assert_same_greedy_tokens``;
+  torch and JAX are two programs). A near tie is a top-2 gap of torch's logits below twice the parity
+  bound, 2 * 1e-5 * max|logits|: only there may rounding flip the choice; after it the rows diverge.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 
 from models import mamba2
-from tests.helpers import assert_close
+from tests.helpers import assert_close, assert_same_greedy_tokens, greedy_margins
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -117,13 +119,14 @@ def test_greedy_decoding_matches_transformers_for_64_steps(reference):
     with torch.no_grad():
         ref = model.generate(torch.as_tensor(prompt, dtype=torch.long),
                              attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=64,
-                             do_sample=False, min_new_tokens=64, use_cache=True, pad_token_id=0)
-    ref_new = ref[:, prompt.shape[1]:].numpy()
+                             do_sample=False, min_new_tokens=64, use_cache=True, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    ref_new = ref.sequences[:, prompt.shape[1]:].numpy()
+    logits = torch.stack(ref.logits, dim=1).numpy()  # (batch, 64, vocab): what each token was chosen from
     res = mamba2.generate(params, cfg, jnp.asarray(prompt), max_new_tokens=64)
-    ours = np.asarray(res.tokens)
-    matches = int((ours == ref_new).all(axis=0).cumprod().sum())
-    assert matches == 64, f"tokens agree for the first {matches} of 64 steps\nours {ours}\nref  {ref_new}"
-    np.testing.assert_array_equal(np.asarray(res.lengths), [64, 64])
+    assert_same_greedy_tokens(res.tokens, ref_new, greedy_margins(logits),
+                              tie=2 * PARITY_RTOL * float(np.abs(logits).max()))
+    np.testing.assert_array_equal(np.asarray(res.lengths), [64, 64])  # no EOS: a count, whatever the tokens
 
 
 def test_saved_checkpoint_loads_in_transformers_with_same_logits(reference, tmp_path):
@@ -134,4 +137,5 @@ def test_saved_checkpoint_loads_in_transformers_with_same_logits(reference, tmp_
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     tokens = torch.as_tensor(_tokens(cfg, batch=1, seq=30, seed=5), dtype=torch.long)
     with torch.no_grad():
+        # Exact: the same torch model code on bit-identical weights (what this test checks) is one program.
         np.testing.assert_array_equal(reloaded.eval()(tokens).logits.numpy(), model(tokens).logits.numpy())
