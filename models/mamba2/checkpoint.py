@@ -21,19 +21,20 @@ Name mapping (``{i}`` the layer; both ``backbone.embedding.weight`` (mamba_ssm) 
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import io
 import pickle
+import pickletools
+import reprlib
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from models.mamba2.config import Mamba2Config
+from models.mamba2.config import Mamba2Config, parse_json_file
 from models.mamba2.params import (
     FLOAT32_LAYER_FIELDS,
     Mamba2LayerParams,
@@ -160,10 +161,31 @@ _STORAGE_DTYPES = {
 }
 #: how ``torch.save`` without the zip format (torch < 1.6, or _use_new_zipfile_serialization=False) begins
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+#: the most a deflate stream expands (1032:1)
+_MAX_DEFLATE_RATIO = 1032
 
 
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
+def _implausible_sizes(info: zipfile.ZipInfo, archive_size: int) -> str | None:
+    """Why the sizes a zip member declares cannot be true in an archive of ``archive_size`` bytes, or None.
+
+    zipfile trusts the headers and reads (allocating) up to the declared size before it finds the data
+    missing: without this check a few-KB archive could make the loader allocate gigabytes."""
+    if info.header_offset + info.compress_size > archive_size:
+        return f"declares {info.compress_size} bytes of data, more than the {archive_size}-byte archive holds"
+    if info.compress_type == zipfile.ZIP_STORED:
+        ok = info.file_size == info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        ok = info.file_size <= _MAX_DEFLATE_RATIO * info.compress_size + 1024
+    else:
+        return f"uses zip compression method {info.compress_type} (torch stores members uncompressed)"
+    return None if ok else (f"declares {info.file_size} bytes uncompressed from {info.compress_size} bytes "
+                            f"stored, which its compression method cannot give")
+
+
+# What the unpickler hands to the pickle are NamedTuples: immutable even to the BUILD opcode, which
+# rewrites a dataclass through its __setstate__ or __dict__ (frozen or not) and so could move a tensor
+# outside its storage after _rebuild_tensor checked its geometry.
+class _StorageType(NamedTuple):
     name: str
 
     @property
@@ -171,15 +193,13 @@ class _StorageType:
         return np.dtype(_STORAGE_DTYPES[self.name])
 
 
-@dataclasses.dataclass(frozen=True)
-class _LazyStorage:
+class _LazyStorage(NamedTuple):
     member: str
     dtype: np.dtype
     numel: int
 
 
-@dataclasses.dataclass(frozen=True)
-class _LazyTensor:
+class _LazyTensor(NamedTuple):
     storage: _LazyStorage
     offset: int
     shape: tuple[int, ...]
@@ -188,7 +208,7 @@ class _LazyTensor:
 
 def _as_index(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise pickle.UnpicklingError(f"invalid tensor {what} {v!r}")
+        raise pickle.UnpicklingError(f"invalid tensor {what} {reprlib.repr(v)}")
     return v
 
 
@@ -198,7 +218,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_rest):
     if not isinstance(storage, _LazyStorage):
         raise pickle.UnpicklingError("tensor without a storage")
     if not isinstance(size, tuple | list) or not isinstance(stride, tuple | list) or len(size) != len(stride):
-        raise pickle.UnpicklingError(f"invalid tensor geometry size={size!r} stride={stride!r}")
+        raise pickle.UnpicklingError(f"invalid tensor geometry size={reprlib.repr(size)} "
+                                     f"stride={reprlib.repr(stride)}")
     offset = _as_index(storage_offset, "storage offset")
     size = tuple(_as_index(s, "size") for s in size)
     stride = tuple(_as_index(s, "stride") for s in stride)
@@ -225,20 +246,42 @@ def _torch_size(dims=()):
     return tuple(_as_index(d, "size") for d in dims)
 
 
+class _Callable(NamedTuple):
+    """An allowed function as a pickle sees it: callable, with no attribute a BUILD opcode could rewrite
+    (a plain function's ``__dict__`` and ``__defaults__`` would stay rewritten for the whole process)."""
+
+    fn: object
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Parse a pickle's opcodes, running nothing, before unpickling it: the C unpickler allocates what an
+    opcode declares before reading anything (``LONG_BINPUT 2**31`` grows the memo to 32 GB, ``BINBYTES8``
+    allocates its declared length), so a few bytes could claim gigabytes. ``genops`` checks every declared
+    length against the data; memo indices are bounded here by the pickle's size."""
+    for op, arg, pos in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= len(data):
+            raise pickle.UnpicklingError(f"memo index {arg} at byte {pos} is out of range for a pickle of "
+                                         f"{len(data)} bytes")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Rebuilds a state dict of tensors and nothing else: every other global is refused."""
 
     _ALLOWED = {
         ("collections", "OrderedDict"): OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch", "Size"): _torch_size,
+        ("torch._utils", "_rebuild_tensor_v2"): _Callable(_rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor"): _Callable(_rebuild_tensor),
+        ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+        ("torch", "Size"): _Callable(_torch_size),
     }
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile, archive_size: int, prefix: str):
         super().__init__(file)
         self._archive = archive
+        self._archive_size = archive_size
         self._prefix = prefix
 
     def find_class(self, module, name):
@@ -252,17 +295,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+            raise pickle.UnpicklingError(f"unsupported persistent id {reprlib.repr(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+            raise pickle.UnpicklingError(f"unsupported storage type {reprlib.repr(storage_type)}")
         if not isinstance(key, str) or isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-            raise pickle.UnpicklingError(f"invalid storage reference {pid!r}")
+            raise pickle.UnpicklingError(f"invalid storage reference {reprlib.repr(pid)}")
         member = f"{self._prefix}/data/{key}"
         try:
             info = self._archive.getinfo(member)
         except KeyError:
             raise pickle.UnpicklingError(f"storage {key} is missing from the archive") from None
+        if (why := _implausible_sizes(info, self._archive_size)) is not None:
+            raise pickle.UnpicklingError(f"storage {key} {why}")
         if info.file_size < numel * storage_type.dtype.itemsize:
             raise pickle.UnpicklingError(
                 f"storage {key} holds {info.file_size} bytes, fewer than its {numel} elements need"
@@ -279,6 +324,7 @@ class _TorchZipSource:
             with open(path, "rb") as f:
                 head = f.read(len(_LEGACY_TORCH_MAGIC))
             self._zip = zipfile.ZipFile(path)
+            size = path.stat().st_size
         except zipfile.BadZipFile:
             if head.startswith(_LEGACY_TORCH_MAGIC):
                 why = ("it was written by torch's legacy (pre-1.6, non-zip) serialization, which is not "
@@ -292,17 +338,33 @@ class _TorchZipSource:
             raise CheckpointError(f"{path} is not a zip archive: {why}") from None
         except OSError as err:
             raise CheckpointError(f"cannot open {path}: {err}") from None
+        except Exception as err:  # zipfile also raises NotImplementedError, ValueError, ... on corrupt headers
+            raise CheckpointError(f"{path} is not a readable zip archive (truncated or corrupt?): "
+                                  f"{type(err).__name__}: {err}") from None
         pkl = [n for n in self._zip.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pkl) != 1:
             self._zip.close()
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0].rpartition("/")[0]
+        for name in (pkl[0], f"{prefix}/byteorder"):
+            if name in self._zip.namelist() and (why := _implausible_sizes(self._zip.getinfo(name), size)):
+                self._zip.close()
+                raise CheckpointError(f"{path}: the archive is corrupt: {name} {why}")
         self._big_endian = False
         if f"{prefix}/byteorder" in self._zip.namelist():
-            self._big_endian = self._zip.read(f"{prefix}/byteorder").strip() == b"big"
+            try:
+                order = self._zip.read(f"{prefix}/byteorder").strip()
+            except Exception as err:  # zipfile.BadZipFile (CRC), OSError, EOFError, zlib.error, ...
+                self._zip.close()
+                raise CheckpointError(f"{path}: cannot read its byteorder record: {err}") from None
+            if order not in (b"little", b"big"):
+                self._zip.close()
+                raise CheckpointError(f"{path}: byteorder record is {reprlib.repr(order)}, not little or big")
+            self._big_endian = order == b"big"
         try:
-            with self._zip.open(pkl[0]) as f:
-                obj = _RestrictedUnpickler(f, self._zip, prefix).load()
+            data = self._zip.read(pkl[0])
+            _check_opcodes(data)
+            obj = _RestrictedUnpickler(io.BytesIO(data), self._zip, size, prefix).load()
         except Exception as err:  # malformed pickles raise anything; none of it ran foreign code
             self._zip.close()
             raise CheckpointError(f"{path}: not a loadable tensor state dict: {err}") from None
@@ -351,10 +413,19 @@ def _open(path: Path) -> _Source:
         return _SafetensorsSource([st])
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({path / f for f in weight_map.values()})
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
+            data = parse_json_file(index)  # ValueError for bad syntax / UTF-8, huge integers, deep nesting
+        except (ValueError, OSError) as err:
+            raise CheckpointError(str(err)) from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f'{index}: not a safetensors index (expected {{"weight_map": {{tensor name: '
+                                  f'shard file name}}}})')
+        shards = sorted(set(weight_map.values()))
+        outside = [f for f in shards if f in ("", "..") or Path(f).name != f]  # absolute, nested, "."
+        if outside:
+            raise CheckpointError(f"{index} names shard files outside the checkpoint directory: "
+                                  f"{_name_list([repr(f) for f in outside])}")
+        files = [path / f for f in shards]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index} names missing shard files: {missing}")
@@ -415,7 +486,10 @@ def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype) -> tuple[Mamba2Par
     present = [n for n in _EMBEDDING_NAMES if n in names]
     emb_name = present[0] if present else _EMBEDDING_NAMES[0]
     expected = {emb_name, "backbone.norm_f.weight"}
-    expected |= {f"backbone.layers.{i}.{k}" for i in range(cfg.n_layer) for k in LAYER_KEYS.values()}
+    # Layers past what the checkpoint's tensor count could hold are missing whole: name none of their
+    # tensors (a config.json claiming 10**18 layers must not build 10**19 names).
+    listed = min(cfg.n_layer, len(names) // len(LAYER_KEYS) + 1)
+    expected |= {f"backbone.layers.{i}.{k}" for i in range(listed) for k in LAYER_KEYS.values()}
     if not cfg.tie_embeddings:
         expected.add("lm_head.weight")
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -425,6 +499,8 @@ def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype) -> tuple[Mamba2Par
         parts = []
         if missing:
             alt = " (or backbone.embeddings.weight)" if emb_name in missing else ""
+            if listed < cfg.n_layer:
+                alt += f", and every tensor of layers {listed} to {cfg.n_layer - 1}"
             parts.append(f"missing tensors: {_name_list(missing)}{alt}")
         if unexpected:
             parts.append(f"unexpected tensors: {_name_list(unexpected)}")
@@ -457,10 +533,11 @@ def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype) -> tuple[Mamba2Par
                 want += f" or unpadded ({cfg.vocab_size}, {cfg.d_model})"
             raise CheckpointError(f"{path}: tensor {name} has shape {shape}, expected {want} for this config")
 
+    for name in sorted(names):  # every tensor, not just the one whose dtype the matrices keep
+        got = src.dtype(name)
+        if not np.issubdtype(got, np.floating) and got != np.dtype(ml_dtypes.bfloat16):
+            raise CheckpointError(f"{path}: tensor {name} has non-floating dtype {got}")
     in_proj_dtype = src.dtype("backbone.layers.0.mixer.in_proj.weight")
-    if not np.issubdtype(in_proj_dtype, np.floating) and in_proj_dtype != np.dtype(ml_dtypes.bfloat16):
-        raise CheckpointError(f"{path}: backbone.layers.0.mixer.in_proj.weight has non-floating dtype "
-                              f"{in_proj_dtype}")
     mat_dtype = np.dtype(in_proj_dtype if dtype is None else dtype)
 
     def vocab_matrix(name: str):

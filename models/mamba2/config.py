@@ -58,7 +58,10 @@ def _json_float(v) -> float:
         v = v["__float__"]
     if isinstance(v, bool) or not isinstance(v, Real | str):
         raise ValueError(f"expected a number, got {v!r}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond float range (JSON allows any number of digits)
+        raise ValueError(f"number {v!r} is out of float range") from None
 
 
 def _tag_nonfinite(obj):
@@ -130,9 +133,13 @@ class Mamba2Config:
             )
         for name in _FLOAT_FIELDS:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            try:
+                f = math.nan if isinstance(v, bool) or not isinstance(v, Real) else float(v)
+            except OverflowError:  # an int beyond float range (JSON numbers have any number of digits)
+                f = math.inf
+            if not math.isfinite(f):
                 raise ValueError(f"Mamba2Config.{name} must be a finite number, got {v!r}")
-            put(name, float(v))
+            put(name, f)
         for name in _PAIR_FIELDS:  # lists (from JSON) become tuples so the config stays hashable
             v = getattr(self, name)
             if isinstance(v, str) or not isinstance(v, list | tuple) or len(v) != 2:
@@ -229,11 +236,9 @@ class Mamba2Config:
         """
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = parse_json_file(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"no config file at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
@@ -273,10 +278,6 @@ class Mamba2Config:
             )
         if ssm.get("D_has_hdim"):
             raise ValueError("ssm_cfg.D_has_hdim=true (D per channel) is not supported")
-        d_ssm = ssm.get("d_ssm")
-        if d_ssm is not None and d_ssm != data["d_model"] * ssm.get("expand", 2):
-            raise ValueError(f"ssm_cfg.d_ssm={d_ssm} != expand·d_model (a gated MLP inside the mixer) is not "
-                             f"supported")
         known = {f.name for f in dataclasses.fields(cls)} - {"d_model", "n_layer", "vocab_size"}
         unknown = sorted(set(ssm) - known - _SSM_CFG_IGNORED - {"D_has_hdim", "d_ssm"})
         if unknown:
@@ -288,29 +289,38 @@ class Mamba2Config:
                 fields[k] = data[k]
         if "rms_norm" in data:
             fields["rmsnorm"] = data["rms_norm"]
-        return cls(**_coerce(fields))
+        cfg = cls(**_coerce(fields))
+        d_ssm = ssm.get("d_ssm")  # compared only now that d_model and expand are checked integers
+        if d_ssm is not None and d_ssm != cfg.d_inner:
+            raise ValueError(f"ssm_cfg.d_ssm={d_ssm} != expand·d_model (a gated MLP inside the mixer) is not "
+                             f"supported")
+        return cfg
 
     @classmethod
     def _from_transformers(cls, data: dict) -> Mamba2Config:
+        data = {k: v for k, v in data.items() if v is not None}  # null: unset, as transformers reads it
         missing = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size") if k not in data]
         if missing:
             raise ValueError(f"transformers Mamba-2 config lacks {', '.join(missing)}")
-        data = {**_TRANSFORMERS_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+        data = {**_TRANSFORMERS_DEFAULTS, **data}
         fields = dict(d_model=data["hidden_size"], n_layer=data["num_hidden_layers"],
                       vocab_size=data["vocab_size"], headdim=data["head_dim"])
         for src, dst in _TRANSFORMERS_KEYS.items():
             if src in data:
                 fields[dst] = data[src]
         fields = _coerce(fields)
-        heads, d_inner = data["num_heads"], fields["expand"] * fields["d_model"]
-        if heads * fields["headdim"] != d_inner:
-            raise ValueError(
-                f"num_heads·head_dim = {heads}·{fields['headdim']} = {heads * fields['headdim']} must equal "
-                f"expand·hidden_size = {fields['expand']}·{fields['d_model']} = {d_inner}"
-            )
         # transformers stores the already padded vocabulary: keep it as is.
-        fields["pad_vocab_size_multiple"] = 16 if fields["vocab_size"] % 16 == 0 else 1
-        return cls(**fields)
+        vocab = fields["vocab_size"]
+        fields["pad_vocab_size_multiple"] = 16 if type(vocab) is int and vocab % 16 == 0 else 1
+        cfg = cls(**fields)  # checks the fields' types before any arithmetic on them
+        heads = _coerce({"num_heads": data["num_heads"]})["num_heads"]
+        if type(heads) is not int or heads * cfg.headdim != cfg.d_inner:
+            product = f" = {heads * cfg.headdim}" if type(heads) is int else ""
+            raise ValueError(
+                f"num_heads·head_dim = {heads!r}·{cfg.headdim}{product} must equal "
+                f"expand·hidden_size = {cfg.expand}·{cfg.d_model} = {cfg.d_inner}"
+            )
+        return cfg
 
     # ------------------------------------------------------------------ serialisation
     def to_mamba_ssm_dict(self) -> dict:
@@ -322,6 +332,8 @@ class Mamba2Config:
                    rmsnorm=self.rmsnorm, bias=self.bias, conv_bias=self.conv_bias)
         if self.dt_limit != (0.0, math.inf):  # the default needs Infinity, which strict JSON lacks
             ssm["dt_limit"] = list(self.dt_limit)
+        if self.norm_eps != 1e-5:  # mamba_ssm hard-codes 1e-5: only a non-default value is written
+            ssm["norm_eps"] = self.norm_eps
         return dict(d_model=self.d_model, d_intermediate=self.d_intermediate, n_layer=self.n_layer,
                     vocab_size=self.vocab_size, ssm_cfg=ssm, attn_layer_idx=[], attn_cfg={},
                     rms_norm=self.rmsnorm, residual_in_fp32=self.residual_in_fp32, fused_add_norm=True,
@@ -348,6 +360,19 @@ class Mamba2Config:
     def to_transformers_json(self) -> str:
         """``config.json`` text in transformers' format (non-finite floats tagged as transformers does)."""
         return json.dumps(_tag_nonfinite(self.to_transformers_dict()), indent=2)
+
+
+def parse_json_file(path: Path):
+    """``json.load`` of an untrusted file (config.json, an index), every parse failure a ``ValueError``
+    naming the file; OSError (FileNotFoundError, ...) from reading it passes through."""
+    text = Path(path).read_bytes()
+    try:
+        return json.loads(text)  # bytes: UTF-8/16/32 detected as JSON allows, whatever the locale
+    except (ValueError, RecursionError) as err:
+        # ValueError: bad syntax, bad UTF-8, an integer over Python's digit limit;
+        # RecursionError: nesting deeper than the parser's recursion allows (e.g. 100k nested lists)
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ValueError(f"{path} is not valid JSON: {why}") from None
 
 
 def _coerce(fields: dict) -> dict:
