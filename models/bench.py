@@ -125,7 +125,6 @@ def run(model: str = "130m", dtypes=("float32",), prefill_lengths=(128, 512, 204
             _log(f"[bench]   prefill batch {prefill_batch} x {seq} tokens ...")
             results.append(bench_prefill(params, cfg, ceil, batch=prefill_batch, seq=seq, repeats=repeats))
             _log("[bench]     " + _fmt(results[-1]))
-        params = mamba2.unstack_layers(params)  # the decode layout (weights read in place)
         for batch in decode_batches:
             _log(f"[bench]   decode batch {batch}, {decode_steps} steps ...")
             results.append(bench_decode(params, cfg, ceil, batch=batch, steps=decode_steps, repeats=repeats))

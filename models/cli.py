@@ -90,7 +90,6 @@ def cmd_generate(args) -> int:
         raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
     _enable_compilation_cache()
     params, cfg, path, random_init = _load_model(args.model, args.dtype, args.seed)
-    params = mamba2.unstack_layers(params)  # per-layer weights: decode reads them in place
 
     tokenizer = None
     if path is not None:

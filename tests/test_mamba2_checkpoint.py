@@ -64,7 +64,7 @@ def assert_params_match(params, cfg: Mamba2Config, tensors: dict[str, np.ndarray
     else:
         np.testing.assert_array_equal(np.asarray(params.lm_head[: head.shape[0]]), head)
     for field, key in LAYER_KEYS.items():
-        stacked = np.asarray(getattr(params.layers, field))
+        stacked = np.asarray(getattr(mamba2.stack_layers(params).layers, field))
         assert stacked.shape[0] == cfg.n_layer
         for i in range(cfg.n_layer):
             want = tensors.pop(f"backbone.layers.{i}.{key}")
@@ -143,7 +143,7 @@ def test_bin_every_tensor_lands_in_place(bin_ckpt):
         assert getattr(params, field).dtype == jnp.float16
     for field in LAYER_KEYS:
         want = jnp.float32 if field in ("dt_bias", "A_log", "D") else jnp.float16
-        assert getattr(params.layers, field).dtype == want, field
+        assert all(getattr(lp, field).dtype == want for lp in params.layers), field
 
 
 def test_bin_loads_without_torch(bin_ckpt):
@@ -154,7 +154,7 @@ def test_bin_loads_without_torch(bin_ckpt):
         "import numpy as np\n"
         "from models import mamba2\n"
         f"params, cfg = mamba2.load_checkpoint({str(path)!r})\n"
-        "print(cfg.n_layer, float(np.asarray(params.layers.A_log, np.float64).sum()))\n"
+        "print(cfg.n_layer, float(np.asarray(mamba2.stack_layers(params).layers.A_log, np.float64).sum()))\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
@@ -168,8 +168,8 @@ def test_bin_loads_without_torch(bin_ckpt):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_bin_dtype_casts_matrices_only(bin_ckpt, dtype):
     path, cfg, sd = bin_ckpt
-    ref, _ = mamba2.load_checkpoint(path)
-    params, _ = mamba2.load_checkpoint(path, dtype=dtype)
+    ref, _ = mamba2.load_checkpoint(path, stacked=True)
+    params, _ = mamba2.load_checkpoint(path, dtype=dtype, stacked=True)
     assert params.embedding.dtype == dtype and params.layers.in_proj.dtype == dtype
     assert params.layers.gate_norm.dtype == dtype and params.norm_f.dtype == dtype
     assert params.layers.A_log.dtype == params.layers.D.dtype == params.layers.dt_bias.dtype == jnp.float32
@@ -199,7 +199,7 @@ def test_bin_bfloat16_parameters_and_strided_tensors(torch, tmp_path):
     flat = torch.randn(2 * cfg.conv_dim, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     sd["backbone.layers.0.mixer.conv1d.bias"], sd["backbone.layers.1.mixer.conv1d.bias"] = flat.split(cfg.conv_dim)
     params, _ = mamba2.load_checkpoint(_write_bin(torch, tmp_path / "bf16", cfg, sd))
-    assert params.layers.in_proj.dtype == jnp.bfloat16
+    assert params.layers[0].in_proj.dtype == jnp.bfloat16
     assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
 
 
@@ -229,7 +229,7 @@ def test_transformers_save_pretrained_loads_exactly(transformers, tmp_path, kw):
     params, cfg = mamba2.load_checkpoint(tmp_path / "hf")
     assert (cfg.padded_vocab_size, cfg.ngroups, cfg.tie_embeddings) == (
         64, kw.get("n_groups", 1), kw.get("tie_word_embeddings", True))
-    assert params.layers.in_proj.dtype == jnp.float32
+    assert params.layers[0].in_proj.dtype == jnp.float32
     sd = {k: _np(v) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         np.testing.assert_array_equal(sd.pop("lm_head.weight"), sd["backbone.embeddings.weight"])
@@ -261,8 +261,8 @@ def test_save_load_round_trip_is_exact(tmp_path, tie, ngroups, dtype):
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    # per-layer params save the same
-    mamba2.save_checkpoint(mamba2.unstack_layers(params), cfg, tmp_path / "rt2")
+    # stacked params save the same
+    mamba2.save_checkpoint(mamba2.stack_layers(params), cfg, tmp_path / "rt2")
     assert (tmp_path / "rt2" / "model.safetensors").read_bytes() == (tmp_path / "rt" / "model.safetensors").read_bytes()
 
 
@@ -285,7 +285,7 @@ def test_save_checkpoint_loads_in_transformers(transformers, tmp_path, tie, ngro
 def test_save_checkpoint_rejects_inconsistent_params(tmp_path):
     cfg = Mamba2Config(**TINY)
     params = mamba2.init_params(cfg, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"params.layers.in_proj has shape"):
+    with pytest.raises(ValueError, match=r"params.layers\[0\].in_proj has shape"):
         mamba2.save_checkpoint(params, dataclasses.replace(cfg, d_state=16), tmp_path / "a")
     with pytest.raises(ValueError, match="ties the embeddings but params.lm_head is set"):
         mamba2.save_checkpoint(dataclasses.replace(params, lm_head=params.embedding), cfg, tmp_path / "b")

@@ -1,6 +1,6 @@
 """Mamba-2 checkpoints: mamba_ssm's ``pytorch_model.bin`` and transformers' ``model.safetensors``.
 
-Loading reads one tensor at a time into preallocated stacked arrays (no second full copy of the
+Loading reads one tensor at a time straight into the per-layer layout (no second full copy of the
 weights) and checks every name and shape against the config. ``.bin`` files are read WITHOUT torch:
 the zip archive's pickle is replayed by a restricted unpickler that only rebuilds tensors and refuses
 every other global, so a malicious checkpoint raises :class:`CheckpointError` and runs nothing.
@@ -21,6 +21,7 @@ Name mapping (``{i}`` the layer; both ``backbone.embedding.weight`` (mamba_ssm) 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import pickletools
@@ -40,8 +41,8 @@ from models.mamba2.params import (
     Mamba2LayerParams,
     Mamba2Params,
     layer_shapes,
-    stack_layers,
 )
+from ssdkit.stack import is_per_layer
 
 __all__ = ["CheckpointError", "LAYER_KEYS", "load_checkpoint", "save_checkpoint"]
 
@@ -438,7 +439,7 @@ def _open(path: Path) -> _Source:
 
 
 # ------------------------------------------------------------------------------ load
-def load_checkpoint(path: str | Path, *, dtype=None) -> tuple[Mamba2Params, Mamba2Config]:
+def load_checkpoint(path: str | Path, *, dtype=None, stacked: bool = False) -> tuple[Mamba2Params, Mamba2Config]:
     """Load the config and weights of a Mamba-2 checkpoint directory.
 
     The directory holds ``config.json`` (mamba_ssm or transformers format) and the weights:
@@ -457,8 +458,10 @@ def load_checkpoint(path: str | Path, *, dtype=None) -> tuple[Mamba2Params, Mamb
       matrices with float32 ``A_log``/``D``/``dt_bias``) for all matrices and norms; a dtype casts them.
       ``dt_bias``, ``A_log`` and ``D`` are always float32.
 
-    Each stacked field is filled layer by layer into one preallocated numpy array, then moved to the
-    device once: peak host memory is about one field beyond the loaded weights.
+    * Layout: layers come per layer (a tuple, the layout decode reads in place), each tensor moved to
+      the device as it is read: peak host memory is about one tensor beyond the loaded weights.
+      ``stacked=True`` gives them stacked on a leading layer axis instead (``models.mamba2.params``),
+      each field filled layer by layer into one preallocated array: about one field beyond.
     """
     path = Path(path)
     if not path.is_dir():
@@ -475,12 +478,12 @@ def load_checkpoint(path: str | Path, *, dtype=None) -> tuple[Mamba2Params, Mamb
         raise CheckpointError(f"{path / 'config.json'}: {err}") from None
     src = _open(path)
     try:
-        return _load(src, path, cfg, dtype)
+        return _load(src, path, cfg, dtype, stacked)
     finally:
         src.close()
 
 
-def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype) -> tuple[Mamba2Params, Mamba2Config]:
+def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype, stacked: bool) -> tuple[Mamba2Params, Mamba2Config]:
     names = src.names()
 
     present = [n for n in _EMBEDDING_NAMES if n in names]
@@ -549,17 +552,28 @@ def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype) -> tuple[Mamba2Par
         del arr
         return jnp.asarray(out)
 
-    fields = {}
-    for field, shape in shapes.items():
-        stacked = np.empty(shape, np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype)
-        want = _checkpoint_shape(field, shape[1:])
-        for i in range(cfg.n_layer):
-            stacked[i] = _to_ours(field, checked(f"backbone.layers.{i}.{LAYER_KEYS[field]}", want))
-        fields[field] = jnp.asarray(stacked)
-        del stacked
+    def layer_tensor(field: str, i: int) -> np.ndarray:
+        want = _checkpoint_shape(field, shapes[field][1:])
+        arr = _to_ours(field, checked(f"backbone.layers.{i}.{LAYER_KEYS[field]}", want))
+        return arr.astype(np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype, copy=False)
+
+    if stacked:
+        fields = {}
+        for field, shape in shapes.items():
+            buf = np.empty(shape, np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype)
+            for i in range(cfg.n_layer):
+                buf[i] = layer_tensor(field, i)
+            fields[field] = jnp.asarray(buf)
+            del buf
+        layers = Mamba2LayerParams(**fields)
+    else:
+        layers = tuple(
+            Mamba2LayerParams(**{field: jnp.asarray(layer_tensor(field, i)) for field in shapes})
+            for i in range(cfg.n_layer)
+        )
     params = Mamba2Params(
         embedding=vocab_matrix(emb_name),
-        layers=Mamba2LayerParams(**fields),
+        layers=layers,
         norm_f=jnp.asarray(src.read("backbone.norm_f.weight").astype(mat_dtype, copy=False)),
         lm_head=None if cfg.tie_embeddings else vocab_matrix("lm_head.weight"),
     )
@@ -577,8 +591,14 @@ def save_checkpoint(params: Mamba2Params, cfg: Mamba2Config, path: str | Path) -
     """
     from safetensors.numpy import save_file
 
-    params = stack_layers(params)
-    shapes = {f"layers.{k}": v for k, v in layer_shapes(cfg).items()}
+    per_layer = params.layers
+    if not is_per_layer(per_layer):  # stacked: one host copy of each field, per-layer numpy views of it
+        host = {f.name: np.asarray(getattr(per_layer, f.name)) for f in dataclasses.fields(per_layer)}
+        n = len(next(iter(host.values())))
+        per_layer = tuple(Mamba2LayerParams(**{k: v[i] for k, v in host.items()}) for i in range(n))
+    if len(per_layer) != cfg.n_layer:
+        raise ValueError(f"params hold {len(per_layer)} layers, expected n_layer={cfg.n_layer}")
+    shapes = {f"layers.{k}": v[1:] for k, v in layer_shapes(cfg).items()}
     shapes["embedding"] = (cfg.padded_vocab_size, cfg.d_model)
     shapes["norm_f"] = (cfg.d_model,)
     if cfg.tie_embeddings and params.lm_head is not None:
@@ -589,17 +609,17 @@ def save_checkpoint(params: Mamba2Params, cfg: Mamba2Config, path: str | Path) -
             raise ValueError("the config has untied embeddings but params.lm_head is None")
         shapes["lm_head"] = shapes["embedding"]
     for name, shape in shapes.items():
-        obj = params
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        if tuple(obj.shape) != shape:
-            raise ValueError(f"params.{name} has shape {tuple(obj.shape)}, expected {shape} for this config")
+        _, _, field = name.partition(".")
+        objs = [(f"layers[{i}].{field}", getattr(lp, field)) for i, lp in enumerate(per_layer)] if field \
+            else [(name, getattr(params, name))]
+        for label, obj in objs:
+            if tuple(obj.shape) != shape:
+                raise ValueError(f"params.{label} has shape {tuple(obj.shape)}, expected {shape} for this config")
 
     tensors: dict[str, np.ndarray] = {"backbone.embeddings.weight": np.asarray(params.embedding)}
     for field in layer_shapes(cfg):
-        stacked = np.asarray(getattr(params.layers, field))
-        for i in range(cfg.n_layer):
-            tensors[f"backbone.layers.{i}.{LAYER_KEYS[field]}"] = _to_torch(field, stacked[i])
+        for i, lp in enumerate(per_layer):
+            tensors[f"backbone.layers.{i}.{LAYER_KEYS[field]}"] = _to_torch(field, np.asarray(getattr(lp, field)))
     tensors["backbone.norm_f.weight"] = np.asarray(params.norm_f)
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = np.asarray(params.lm_head)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, SeqLogits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths, is_concrete, sequence_matmul_dtype
-from ssdkit.stack import is_per_layer, stack, unstack
+from ssdkit.stack import is_per_layer, unstack
 
 Hidden = Float[Array, "batch seq d_model"]
 
@@ -128,6 +129,40 @@ def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recur
     return residual, RecurrentCache(conv=window, state=state)
 
 
+# ------------------------------------------------------------------------------ the decode layout
+#: id(first stacked leaf) -> (weak references to every stacked leaf, their per-layer copy)
+_PER_LAYER_COPIES: dict[int, tuple[list[weakref.ref], tuple[Mamba2LayerParams, ...]]] = {}
+
+
+def _decode_layout(params: Mamba2Params) -> Mamba2Params:
+    """``params`` with per-layer weights, which decode reads in place (``ssdkit.stack``).
+
+    Per-layer params come back unchanged. Stacked params (concrete arrays) are split once: the copy is
+    cached for as long as the stacked arrays live, so repeated ``generate`` / ``decode_step`` calls pay
+    nothing, but it holds a second copy of the layer weights (pass per-layer params, the default of
+    ``init_params`` and ``load_checkpoint``, to avoid it). Under tracing the stacked layout is kept.
+    """
+    layers = params.layers
+    if is_per_layer(layers):
+        return params
+    leaves = jax.tree_util.tree_leaves(layers)
+    if not leaves or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return params
+    hit = _PER_LAYER_COPIES.get(id(leaves[0]))
+    if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves, strict=True)):
+        return dataclasses.replace(params, layers=hit[1])
+    per_layer = unstack(layers)
+    try:
+        refs = [weakref.ref(leaf) for leaf in leaves]
+    except TypeError:  # leaves that cannot be weakly referenced: convert every call
+        return dataclasses.replace(params, layers=per_layer)
+    key = id(leaves[0])
+    _PER_LAYER_COPIES[key] = (refs, per_layer)
+    # The entry goes when the stacked arrays go (the copy holds no reference to them).
+    weakref.finalize(leaves[0], _PER_LAYER_COPIES.pop, key, None)
+    return dataclasses.replace(params, layers=per_layer)
+
+
 # ------------------------------------------------------------------------------ the stack
 def _embed(params: Mamba2Params, tokens):
     return jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
@@ -178,7 +213,7 @@ def _forward(params, cfg, tokens, return_hidden):
     residual = _embed(params, tokens)
     cache = init_cache(cfg, tokens.shape[0], compute_dtype(params))
     layer = functools.partial(_layer_seq, cfg, lengths=None)
-    residual, _ = ssdkit.scan_layers(layer, stack(params.layers), residual, cache)
+    residual, _ = ssdkit.scan_layers(layer, params.layers, residual, cache)
     logits, hidden = _logits(cfg, params, residual, sequence=True)
     return (logits, hidden) if return_hidden else logits
 
@@ -202,7 +237,7 @@ def _prefill(params, cfg, tokens, lengths, cache):
         cache = init_cache(cfg, batch, compute_dtype(params))
     residual = _embed(params, tokens)
     layer = functools.partial(_layer_seq, cfg, lengths=lengths)
-    residual, cache = ssdkit.scan_layers(layer, stack(params.layers), residual, cache)
+    residual, cache = ssdkit.scan_layers(layer, params.layers, residual, cache)
     last = seq - 1 if lengths is None else lengths - 1
     last_hidden = residual[jnp.arange(batch), jnp.broadcast_to(last, (batch,))]
     logits, _ = _logits(cfg, params, last_hidden)
@@ -253,7 +288,7 @@ def decode_step(
     """
     _check_tokens(cfg, token, 1, "token")
     _check_cache(cfg, cache, np.shape(token)[0])
-    return _decode_step(params, cfg, token, cache)
+    return _decode_step(_decode_layout(params), cfg, token, cache)
 
 
 # ------------------------------------------------------------------------------ generation
@@ -305,7 +340,7 @@ def generate(
     """
     sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
     return ssdkit.generate(
-        Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
+        Mamba2LM(cfg), _decode_layout(params), prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
         eos_token_id=eos_token_id, prompt_lengths=lengths,
     )
 
@@ -326,6 +361,6 @@ def generate_stream(
     """Like :func:`generate`, but yields each step's (batch,) tokens as soon as they exist."""
     sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
     yield from ssdkit.generate_stream(
-        Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
+        Mamba2LM(cfg), _decode_layout(params), prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
         eos_token_id=eos_token_id, prompt_lengths=lengths,
     )
