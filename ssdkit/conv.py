@@ -20,6 +20,19 @@ With ``lengths`` (right padding), the returned window ends at each row's last *r
 which draws on the incoming window when a row has fewer than K-1 real tokens (``lengths[b] = 0``
 leaves it unchanged). Outputs at padded positions are computed but meaningless.
 
+With ``segment_ids`` (several documents packed in one row), no tap reads across a document start. As in
+``ssd_scan``, a document starts wherever the id changes between consecutive positions, and the carried
+window belongs to the row's first document. With ``doc[b, s]`` the number of changes in ``1..s``
+(``doc = 0`` for the window positions s < 0)::
+
+    out[t, c] = bias[c] + Σ_{k=0..K-1} [doc[t - (K-1) + k] = doc[t]] · weight[k, c] · in[t - (K-1) + k, c]
+
+i.e. the tap reading position s <= t is dropped iff the id changes somewhere in (s, t]. For ids that
+never recur after their document ends this is ``segment_ids[s] == segment_ids[t]`` (window taps:
+``segment_ids[:, 0] == segment_ids[t]``). A masked tap contributes an exact zero (``where``, not a
+product), so no value or gradient crosses a boundary. The returned window is unchanged: raw inputs,
+unmasked, since a decode step continues the row's last document (zero the window to start a new one).
+
 K = 1 is supported: the window then has zero length. Accumulation is float32 (float64 for float64
 inputs); ``y`` and the window come back in ``x.dtype``.
 """
@@ -30,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths
+from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths, SegmentIds
 from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, is_concrete
 
 
@@ -84,6 +97,34 @@ def _check_conv_lengths(lengths, batch: int, seq: int) -> None:
             )
 
 
+def _check_conv_segment_ids(segment_ids, batch: int, seq: int) -> None:
+    check_integer("segment_ids", segment_ids)
+    if np.shape(segment_ids) != (batch, seq):
+        raise ValueError(
+            f"segment_ids must have shape (batch, seq) = ({batch}, {seq}) (one document id per position of "
+            f"x), got {np.shape(segment_ids)}"
+        )
+
+
+def _same_document_masks(segment_ids, k: int):
+    """``keep[j]`` (batch, seq, 1) bool for tap offsets j = 1..K-1 (``keep[0]`` is None: always kept).
+
+    ``keep[j][:, t]`` is true iff the id does not change in (t-j, t]; window positions (< 0) continue
+    the first document. Built incrementally: ``keep[j] = keep[j-1] & cont[t-j+1]``, where ``cont[p]``
+    says position p continues p-1 (true for p <= 0). K-1 shifted (batch, seq) ANDs; no channel axis.
+    """
+    batch, seq = segment_ids.shape
+    cont = jnp.concatenate(
+        [jnp.ones((batch, k), bool), segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1
+    )  # cont[:, p + K-1] for p = -(K-1)..seq-1
+    keep, cur = [None], None
+    for j in range(1, k):
+        shifted = cont[:, k - j : k - j + seq]  # cont[t - j + 1]
+        cur = shifted if cur is None else cur & shifted
+        keep.append(cur[:, :, None])
+    return keep
+
+
 def _weighted_sum(taps, weight, bias, acc):
     """``bias + Σ_k weight[k] · taps[k]`` in ``acc``, summed in the fixed order k = 0..K-1."""
     w = weight.astype(acc)
@@ -102,6 +143,7 @@ def causal_conv1d(
     *,
     window: ConvWindow | None = None,
     lengths: Lengths | None = None,
+    segment_ids: SegmentIds | None = None,
 ) -> tuple[ConvSeq, ConvWindow]:
     """Causal depthwise convolution over a sequence.
 
@@ -113,23 +155,30 @@ def causal_conv1d(
         lengths: optional (batch,) integers in 0..seq, the number of real tokens of each row (right
             padding after them). Only the returned window depends on it. Checked when concrete;
             under ``jit`` values outside 0..seq are a precondition violation (they get clamped).
+        segment_ids: optional (batch, seq) integers, one document id per position for packed rows: a new
+            document starts where the id changes, and no tap reads across that start (see the module
+            docstring). The window taps count only for the row's first document. Ids at padded
+            positions (after ``lengths``) do not matter. The returned window is unaffected.
 
     Returns:
         ``(y, new_window)``: y (batch, seq, chan) in ``x.dtype`` (accumulated in float32, float64 for
         float64 inputs); new_window (batch, K-1, chan) in ``x.dtype``, the K-1 most recent real inputs,
         drawing on ``window`` for rows with fewer than K-1 real tokens.
 
-    Cost: K multiply-adds per output element, one fused elementwise pass.
+    Cost: K multiply-adds per output element, one fused elementwise pass (with ``segment_ids``, one
+    select per tap too, on a (batch, seq) mask broadcast over channels).
     """
     k = _check(x, weight, bias, window, seq_form=True)
     batch, seq, chan = np.shape(x)
     if lengths is not None:
         _check_conv_lengths(lengths, batch, seq)
+    if segment_ids is not None:
+        _check_conv_segment_ids(segment_ids, batch, seq)
     if window is None:
         window = jnp.zeros((batch, k - 1, chan), x.dtype)
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
-    return _conv_seq(x, weight, bias, window, lengths)
+    return _conv_seq(x, weight, bias, window, lengths, segment_ids)
 
 
 def causal_conv1d_step(
@@ -157,12 +206,25 @@ def causal_conv1d_step(
 
 # One compiled program per shape for eager callers; inside a caller's jit these simply inline.
 @jax.jit
-def _conv_seq(x, weight, bias, window, lengths):
+def _conv_seq(x, weight, bias, window, lengths, segment_ids):
     seq, k = x.shape[1], weight.shape[0]
     acc = accumulation_dtype(x.dtype, weight.dtype)
     padded = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # (batch, K-1+seq, chan)
+
     # Cast each tap after slicing: XLA then shares ``padded`` in x.dtype, not a float32 copy.
-    y = _weighted_sum(lambda i: padded[:, i : i + seq].astype(acc), weight, bias, acc)
+    def tap(i):
+        return padded[:, i : i + seq].astype(acc)
+
+    if segment_ids is None:
+        taps = tap
+    else:
+        keep = _same_document_masks(segment_ids, k)
+
+        def taps(i):  # tap i reads offset j = K-1-i; a select gives exact zeros (and zero gradients)
+            j = k - 1 - i
+            return tap(i) if j == 0 else jnp.where(keep[j], tap(i), jnp.zeros((), acc))
+
+    y = _weighted_sum(taps, weight, bias, acc)
     if lengths is None:
         new_window = padded[:, seq:]
     else:

@@ -1,4 +1,4 @@
-"""The short causal depthwise conv: full form, step form, carried windows and ``lengths``.
+"""The short causal depthwise conv: full form, step form, carried windows, ``lengths`` and ``segment_ids``.
 
 Tolerances: the conv is a K-term sum (K <= 5) per output, with no accumulation across time, so
 float64 agrees with the numpy oracle to ~1e-15 relative (1e-12 leaves room for summation order), and
@@ -13,21 +13,25 @@ Windows are copies of inputs: exact in every program.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ssdkit import causal_conv1d, causal_conv1d_step
 from tests.helpers import assert_same_up_to_rounding
 
 
-def conv_oracle(x, w, bias=None, window=None):
+def conv_oracle(x, w, bias=None, window=None, segment_ids=None):
     """Plain loops: ``out[b, t, c] = bias[c] + Σ_k w[k, c] · in[b, t-(K-1)+k, c]``, history from ``window``.
 
-    Returns (y, new_window) in float64; new_window is the last K-1 inputs of [window, x].
+    With ``segment_ids``, a term is skipped when its position lies in another document than t: documents
+    are numbered by counting id changes, and the window (positions < 0) belongs to document 0.
+    Returns (y, new_window) in float64; new_window is the last K-1 inputs of [window, x] (never masked).
     """
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
@@ -35,22 +39,49 @@ def conv_oracle(x, w, bias=None, window=None):
     k = w.shape[0]
     hist = np.zeros((batch, k - 1, chan)) if window is None else np.asarray(window, np.float64)
     full = np.concatenate([hist, x], axis=1)  # in[t'] = full[t' + K-1]
+    doc = np.zeros((batch, k - 1 + seq), np.int64)  # document number of full[:, t'+K-1]
+    if segment_ids is not None:
+        ids = np.asarray(segment_ids)
+        for b in range(batch):
+            for t in range(1, seq):
+                doc[b, t + k - 1] = doc[b, t + k - 2] + (ids[b, t] != ids[b, t - 1])
     out = np.zeros((batch, seq, chan))
     for b in range(batch):
         for t in range(seq):
             for c in range(chan):
                 acc = 0.0 if bias is None else float(bias[c])
                 for i in range(k):
-                    acc += w[i, c] * full[b, t + i, c]
+                    if doc[b, t + i] == doc[b, t + k - 1]:
+                        acc += w[i, c] * full[b, t + i, c]
                 out[b, t, c] = acc
     return out, full[:, seq:]
 
 
-def term_scale(x, w, bias=None, window=None) -> float:
+def term_scale(x, w, bias=None, window=None, segment_ids=None) -> float:
     """max over outputs of ``|bias| + Σ_k |w_k · in_k|``: the magnitude a K-term sum's rounding is relative to
     (an output can be far smaller than its terms when they cancel)."""
     absolute = [None if a is None else np.abs(a) for a in (bias, window)]
-    return float(conv_oracle(np.abs(x), np.abs(w), *absolute)[0].max())
+    return float(conv_oracle(np.abs(x), np.abs(w), *absolute, segment_ids)[0].max())
+
+
+def make_segments(rng, batch, seq, *, recur=False):
+    """(batch, seq) int32 document ids: a new document starts at each position with probability 0.3.
+
+    Ids count up from a random offset per row, or alternate between two values when ``recur`` (an id
+    that reappears after another document still starts a new one: only changes matter).
+    """
+    starts = rng.random((batch, seq)) < 0.3
+    starts[:, 0] = False
+    doc = np.cumsum(starts, axis=1)
+    base = rng.integers(-5, 5, size=(batch, 1))
+    return (base + (doc % 2 if recur else doc)).astype(np.int32)
+
+
+def documents(segment_ids_row):
+    """[(start, stop), ...] of the documents of one row (split where the id changes)."""
+    ids = np.asarray(segment_ids_row)
+    cuts = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
+    return list(itertools.pairwise(cuts))
 
 
 def make_inputs(rng, batch, seq, chan, k, *, with_bias=True, with_window=True):
@@ -85,29 +116,36 @@ dims = dict(batch=st.integers(1, 3), seq=st.integers(1, 20), chan=st.integers(1,
 
 
 # ------------------------------------------------------------------------------ against the oracle
-@given(**dims, with_bias=st.booleans(), with_window=st.booleans())
-@example(batch=2, seq=1, chan=3, k=5, seed=1, with_bias=True, with_window=True)  # seq < K-1
-@example(batch=1, seq=3, chan=2, k=1, seed=2, with_bias=False, with_window=False)  # K = 1: empty window
-def test_full_form_matches_oracle_float64(batch, seq, chan, k, seed, with_bias, with_window):
-    x, w, bias, window = make_inputs(np.random.default_rng(seed), batch, seq, chan, k,
-                                     with_bias=with_bias, with_window=with_window)
-    ref_y, ref_win = conv_oracle(x, w, bias, window)
+@given(**dims, with_bias=st.booleans(), with_window=st.booleans(), segments=st.sampled_from([None, "new", "recur"]))
+@example(batch=2, seq=1, chan=3, k=5, seed=1, with_bias=True, with_window=True, segments=None)  # seq < K-1
+@example(batch=1, seq=3, chan=2, k=1, seed=2, with_bias=False, with_window=False, segments=None)  # K = 1
+@example(batch=2, seq=12, chan=2, k=4, seed=5, with_bias=True, with_window=True, segments="recur")
+@example(batch=1, seq=5, chan=2, k=1, seed=6, with_bias=True, with_window=False, segments="new")  # K = 1
+def test_full_form_matches_oracle_float64(batch, seq, chan, k, seed, with_bias, with_window, segments):
+    rng = np.random.default_rng(seed)
+    x, w, bias, window = make_inputs(rng, batch, seq, chan, k, with_bias=with_bias, with_window=with_window)
+    seg = None if segments is None else make_segments(rng, batch, seq, recur=segments == "recur")
+    ref_y, ref_win = conv_oracle(x, w, bias, window, seg)
     with jax.enable_x64(True):
-        y, new_window = causal_conv1d(j(x), j(w), j(bias), window=j(window))
+        y, new_window = causal_conv1d(j(x), j(w), j(bias), window=j(window), segment_ids=j(seg))
         assert y.dtype == jnp.float64 and new_window.dtype == jnp.float64
         assert y.shape == (batch, seq, chan) and new_window.shape == (batch, k - 1, chan)
         # K <= 5 terms of O(1) values: float64 rounding is ~1e-15; 1e-12 leaves room for ordering.
         np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(np.asarray(new_window), ref_win)  # copies of inputs: exact
-        # The step form accumulates float64 inputs in float64 too.
+        # The step form accumulates float64 inputs in float64 too. Decoding packed documents: zero the
+        # window of the rows where a new document starts.
         win = j(window) if with_window else jnp.zeros((batch, k - 1, chan), jnp.float64)
         steps = []
         for t in range(seq):
+            if seg is not None and t > 0:
+                win = np.where((seg[:, t] != seg[:, t - 1])[:, None, None], 0.0, win)
             y_t, win = causal_conv1d_step(j(x[:, t]), j(w), j(bias), win)
             steps.append(np.asarray(y_t))
         assert y_t.dtype == jnp.float64
         np.testing.assert_allclose(np.stack(steps, axis=1), ref_y, rtol=1e-12, atol=1e-12)
-        np.testing.assert_array_equal(np.asarray(win), ref_win)  # copies of inputs: exact
+        if seg is None:  # (with documents the zeroed windows differ from the raw window returned)
+            np.testing.assert_array_equal(np.asarray(win), ref_win)  # copies of inputs: exact
 
 
 @given(**dims)
@@ -204,15 +242,88 @@ def test_lengths_short_rows_draw_on_window():
     np.testing.assert_array_equal(np.asarray(new_window[0, :, 0]), [3.0, 4.0, 5.0])
 
 
-def test_jit_with_traced_lengths(rng):
+def test_jit_with_traced_lengths_and_segment_ids(rng):
     x, w, bias, window = make_inputs(rng, 3, 9, 4, 4)
     x, w, bias, window = f32(x, w, bias, window)
     lengths = np.asarray([9, 0, 2], np.int32)
-    eager = causal_conv1d(x, w, bias, window=window, lengths=lengths)
-    jitted = jax.jit(lambda *a: causal_conv1d(*a[:3], window=a[3], lengths=a[4]))(x, w, bias, window, lengths)
+    seg = make_segments(rng, 3, 9)
+    eager = causal_conv1d(x, w, bias, window=window, lengths=lengths, segment_ids=seg)
+    jitted = jax.jit(lambda *a: causal_conv1d(*a[:3], window=a[3], lengths=a[4], segment_ids=a[5]))(
+        x, w, bias, window, lengths, seg)
     # The caller's jit inlines the conv into another program than the eager call's.
-    assert_same_up_to_rounding(jitted[0], eager[0], scale=term_scale(x, w, bias, window), name="jitted y")
+    assert_same_up_to_rounding(jitted[0], eager[0], scale=term_scale(x, w, bias, window, seg), name="jitted y")
     np.testing.assert_array_equal(np.asarray(jitted[1]), np.asarray(eager[1]))  # copies: exact
+
+
+# ------------------------------------------------------------------------------ packed documents
+@given(**dims, recur=st.booleans())
+@settings(max_examples=5)
+@example(batch=3, seq=3, chan=2, k=5, seed=7, recur=True)  # documents shorter than K-1
+@example(batch=2, seq=6, chan=2, k=1, seed=8, recur=False)  # K = 1: nothing to mask
+def test_packed_row_equals_documents_run_alone(batch, seq, chan, k, seed, recur):
+    rng = np.random.default_rng(seed)
+    x, w, bias, window = f32(*make_inputs(rng, batch, seq, chan, k))
+    seg = make_segments(rng, batch, seq, recur=recur)
+    lengths = rng.integers(0, seq + 1, size=batch).astype(np.int32)
+    y, new_window = causal_conv1d(x, w, bias, window=window, lengths=lengths, segment_ids=seg)
+    # Every document alone, all in one batch (one compiled program): a document's row holds it at the
+    # start, zeros after it (causal, so they do not touch its outputs); the row's first document
+    # continues from the row's window, every later one starts from a zero window.
+    docs = [(b, lo, hi) for b in range(batch) for lo, hi in documents(seg[b])]
+    alone_x = np.zeros((len(docs), seq, chan), np.float32)
+    alone_window = np.zeros((len(docs), k - 1, chan), np.float32)
+    for n, (b, lo, hi) in enumerate(docs):
+        alone_x[n, : hi - lo] = x[b, lo:hi]
+        if lo == 0:
+            alone_window[n] = window[b]
+    alone_y, _ = causal_conv1d(alone_x, w, bias, window=alone_window)
+    expected = np.zeros_like(y)
+    for n, (b, lo, hi) in enumerate(docs):
+        expected[b, lo:hi] = alone_y[n, : hi - lo]
+    # Same taps summed in the same order by two programs; every position (padded ones included: lengths
+    # only moves the window).
+    assert_same_up_to_rounding(y, expected, scale=term_scale(x, w, bias, window, seg), name="packed y")
+    # The window is raw inputs, whatever the documents: [window, x][b, lengths[b] : lengths[b] + K-1].
+    padded = np.concatenate([window, x], axis=1)
+    for b, n in enumerate(lengths):
+        np.testing.assert_array_equal(np.asarray(new_window[b]), padded[b, n : n + k - 1])  # copies: exact
+
+
+@given(**dims, segment_id=st.integers(-2**31, 2**31 - 1))
+@settings(max_examples=3)
+@example(batch=2, seq=2, chan=3, k=5, seed=3, segment_id=0)  # seq < K-1
+def test_one_document_equals_no_segment_ids(batch, seq, chan, k, seed, segment_id):
+    x, w, bias, window = f32(*make_inputs(np.random.default_rng(seed), batch, seq, chan, k))
+    seg = np.full((batch, seq), segment_id, np.int32)
+    y, new_window = causal_conv1d(x, w, bias, window=window, segment_ids=seg)
+    y_plain, plain_window = causal_conv1d(x, w, bias, window=window)
+    # Nothing masked, but the program with the selects is another program.
+    assert_same_up_to_rounding(y, y_plain, scale=term_scale(x, w, bias, window), name="one-document y")
+    np.testing.assert_array_equal(np.asarray(new_window), np.asarray(plain_window))  # copies: exact
+
+
+def test_nothing_crosses_a_document_start(rng):
+    # K = 4; row 0: documents [0, 4) and [4, 9); row 1: [0, 2), [2, 4), [4, 9): id 3 recurs within K-1
+    # positions, yet position 4 starts a new document (as in ssd_scan, only changes of id matter).
+    seg = np.asarray([[0, 0, 0, 0, 1, 1, 1, 1, 1], [3, 3, 4, 4, 3, 3, 3, 3, 3]], np.int32)
+    first = np.asarray([[1, 1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0]], bool)
+    x, w, bias, window = f32(*make_inputs(rng, 2, 9, 3, 4))
+    cotangent = rng.standard_normal(x.shape).astype(np.float32)
+
+    def later_docs(x, window):
+        y, _ = causal_conv1d(x, w, bias, window=window, segment_ids=seg)
+        return jnp.sum(jnp.where(first[:, :, None], 0.0, y * cotangent))
+
+    grad_x, grad_window = jax.grad(later_docs, argnums=(0, 1))(x, window)
+    # Masked taps are selects: they contribute exact zeros to the gradient, not tiny values.
+    np.testing.assert_array_equal(np.asarray(grad_x)[first], 0.0)
+    np.testing.assert_array_equal(np.asarray(grad_window), 0.0)
+    assert np.all(np.asarray(grad_x)[~first] != 0.0)
+    # Forward: non-finite inputs in the first documents do not reach the later ones.
+    poisoned = np.where(first[:, :, None], np.nan, x).astype(np.float32)
+    y, _ = causal_conv1d(x, w, bias, window=window, segment_ids=seg)
+    y_poisoned, _ = causal_conv1d(poisoned, w, bias, window=np.full_like(window, np.inf), segment_ids=seg)
+    np.testing.assert_array_equal(np.asarray(y_poisoned)[~first], np.asarray(y)[~first])  # one program: exact
 
 
 # ------------------------------------------------------------------------------ dtypes
@@ -260,12 +371,19 @@ W = jnp.ones((4, 3))
         (dict(lengths=jnp.ones(3, jnp.int32)), ValueError, r"lengths must have shape \(batch,\) = \(2,\)"),
         (dict(lengths=jnp.asarray([6, 1])), ValueError, r"lengths must lie in 0\.\.5.*\[6, 1\]"),
         (dict(lengths=jnp.asarray([-1, 1])), ValueError, r"lengths must lie in 0\.\.5"),
+        (dict(segment_ids=jnp.zeros((2, 5))), TypeError, "segment_ids must be an integer array"),
+        (dict(segment_ids=jnp.zeros((2, 5), bool)), TypeError, "segment_ids must be an integer array"),
+        (dict(segment_ids=jnp.zeros((2, 4), jnp.int32)), ValueError,
+         r"segment_ids must have shape \(batch, seq\) = \(2, 5\).*got \(2, 4\)"),
+        (dict(segment_ids=jnp.zeros(2, jnp.int32)), ValueError,
+         r"segment_ids must have shape \(batch, seq\) = \(2, 5\).*got \(2,\)"),
     ],
 )
 def test_full_form_rejects_bad_inputs(kwargs, error, match):
-    args = dict(x=X, weight=W, bias=None, window=None, lengths=None) | kwargs
+    args = dict(x=X, weight=W, bias=None, window=None, lengths=None, segment_ids=None) | kwargs
     with pytest.raises(error, match=match):
-        causal_conv1d(args["x"], args["weight"], args["bias"], window=args["window"], lengths=args["lengths"])
+        causal_conv1d(args["x"], args["weight"], args["bias"], window=args["window"], lengths=args["lengths"],
+                      segment_ids=args["segment_ids"])
 
 
 @pytest.mark.parametrize(
