@@ -6,6 +6,7 @@ per-layer weights are read in place) is checked on the compiled HLO, not by timi
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 
@@ -96,6 +97,13 @@ def test_stacked_params_convert_once_and_the_copy_dies_with_them():
     del params, first
     gc.collect()
     assert len(_PER_LAYER_COPIES) == before - 1
+    # Any stacked array going drops the copy (here out_proj, replaced; the first leaf lives on).
+    params = mamba2.init_params(CFG, jax.random.key(5), stacked=True)
+    _decode_layout(params)
+    params = dataclasses.replace(params, layers=dataclasses.replace(params.layers, out_proj=params.layers.out_proj + 1))
+    gc.collect()
+    assert len(_PER_LAYER_COPIES) == before - 1
+    assert _decode_layout(params).layers[0].out_proj[0, 0] == params.layers.out_proj[0, 0, 0]  # not stale
     # Under tracing nothing is converted (the caller's program keeps the stacked layout).
     traced = jax.eval_shape(lambda p: _decode_layout(p).layers, mamba2.init_params(CFG, jax.random.key(2),
                                                                                      stacked=True))

@@ -130,8 +130,15 @@ def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recur
 
 
 # ------------------------------------------------------------------------------ the decode layout
-#: id(first stacked leaf) -> (weak references to every stacked leaf, their per-layer copy)
-_PER_LAYER_COPIES: dict[int, tuple[list[weakref.ref], tuple[Mamba2LayerParams, ...]]] = {}
+#: id(first stacked leaf) -> (weak references to every stacked leaf, their per-layer copy, entry token)
+_PER_LAYER_COPIES: dict[int, tuple[list[weakref.ref], tuple[Mamba2LayerParams, ...], object]] = {}
+
+
+def _forget(key: int, token: object) -> None:
+    """Drop the cached copy once any of its stacked arrays is gone (unless a newer entry took the key)."""
+    entry = _PER_LAYER_COPIES.get(key)
+    if entry is not None and entry[2] is token:
+        del _PER_LAYER_COPIES[key]
 
 
 def _decode_layout(params: Mamba2Params) -> Mamba2Params:
@@ -156,10 +163,10 @@ def _decode_layout(params: Mamba2Params) -> Mamba2Params:
         refs = [weakref.ref(leaf) for leaf in leaves]
     except TypeError:  # leaves that cannot be weakly referenced: convert every call
         return dataclasses.replace(params, layers=per_layer)
-    key = id(leaves[0])
-    _PER_LAYER_COPIES[key] = (refs, per_layer)
-    # The entry goes when the stacked arrays go (the copy holds no reference to them).
-    weakref.finalize(leaves[0], _PER_LAYER_COPIES.pop, key, None)
+    token = object()
+    _PER_LAYER_COPIES[key] = (refs, per_layer, token)
+    for leaf in leaves:  # the copy holds no reference to the stacked arrays: it goes when any of them goes
+        weakref.finalize(leaf, _forget, key, token)
     return dataclasses.replace(params, layers=per_layer)
 
 
