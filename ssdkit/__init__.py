@@ -20,6 +20,7 @@ from ssdkit.generate import (
     generate_stream,
     make_sampler,
 )
+from ssdkit.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
 from ssdkit.norm import gated_rms_norm, rms_norm
 from ssdkit.recurrence import DecayKind, Recurrence
 from ssdkit.reference import ssd_reference
@@ -28,10 +29,12 @@ from ssdkit.stack import scan_layers, stack, unstack
 from ssdkit.step import ssd_step
 
 __all__ = [
+    "CrossEntropySums",
     "DecayKind",
     "GenerationResult",
     "Greedy",
     "LanguageModel",
+    "LossMetrics",
     "RecurrentCache",
     "Recurrence",
     "accumulation_dtype",
@@ -40,7 +43,9 @@ __all__ = [
     "gated_rms_norm",
     "generate",
     "generate_stream",
+    "head_cross_entropy",
     "make_sampler",
+    "next_token_targets",
     "preferred_chunk_size",
     "rms_norm",
     "Sample",

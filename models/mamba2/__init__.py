@@ -9,6 +9,7 @@ from models.mamba2.model import (
     generate,
     generate_stream,
     init_cache,
+    loss,
     prefill,
     recurrence,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "load_checkpoint",
+    "loss",
     "load_tokenizer",
     "prefill",
     "recurrence",

@@ -30,8 +30,9 @@ import ssdkit
 from models.mamba2.config import Mamba2Config
 from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
-from ssdkit._typing import Lengths, Logits, SeqLogits, StepTokens, Tokens
+from ssdkit._typing import Lengths, Logits, Mask, SegmentIds, SeqLogits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths, is_concrete, sequence_matmul_dtype
+from ssdkit.loss import DEFAULT_BLOCK_SIZE
 from ssdkit.stack import is_per_layer, unstack
 
 Hidden = Float[Array, "batch seq d_model"]
@@ -103,17 +104,23 @@ def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z, sequence: bool)
     return _project(y, lp.out_proj, "...e,de->...d", sequence)
 
 
-def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache, lengths):
-    """One layer over a sequence, continuing from ``cache``; returns (residual, new cache)."""
+def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache, lengths,
+               segment_ids=None):
+    """One layer over a sequence, continuing from ``cache``; returns (residual, new cache).
+
+    ``segment_ids`` (batch, seq) packs documents: the conv taps and the recurrent state never cross a
+    change of id (the cache continues the row's first document)."""
     z, xbc, dt_raw = _in_proj(cfg, lp, residual, sequence=True)
-    xbc, window = ssdkit.causal_conv1d(xbc, lp.conv_weight, lp.conv_bias, window=cache.conv, lengths=lengths)
+    xbc, window = ssdkit.causal_conv1d(xbc, lp.conv_weight, lp.conv_bias, window=cache.conv, lengths=lengths,
+                                       segment_ids=segment_ids)
     xbc = jax.nn.silu(xbc)
     valid = None
     if lengths is not None:
         valid = jnp.arange(residual.shape[1])[None, :] < lengths[:, None]
     x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw, valid)
     chunk = ssdkit.preferred_chunk_size(cfg.chunk_size)  # the result does not depend on it, the speed does
-    y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=chunk, initial_state=cache.state)
+    y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=chunk, initial_state=cache.state,
+                               segment_ids=segment_ids)
     residual = residual + _out_proj(cfg, lp, x, y, z, sequence=True)
     return residual, RecurrentCache(conv=window, state=state)
 
@@ -155,7 +162,8 @@ def _decode_layout(params: Mamba2Params) -> Mamba2Params:
     leaves = jax.tree_util.tree_leaves(layers)
     if not leaves or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return params
-    hit = _PER_LAYER_COPIES.get(id(leaves[0]))
+    key = id(leaves[0])
+    hit = _PER_LAYER_COPIES.get(key)
     if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves, strict=True)):
         return dataclasses.replace(params, layers=hit[1])
     per_layer = unstack(layers)
@@ -235,6 +243,44 @@ def forward(
     """
     _check_tokens(cfg, tokens, 2)
     return _forward(params, cfg, tokens, return_hidden)
+
+
+def _hidden(params: Mamba2Params, cfg: Mamba2Config, tokens, segment_ids) -> Hidden:
+    """The final normed hidden states (batch, seq, d_model), float32, from an empty cache."""
+    residual = _embed(params, tokens)
+    cache = init_cache(cfg, tokens.shape[0], compute_dtype(params))
+    layer = functools.partial(_layer_seq, cfg, lengths=None, segment_ids=segment_ids)
+    residual, _ = ssdkit.scan_layers(layer, params.layers, residual, cache)
+    return ssdkit.rms_norm(residual, params.norm_f, eps=cfg.norm_eps)
+
+
+def loss(
+    params: Mamba2Params,
+    cfg: Mamba2Config,
+    tokens: Tokens,
+    *,
+    segment_ids: SegmentIds | None = None,
+    loss_mask: Mask | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[Float[Array, ""], ssdkit.LossMetrics]:
+    """Next-token cross-entropy: ``(loss, metrics)``, differentiable in ``params``; jit it (cfg static).
+
+    ``loss`` is the token-weighted mean over targets ``tokens[:, 1:]`` of ``-log softmax(logits_t)[y]``
+    (float32 log-softmax over the padded vocabulary, as mamba_ssm and transformers compute it), with
+    ``metrics`` = ``LossMetrics(loss, accuracy, tokens)``. ``segment_ids`` (batch, seq) packs documents
+    in a row: state and conv window reset at each change of id and no position predicts the next
+    document's first token. ``loss_mask`` (batch, seq) selects which tokens count as targets (bool or
+    float weights). The LM head and the cross-entropy run over blocks of ``block_size`` positions,
+    recomputed in the backward pass (``ssdkit.head_cross_entropy``): no (batch, seq, vocab) logits.
+    """
+    _check_tokens(cfg, tokens, 2)
+    if np.shape(tokens)[1] < 2:
+        raise ValueError(f"tokens must hold at least 2 positions to predict a next token, got {np.shape(tokens)}")
+    targets, weights = ssdkit.next_token_targets(tokens, segment_ids=segment_ids, loss_mask=loss_mask)
+    hidden = _hidden(params, cfg, tokens, segment_ids)[:, :-1]
+    sums = ssdkit.head_cross_entropy(hidden, _head_weight(params), targets, weights, block_size=block_size)
+    metrics = sums.metrics()
+    return metrics.loss, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
