@@ -27,6 +27,7 @@ from ssdkit.reference import ssd_reference
 from ssdkit.scan import preferred_chunk_size, ssd_scan
 from ssdkit.stack import scan_layers, stack, unstack
 from ssdkit.step import ssd_step
+from ssdkit.train import StepMetrics, TrainState, adamw, make_train_step
 
 __all__ = [
     "CrossEntropySums",
@@ -38,6 +39,7 @@ __all__ = [
     "RecurrentCache",
     "Recurrence",
     "accumulation_dtype",
+    "adamw",
     "causal_conv1d",
     "causal_conv1d_step",
     "gated_rms_norm",
@@ -45,10 +47,13 @@ __all__ = [
     "generate_stream",
     "head_cross_entropy",
     "make_sampler",
+    "make_train_step",
     "next_token_targets",
     "preferred_chunk_size",
     "rms_norm",
     "Sample",
+    "StepMetrics",
+    "TrainState",
     "scan_layers",
     "sequence_matmul_dtype",
     "stack",

@@ -29,6 +29,24 @@ C = TypeVar("C")
 #: being sliced with a dynamic layer index (see the module docstring).
 SMALL_LEAF = 1 << 16
 
+#: Rematerialisation of each layer in the backward pass (``jax.checkpoint`` policies), by name:
+#: ``"none"`` keeps every activation; ``"layer"`` keeps only each layer's input and recomputes the layer
+#: (least memory, about one more forward); ``"matmuls"`` keeps the matrix products' outputs and recomputes
+#: the elementwise work and the scan around them.
+REMAT_POLICIES = {
+    "none": None,
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_layer(layer_fn: Callable, remat: str) -> Callable:
+    """``layer_fn`` wrapped in ``jax.checkpoint`` with the named policy (:data:`REMAT_POLICIES`)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(map(repr, REMAT_POLICIES))}, got {remat!r}")
+    policy = REMAT_POLICIES[remat]
+    return layer_fn if policy is None else jax.checkpoint(layer_fn, policy=policy)
+
 
 def is_per_layer(layers: Any) -> bool:
     """True for the per-layer layout (a tuple or list of per-layer PyTrees)."""
@@ -55,8 +73,12 @@ def scan_layers(
     layers: Any,
     residual: jax.Array,
     cache: C,
+    *,
+    remat: str = "none",
 ) -> tuple[jax.Array, C]:
     """Run ``layer_fn(layer_params, residual, layer_cache) -> (residual, layer_cache)`` over the layers.
+
+    ``remat`` names what the backward pass keeps of each layer (:data:`REMAT_POLICIES`).
 
     ``layers`` and ``cache`` each come stacked (a PyTree with the layer axis first) or per layer (a
     tuple); the cache is returned in the layout it came in. Stacked weights run as one ``lax.scan``
@@ -64,6 +86,7 @@ def scan_layers(
     Per-layer weights run unrolled; with a per-layer cache too nothing is sliced or copied, which is
     what a decode loop wants (a stacked cache is split before and restacked after, two copies).
     """
+    layer_fn = remat_layer(layer_fn, remat)
     if not is_per_layer(layers):
         leaves, treedef = jax.tree_util.tree_flatten(layers)
         small = [leaf.size <= SMALL_LEAF * leaf.shape[0] for leaf in leaves]

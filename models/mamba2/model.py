@@ -245,12 +245,12 @@ def forward(
     return _forward(params, cfg, tokens, return_hidden)
 
 
-def _hidden(params: Mamba2Params, cfg: Mamba2Config, tokens, segment_ids) -> Hidden:
+def _hidden(params: Mamba2Params, cfg: Mamba2Config, tokens, segment_ids, remat: str = "none") -> Hidden:
     """The final normed hidden states (batch, seq, d_model), float32, from an empty cache."""
     residual = _embed(params, tokens)
     cache = init_cache(cfg, tokens.shape[0], compute_dtype(params))
     layer = functools.partial(_layer_seq, cfg, lengths=None, segment_ids=segment_ids)
-    residual, _ = ssdkit.scan_layers(layer, params.layers, residual, cache)
+    residual, _ = ssdkit.scan_layers(layer, params.layers, residual, cache, remat=remat)
     return ssdkit.rms_norm(residual, params.norm_f, eps=cfg.norm_eps)
 
 
@@ -262,6 +262,7 @@ def loss(
     segment_ids: SegmentIds | None = None,
     loss_mask: Mask | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    remat: str = "none",
 ) -> tuple[Float[Array, ""], ssdkit.LossMetrics]:
     """Next-token cross-entropy: ``(loss, metrics)``, differentiable in ``params``; jit it (cfg static).
 
@@ -272,12 +273,14 @@ def loss(
     document's first token. ``loss_mask`` (batch, seq) selects which tokens count as targets (bool or
     float weights). The LM head and the cross-entropy run over blocks of ``block_size`` positions,
     recomputed in the backward pass (``ssdkit.head_cross_entropy``): no (batch, seq, vocab) logits.
+    ``remat`` names what the backward pass keeps of each layer (``ssdkit.stack.REMAT_POLICIES``:
+    "none", "layer", "matmuls").
     """
     _check_tokens(cfg, tokens, 2)
     if np.shape(tokens)[1] < 2:
         raise ValueError(f"tokens must hold at least 2 positions to predict a next token, got {np.shape(tokens)}")
     targets, weights = ssdkit.next_token_targets(tokens, segment_ids=segment_ids, loss_mask=loss_mask)
-    hidden = _hidden(params, cfg, tokens, segment_ids)[:, :-1]
+    hidden = _hidden(params, cfg, tokens, segment_ids, remat)[:, :-1]
     sums = ssdkit.head_cross_entropy(hidden, _head_weight(params), targets, weights, block_size=block_size)
     metrics = sums.metrics()
     return metrics.loss, metrics

@@ -64,15 +64,26 @@ class ToyLM:
             state_dtype=ssdkit.accumulation_dtype(dtype),
         )
 
-    def _run(self, params: ToyParams, tokens, cache, *, step: bool):
+    def _hidden(self, params: ToyParams, tokens, cache, *, step: bool, remat: str = "none"):
         def layer(lp, res, c):
             h = ssdkit.rms_norm(res, lp.norm, eps=self.cfg.norm_eps)
             out, c = self.mixer(self.cfg, lp, h, c, step=step)
             return res + out, c
 
-        res, cache = ssdkit.scan_layers(layer, params.layers, params.embedding[tokens], cache)
-        h = ssdkit.rms_norm(res, params.norm_f, eps=self.cfg.norm_eps)
+        res, cache = ssdkit.scan_layers(layer, params.layers, params.embedding[tokens], cache, remat=remat)
+        return ssdkit.rms_norm(res, params.norm_f, eps=self.cfg.norm_eps), cache
+
+    def _run(self, params: ToyParams, tokens, cache, *, step: bool):
+        h, cache = self._hidden(params, tokens, cache, step=step)
         return h @ params.embedding.T, cache
+
+    def loss(self, params: ToyParams, tokens: jax.Array, *, loss_mask=None, remat: str = "none"):
+        """Next-token cross-entropy ``(loss, ssdkit.LossMetrics)`` (blockwise head, as Mamba-2's)."""
+        targets, weights = ssdkit.next_token_targets(tokens, loss_mask=loss_mask)
+        cache = self.init_cache(tokens.shape[0], params.embedding.dtype)
+        h, _ = self._hidden(params, tokens, cache, step=False, remat=remat)
+        metrics = ssdkit.head_cross_entropy(h[:, :-1], params.embedding, targets, weights).metrics()
+        return metrics.loss, metrics
 
     def forward(self, params: ToyParams, tokens: jax.Array) -> jax.Array:
         """Logits (batch, seq, vocab) at every position."""
