@@ -5,6 +5,8 @@
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
                     [--plot roofline.png]
     ssdkit demo     prefill + O(1) decode of toy recurrences built on the core, with timings
+    ssdkit train    --data FILE|DIR|IDS.npy [--config run.toml] [--out DIR] [--model PRESET | --init-from DIR]
+                    [--steps N] [--seq-len L] [--batch-size B] [--lr LR] ... (every TrainRunConfig field)
 
 The command line lives in ``models`` (the top of the import graph) because it wires models to the core.
 """
@@ -180,6 +182,47 @@ def cmd_bench(args) -> int:
     return bench.main(args)
 
 
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from models import training
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainRunConfig)
+             if getattr(args, f.name, None) is not None}
+    try:
+        options = training.TrainRunConfig.from_file(args.config) if args.config else {}
+        options.update(given)
+        cfg = training.TrainRunConfig.from_dict(options, source=args.config or "flags")
+    except (ValueError, TypeError) as err:
+        raise CliError(str(err)) from None
+    _enable_compilation_cache()
+    try:
+        training.train(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        raise CliError(str(err)) from None
+    return 0
+
+
+def _add_train_flags(t: argparse.ArgumentParser) -> None:
+    """One flag per TrainRunConfig field (``--seq-len`` for ``seq_len``); unset flags keep the config
+    file's value, then the field's default."""
+    import dataclasses
+
+    from models.training import TrainRunConfig
+
+    t.add_argument("--config", default=None, help="a .toml or .json file with the same option names")
+    for f in dataclasses.fields(TrainRunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",):
+            t.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"default {f.default}")
+            continue
+        kind = {"int": int, "float": float}.get(f.type, str)
+        t.add_argument(flag, dest=f.name, type=kind, default=None,
+                       help="required (here or in --config)" if f.default is dataclasses.MISSING else
+                       f"default {f.default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssdkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train Mamba-2 on a text file, a folder of text files or a .npy of ids")
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train)
     return parser
 
 

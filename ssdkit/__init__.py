@@ -53,6 +53,7 @@ __all__ = [
     "rms_norm",
     "Sample",
     "StepMetrics",
+    "TrainCheckpointer",
     "TrainState",
     "scan_layers",
     "sequence_matmul_dtype",
@@ -63,3 +64,12 @@ __all__ = [
     "ssd_step",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: ssdkit.checkpointing imports orbax-checkpoint (about 0.3 s), which only training needs.
+    if name == "TrainCheckpointer":
+        from ssdkit.checkpointing import TrainCheckpointer
+
+        return TrainCheckpointer
+    raise AttributeError(f"module 'ssdkit' has no attribute {name!r}")

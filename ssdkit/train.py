@@ -93,9 +93,9 @@ def warmup_cosine(learning_rate: float, *, warmup_steps: int, total_steps: int,
                   min_ratio: float = 0.1) -> optax.Schedule:
     """Linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to
     ``min_ratio · learning_rate`` at ``total_steps`` (constant after)."""
-    if not 0 <= warmup_steps <= total_steps or total_steps < 1:
-        raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got {warmup_steps}, "
-                         f"{total_steps}")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+                         f"total_steps={total_steps}")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
         decay_steps=total_steps, end_value=min_ratio * learning_rate,

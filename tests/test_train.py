@@ -118,7 +118,7 @@ def test_warmup_cosine_schedule():
     assert float(sched(10)) == pytest.approx(1e-3)
     assert float(sched(60)) == pytest.approx(0.55e-3)  # half way down the cosine
     assert float(sched(110)) == pytest.approx(1e-4) == float(sched(500))
-    with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
+    with pytest.raises(ValueError, match="warmup_steps < total_steps"):
         warmup_cosine(1e-3, warmup_steps=20, total_steps=10)
 
 
