@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -25,6 +27,22 @@ settings.register_profile("ci", parent=settings.get_profile("default"))
 settings.register_profile("explore", parent=settings.get_profile("default"), derandomize=False)
 settings.register_profile("thorough", parent=settings.get_profile("explore"), max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# Compilation is most of the suite's time, and tests (and the two xdist workers) compile many identical
+# programs through fresh closures: a persistent XLA cache shared by the run's processes compiles each
+# once. One directory per run (the xdist controller's pid), removed when the run ends: a run never
+# reads another's.
+_RUN = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+_XLA_CACHE = os.path.join(tempfile.gettempdir(), f"ssdkit-tests-xla-{_RUN}")
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a plain run) cleans up
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
 
 #: Modules whose assertions compare floats computed by compiled programs: marked `numerics`, they run a
 #: second time in the README test command with XLA's CPU backend limited to AVX2

@@ -83,7 +83,7 @@ def test_loss_mask_and_segment_ids_set_the_weights():
 def test_packed_row_equals_documents_alone():
     """Packing: the loss of a packed row is the token-weighted mean of each document's loss run alone,
     and so is its gradient (state and conv window reset at each document start)."""
-    params, cfg = _params(seed=2)
+    params, cfg = _params(dataclasses.replace(CFG, n_layer=1), seed=2)  # one layer: resets are per layer
     lengths = [7, 11, 6]  # 11 is not a multiple of the chunk (8), 7 + 11 crosses a chunk boundary
     docs = [_tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
     packed = jnp.concatenate(docs, axis=1)

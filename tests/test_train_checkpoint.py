@@ -21,7 +21,7 @@ from models import mamba2
 from ssdkit.checkpointing import COMMIT_FILE, TrainCheckpointer
 from ssdkit.train import TrainState, adamw, make_train_step
 
-CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=40, d_state=8, headdim=16, chunk_size=8)
+CFG = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=40, d_state=8, headdim=16, chunk_size=8)
 REPO = Path(__file__).resolve().parents[1]
 SEED, N, K = 1234, 5, 2  # N steps in all, the checkpoint after K
 
@@ -206,8 +206,8 @@ def test_mismatches_and_missing_checkpoints_are_clear_errors(tmp_path):
         with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
             ckpt.restore(template(CFG))
         ckpt.save(0, _new_state())
-        with pytest.raises(ValueError, match=r"in the template but not in the checkpoint \(.*params\.layers\.2\."):
-            ckpt.restore(template(dataclasses.replace(CFG, n_layer=3)))
+        with pytest.raises(ValueError, match=r"in the template but not in the checkpoint \(.*params\.layers\.1\."):
+            ckpt.restore(template(dataclasses.replace(CFG, n_layer=2)))
         with pytest.raises(ValueError, match=r"shape mismatches \(.*params\.layers\.0\.norm: template \(48,\) vs "
                                              r"checkpoint \(32,\)"):
             ckpt.restore(template(dataclasses.replace(CFG, d_model=48)))
