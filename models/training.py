@@ -199,9 +199,12 @@ def prepare_data(cfg: TrainRunConfig, docs, scales) -> tuple[PackedRows, PackedR
 
 # ------------------------------------------------------------------------------ model
 def _model(cfg: TrainRunConfig, vocab_size: int):
-    """(params, model config) from a checkpoint directory, a preset or the flags."""
+    """(params, model config) from a checkpoint directory, a preset or the flags.
+
+    The layers are stacked: the scan over layers is where rematerialisation saves memory (XLA plans the
+    unrolled per-layer stack's backward pass with every layer's activations whatever the policy)."""
     if cfg.init_from is not None:
-        params, mcfg = mamba2.load_checkpoint(cfg.init_from, dtype=jnp.float32)
+        params, mcfg = mamba2.load_checkpoint(cfg.init_from, dtype=jnp.float32, stacked=True)
         if mcfg.padded_vocab_size < vocab_size:
             raise ValueError(f"{cfg.init_from} has a vocabulary of {mcfg.padded_vocab_size}, smaller than the "
                              f"tokenizer's {vocab_size}")
@@ -210,7 +213,7 @@ def _model(cfg: TrainRunConfig, vocab_size: int):
         mcfg = dataclasses.replace(mamba2.Mamba2Config.preset(cfg.model), vocab_size=vocab_size)
     else:
         mcfg = mamba2.Mamba2Config(vocab_size=vocab_size, **{k: getattr(cfg, k) for k in MODEL_FLAGS})
-    params = mamba2.init_params(mcfg, jax.random.key(cfg.seed))
+    params = mamba2.init_params(mcfg, jax.random.key(cfg.seed), stacked=True)
     return params, mcfg
 
 
