@@ -40,14 +40,11 @@ DEFAULT_BLOCK_SIZE = 256
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CrossEntropySums:
-    """Weighted sums over target positions (float32 scalars): combine batches by adding them."""
+    """Weighted sums over target positions (float32 scalars)."""
 
     nll: Scalar  # Σ w_t · (logsumexp(z_t) - z_t[y_t])
     correct: Scalar  # Σ w_t · [argmax z_t == y_t]
     weight: Scalar  # Σ w_t, the number of target tokens when weights are 0/1
-
-    def __add__(self, other: CrossEntropySums) -> CrossEntropySums:
-        return jax.tree_util.tree_map(jnp.add, self, other)
 
     def metrics(self) -> LossMetrics:
         """The token-weighted means (0 where no token carries weight)."""

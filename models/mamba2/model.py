@@ -225,11 +225,9 @@ def _check_cache(cfg: Mamba2Config, cache: RecurrentCache, batch: int) -> None:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_hidden"))
 def _forward(params, cfg, tokens, return_hidden):
-    residual = _embed(params, tokens)
-    cache = init_cache(cfg, tokens.shape[0], compute_dtype(params))
-    layer = functools.partial(_layer_seq, cfg, lengths=None)
-    residual, _ = ssdkit.scan_layers(layer, params.layers, residual, cache)
-    logits, hidden = _logits(cfg, params, residual, sequence=True)
+    hidden = _hidden(params, cfg, tokens, None)
+    w = _head_weight(params)
+    logits = _project(hidden.astype(w.dtype), w, "...d,vd->...v", sequence=True)
     return (logits, hidden) if return_hidden else logits
 
 
