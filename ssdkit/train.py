@@ -3,8 +3,8 @@
 One jitted step with the train state donated::
 
     g      = Σ_i n_i · ∇ loss_i / Σ_i n_i          over micro-batches i (n_i: their target tokens)
-    finite = isfinite(loss) ∧ isfinite(g)
-    params, opt_state = optimizer(g) if finite else unchanged     (skipped += ¬finite)
+    finite = isfinite(loss) ∧ isfinite(‖g‖)     (one reduction: any NaN or Inf in g makes ‖g‖ non-finite)
+    params, opt_state = optimizer(g) if finite else unchanged     (a lax.cond; skipped += ¬finite)
 
 Weights and optimiser state stay in float32 (master weights); ``compute_dtype`` casts the weight
 matrices (floating leaves with two or more axes) for the forward and backward pass only, so gradients
@@ -30,6 +30,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, Int
 
+from ssdkit.xla_options import training_compiler_options
 from ssdkit.loss import LossMetrics
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, LossMetrics]]
@@ -151,11 +152,6 @@ def _split_micro(batch, micro_batches: int):
     return jax.tree_util.tree_map(split, batch)
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -202,19 +198,21 @@ def make_train_step(
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32) / denom, grads)
         loss = nll / denom
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        safe = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, 0.0), grads)
-        updates, opt_state = optimizer.update(safe, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731 -- never write a non-finite update
-        new_state = TrainState(
-            step=state.step + 1,
-            params=jax.tree_util.tree_map(keep, params, state.params),
-            opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
-        metrics = StepMetrics(loss=loss, accuracy=correct / denom, tokens=tokens,
-                              grad_norm=optax.tree.norm(grads), finite=finite)
+        grad_norm = optax.tree.norm(grads)
+        # One reduction decides: a NaN or Inf anywhere makes the norm non-finite (as does a gradient whose
+        # norm overflows float32, which no update should follow either).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(params_opt):
+            updates, opt_state = optimizer.update(grads, params_opt[1], params_opt[0])
+            return optax.apply_updates(params_opt[0], updates), opt_state
+
+        # a conditional, not a select: a skipped step leaves the donated buffers as they were, and a
+        # taken one costs no extra pass over the parameters and optimiser state
+        params, opt_state = lax.cond(finite, update, lambda params_opt: params_opt, (state.params, state.opt_state))
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics = StepMetrics(loss=loss, accuracy=correct / denom, tokens=tokens, grad_norm=grad_norm, finite=finite)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=training_compiler_options())
