@@ -3,14 +3,21 @@
 A (batch, seq, vocab) float32 logits tensor is the largest array of LM training (130M at batch 8 x 2,048
 tokens with a 50k vocabulary: 3.3 GB, and as much again for its gradient). :func:`head_cross_entropy`
 never builds it: the head's matrix product, the log-softmax and the target pick run over blocks of
-``block_size`` positions inside a ``lax.scan`` whose body is rematerialised (``jax.checkpoint``), so
-forward and backward each hold one block's logits, (batch, block_size, vocab), at a time.
+``block_size`` positions inside a ``lax.scan``, so a pass holds one block's logits,
+(batch, block_size, vocab), at a time.
 
 For position t with logits ``z = h_t · Wᵀ`` (float32) and target y::
 
-    nll_t = logsumexp(z) - z[y]        correct_t = [argmax z == y]
+    nll_t = logsumexp(z) - z[y]        correct_t = [z[y] = max z]
 
 summed with weights ``w_t`` (0 for padding, document boundaries, masked tokens).
+
+**The gradient is computed in the forward pass** (a ``jax.custom_vjp``): with ``p = softmax(z)``,
+``∂nll_t/∂z = p - onehot(y)``, so while a block's logits are at hand the block also computes
+``dz = w_t (p - onehot(y))``, ``∂/∂h = dz · W`` and adds ``dzᵀ · h`` to ``∂/∂W``. The backward pass only
+scales these by the incoming cotangent. The head then costs three matrix products per block (logits and
+the two gradients) where a rematerialised block costs four (its logits twice), and no logits are stored
+between the passes. Without differentiation only the logits product runs.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class CrossEntropySums:
     """Weighted sums over target positions (float32 scalars)."""
 
     nll: Scalar  # Σ w_t · (logsumexp(z_t) - z_t[y_t])
-    correct: Scalar  # Σ w_t · [argmax z_t == y_t]
+    correct: Scalar  # Σ w_t · [z_t[y_t] = max z_t] (the target is an argmax; a tie for the maximum counts)
     weight: Scalar  # Σ w_t, the number of target tokens when weights are 0/1
 
     def metrics(self) -> LossMetrics:
@@ -109,8 +116,9 @@ def head_cross_entropy(
         weights: (batch, seq) float weights, 0 to ignore a position.
         block_size: positions per block; seq is padded up to a multiple with zero weight.
 
-    Memory: one block's (batch, block_size, vocab) float32 logits in the forward pass and again in the
-    backward pass (the block is recomputed), whatever seq is.
+    Memory: one block's (batch, block_size, vocab) float32 logits (and, when differentiated, their
+    gradient) at a time, whatever seq is; the gradients for ``hidden`` and ``head`` are formed in the
+    forward pass (module docstring).
     """
     batch, seq, dim = np.shape(hidden)
     if np.shape(head)[1:] != (dim,) or np.ndim(head) != 2:
@@ -124,28 +132,74 @@ def head_cross_entropy(
     block = min(block_size, max(seq, 1))
     n_blocks = -(-seq // block)
     pad = n_blocks * block - seq
-    mm_dtype = sequence_matmul_dtype(head.dtype)
 
     def blocks(a):  # (batch, seq, ...) -> (n_blocks, batch, block, ...)
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         return jnp.moveaxis(a.reshape(batch, n_blocks, block, *a.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def one_block(h, t, w):
-        h = h.astype(head.dtype).astype(mm_dtype)
-        z = jnp.einsum("bsd,vd->bsv", h, head.astype(mm_dtype), preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        picked = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
-        correct = (jnp.argmax(z, axis=-1) == t).astype(jnp.float32)
-        return jnp.sum(w * (lse - picked)), jnp.sum(w * correct)
+    safe_targets = jnp.clip(targets, 0, np.shape(head)[0] - 1)
+    nll, correct = _blocked_sums(blocks(hidden), head, blocks(safe_targets), blocks(weights.astype(jnp.float32)))
+    return CrossEntropySums(nll=nll, correct=lax.stop_gradient(correct), weight=jnp.sum(weights).astype(jnp.float32))
 
-    def body(acc, xs):
-        nll, correct = one_block(*xs)
-        return (acc[0] + nll, acc[1] + correct), None
+
+def _block_logits(h, head):
+    """One block's float32 logits (batch, block, vocab), and h as multiplied (the product's dtype)."""
+    mm_dtype = sequence_matmul_dtype(head.dtype)
+    h = h.astype(head.dtype).astype(mm_dtype)
+    return jnp.einsum("bsd,vd->bsv", h, head.astype(mm_dtype), preferred_element_type=jnp.float32), h
+
+
+def _block_stats(z, t):
+    """Per position: (logsumexp, max, exp(z - max), the target's logit) of float32 logits z."""
+    top = jnp.max(z, axis=-1)
+    e = jnp.exp(z - top[..., None])
+    lse = top + jnp.log(jnp.sum(e, axis=-1))
+    picked = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
+    return lse, top, e, picked
+
+
+def _scan_blocks(h_blocks, head, t_blocks, w_blocks, with_grads: bool):
+    """Σ w·nll and Σ w·correct over the blocks; with ``with_grads`` also (∂/∂h blocks, ∂/∂head, nll)."""
+    vocab, dim = head.shape
+    mm_dtype = sequence_matmul_dtype(head.dtype)
+
+    def body(carry, xs):
+        h, t, w = xs
+        z, h_mm = _block_logits(h, head)
+        lse, top, e, picked = _block_stats(z, t)
+        nll = lse - picked
+        sums = (carry[0] + jnp.sum(w * nll), carry[1] + jnp.sum(w * (picked >= top)))
+        if not with_grads:
+            return sums, None
+        # dz = w (softmax(z) - onehot(t)), formed in one fused elementwise pass over the block
+        onehot = lax.broadcasted_iota(jnp.int32, z.shape, 2) == t[..., None]
+        dz = w[..., None] * (e / jnp.sum(e, axis=-1, keepdims=True) - onehot)
+        dz = dz.astype(mm_dtype)
+        d_h = jnp.einsum("bsv,vd->bsd", dz, head.astype(mm_dtype), preferred_element_type=jnp.float32)
+        d_head = carry[2] + jnp.einsum("bsv,bsd->vd", dz, h_mm, preferred_element_type=jnp.float32)
+        return (*sums, d_head), (d_h, nll)
 
     zero = jnp.zeros((), jnp.float32)
-    safe_targets = jnp.clip(targets, 0, np.shape(head)[0] - 1)
-    (nll, correct), _ = lax.scan(
-        body, (zero, zero), (blocks(hidden), blocks(safe_targets), blocks(weights.astype(jnp.float32)))
-    )
-    return CrossEntropySums(nll=nll, correct=lax.stop_gradient(correct), weight=jnp.sum(weights).astype(jnp.float32))
+    init = (zero, zero) + ((jnp.zeros((vocab, dim), jnp.float32),) if with_grads else ())
+    return lax.scan(body, init, (h_blocks, t_blocks, w_blocks))
+
+
+@jax.custom_vjp
+def _blocked_sums(h_blocks, head, t_blocks, w_blocks):
+    (nll, correct), _ = _scan_blocks(h_blocks, head, t_blocks, w_blocks, with_grads=False)
+    return nll, correct
+
+
+def _blocked_sums_fwd(h_blocks, head, t_blocks, w_blocks):
+    (nll, correct, d_head), (d_h, nll_t) = _scan_blocks(h_blocks, head, t_blocks, w_blocks, with_grads=True)
+    return (nll, correct), (d_h.astype(h_blocks.dtype), d_head.astype(head.dtype), nll_t, t_blocks)
+
+
+def _blocked_sums_bwd(res, cotangents):
+    d_h, d_head, nll_t, t_blocks = res
+    g = cotangents[0]  # the correct-count is piecewise constant: its cotangent contributes nothing
+    float0 = np.zeros(np.shape(t_blocks), jax.dtypes.float0)
+    return ((g * d_h).astype(d_h.dtype), (g * d_head).astype(d_head.dtype), float0, g * nll_t)
+
+
+_blocked_sums.defvjp(_blocked_sums_fwd, _blocked_sums_bwd)
