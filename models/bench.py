@@ -1,4 +1,4 @@
-"""``ssdkit bench``: Mamba-2 prefill and decode throughput with roofline accounting.
+"""``ssdkit bench``: Mamba-2 prefill, decode and training throughput with roofline accounting.
 
 For each weight dtype it measures the machine's ceilings in the same run (``ssdkit.bench``), then:
 
@@ -6,6 +6,11 @@ For each weight dtype it measures the machine's ceilings in the same run (``ssdk
   against the measured GEMM peak, compile time, XLA's planned scratch memory;
 * decode at each batch size, through the compiled on-device generation loop: tokens/s, bytes moved per
   step (weights + cache), bandwidth use against the measured streaming bandwidth, compile time.
+
+With ``--train`` it measures the training step of ``ssdkit train`` instead (``models.training.make_step``:
+the blockwise loss, its gradient and the default AdamW update, float32 master weights): tokens/s,
+achieved FLOP/s and MFU (``models.mamba2.cost.train_flops``), compile time and XLA's planned peak memory
+of the step (train state + batch + scratch).
 
 Warm-up is excluded; the median of repeated runs is reported with min and max.
 """
@@ -95,14 +100,125 @@ def bench_decode(params, cfg, ceil: Ceilings, *, batch: int, steps: int, repeats
                   nbytes / per_step / ceil.read_bytes_per_s, compile_s, None, flops / nbytes)
 
 
-def load_params(model: str, dtype, seed: int = 0):
+def model_config(model: str) -> mamba2.Mamba2Config:
+    """A preset name, or ``key=value`` fields of ``Mamba2Config`` (e.g. ``d_model=256,n_layer=6,vocab_size=256``)."""
+    if "=" not in model:
+        return mamba2.Mamba2Config.preset(model)
+    names = {f.name for f in dataclasses.fields(mamba2.Mamba2Config)}
+    fields = {}
+    for item in filter(None, model.split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in names:
+            raise ValueError(f"--model {model}: {key.strip()!r} is not a Mamba2Config field")
+        try:
+            fields[key.strip()] = float(value) if "." in value or "e" in value.lower() else int(value)
+        except ValueError:
+            raise ValueError(f"--model {model}: {key.strip()}={value!r} is not a number") from None
+    return mamba2.Mamba2Config(**fields)
+
+
+def load_params(model: str, dtype, seed: int = 0, *, stacked: bool = False):
+    """(params, config) from a checkpoint directory, or random weights for a preset / ``key=value`` fields."""
     path = Path(model)
     if path.is_dir():
-        params, cfg = mamba2.load_checkpoint(path, dtype=dtype)
+        params, cfg = mamba2.load_checkpoint(path, dtype=dtype, stacked=stacked)
         return params, cfg
-    cfg = mamba2.Mamba2Config.preset(model)
-    params = jax.jit(mamba2.init_params, static_argnums=(0, 2))(cfg, jax.random.key(seed), dtype)
-    return params, cfg
+    cfg = model_config(model)
+    init = jax.jit(mamba2.init_params, static_argnums=(0, 2), static_argnames=("stacked",))
+    return init(cfg, jax.random.key(seed), dtype, stacked=stacked), cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    compute_dtype: str
+    batch: int
+    seq: int
+    remat: str
+    tokens_per_s: float
+    seconds_median: float  # one step
+    seconds_min: float
+    seconds_max: float
+    flops_per_s: float  # models.mamba2.cost.train_flops / step time
+    mfu: float  # against the measured GEMM peak at the compute dtype
+    compile_s: float
+    state_bytes: int  # parameters + optimiser state
+    peak_bytes: int | None  # XLA's plan: arguments + outputs - donated + scratch
+
+
+def train_batch(cfg: mamba2.Mamba2Config, batch: int, seq: int, seed: int = 0):
+    """A (tokens, segment_ids) training batch of random ids (one document per row)."""
+    tokens = jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size, jnp.int32)
+    return tokens, jnp.zeros((batch, seq), jnp.int32)
+
+
+def bench_train(params, cfg, ceil: Ceilings, *, batch: int, seq: int, remat: str = "none",
+                compute_dtype: str = "float32", repeats: int = 3) -> TrainResult:
+    """Time ``ssdkit train``'s step (float32 master ``params``; they are copied, not consumed)."""
+    from models import training
+
+    optimizer = ssdkit.adamw(3e-4, total_steps=10_000, warmup_steps=100)
+    step = training.make_step(cfg, optimizer, remat=remat, compute_dtype=compute_dtype)
+    state = [ssdkit.TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)]
+    data = train_batch(cfg, batch, seq)
+    compile_s, compiled = compile_seconds(step, state[0], data)
+
+    def one_step():
+        state[0], metrics = compiled(state[0], data)
+        return metrics.loss
+
+    t = time_calls(one_step, repeats=repeats)
+    flops = cost.train_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
+    state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves((state[0].params, state[0].opt_state)))
+    try:
+        ma = compiled.memory_analysis()
+        peak = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                   + ma.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        peak = None
+    del state
+    return TrainResult(compute_dtype, batch, seq, remat, batch * seq / t.median, t.median, t.min, t.max,
+                       flops / t.median, flops / t.median / ceil.gemm_flops, compile_s, state_bytes, peak)
+
+
+def run_train(model: str = "130m", compute_dtypes=("float32",), lengths=(512, 2048), batch: int = 1,
+              remats=("none",), repeats: int = 3, config: mamba2.Mamba2Config | None = None):
+    """Every training workload; returns (list of Ceilings, list of TrainResult)."""
+    if config is None:
+        params, cfg = load_params(model, jnp.float32, stacked=True)
+    else:
+        cfg, params = config, mamba2.init_params(config, jax.random.key(0), stacked=True)
+    ceilings, results = [], []
+    for dtype_name in compute_dtypes:
+        _log(f"[bench] {dtype_name}: measuring the machine's ceilings ...")
+        ceil = measure_ceilings(jnp.dtype(dtype_name))
+        ceilings.append(ceil)
+        _log(f"[bench]   GEMM {ceil.gemm_flops / 1e9:.1f} GFLOP/s (best {ceil.gemm_flops_best / 1e9:.1f})")
+        for seq in lengths:
+            for remat in remats:
+                _log(f"[bench]   train batch {batch} x {seq} tokens, {dtype_name} compute, remat {remat} ...")
+                results.append(bench_train(params, cfg, ceil, batch=batch, seq=seq, remat=remat,
+                                           compute_dtype=dtype_name, repeats=repeats))
+                _log("[bench]     " + _fmt_train(results[-1]))
+    return ceilings, results
+
+
+def _fmt_train(r: TrainResult) -> str:
+    peak = "" if r.peak_bytes is None else f", peak {r.peak_bytes / 2**20:,.0f} MiB"
+    return (f"train {r.compute_dtype} b={r.batch} n={r.seq} remat={r.remat}: {r.tokens_per_s:,.1f} tokens/s "
+            f"({r.seconds_median:.3f} s/step, min {r.seconds_min:.3f}, max {r.seconds_max:.3f}); "
+            f"{r.flops_per_s / 1e9:.1f} GFLOP/s = {100 * r.mfu:.1f}% MFU; compile {r.compile_s:.1f} s{peak}")
+
+
+def train_table(results: list[TrainResult]) -> str:
+    head = ("| workload | compute | batch | tokens | remat | tokens/s | s/step (median) | GFLOP/s | MFU | compile s "
+            "| state MiB | peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [
+        f"| train | {r.compute_dtype} | {r.batch} | {r.seq} | {r.remat} | {r.tokens_per_s:,.1f} | "
+        f"{r.seconds_median:.3f} | {r.flops_per_s / 1e9:.1f} | {100 * r.mfu:.1f}% | {r.compile_s:.1f} | "
+        f"{r.state_bytes / 2**20:,.0f} | {'' if r.peak_bytes is None else f'{r.peak_bytes / 2**20:,.0f}'} |"
+        for r in results
+    ]
+    return "\n".join([head, *rows])
 
 
 def run(model: str = "130m", dtypes=("float32",), prefill_lengths=(128, 512, 2048), prefill_batch: int = 1,
@@ -167,16 +283,21 @@ def main(args) -> int:
     ints = lambda s: tuple(int(v) for v in s.split(",") if v)  # noqa: E731
     print(f"[bench] JAX {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
           file=sys.stderr)
-    ceilings, results = run(args.model, tuple(args.dtype.split(",")), ints(args.prefill_lengths), args.prefill_batch,
-                            ints(args.decode_batches), args.decode_steps, args.repeats)
-    print(table(results))
+    if args.train:
+        ceilings, results = run_train(args.model, tuple(args.dtype.split(",")), ints(args.train_lengths),
+                                      args.train_batch, tuple(args.remat.split(",")), args.repeats)
+        print(train_table(results))
+    else:
+        ceilings, results = run(args.model, tuple(args.dtype.split(",")), ints(args.prefill_lengths),
+                                args.prefill_batch, ints(args.decode_batches), args.decode_steps, args.repeats)
+        print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "jax": jax.__version__, "backend": jax.devices()[0].platform, "model": args.model,
             "ceilings": [dataclasses.asdict(c) for c in ceilings],
             "results": [dataclasses.asdict(r) for r in results],
         }, indent=2, default=lambda o: None if isinstance(o, float) and not np.isfinite(o) else o))
-    if args.plot:
+    if args.plot and not args.train:
         title = f"Mamba-2 {args.model} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})"
         _log(f"[bench] roofline written to {plot_roofline(ceilings, roofline_points(results), args.plot, title=title)}")
     return 0

@@ -3,6 +3,7 @@
     ssdkit generate --model DIR_OR_PRESET [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
+                    [--train [--train-lengths 512,2048] [--train-batch 1] [--remat none,layer]]
                     [--plot roofline.png]
     ssdkit demo     prefill + O(1) decode of toy recurrences built on the core, with timings
     ssdkit train    --data FILE|DIR|IDS.npy [--config run.toml] [--out DIR] [--model PRESET | --init-from DIR]
@@ -178,6 +179,16 @@ def cmd_bench(args) -> int:
     bad = [d for d in args.dtype.split(",") if d not in DTYPES]
     if bad:
         raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+    if args.train:
+        from ssdkit.stack import REMAT_POLICIES
+
+        if bad := [r for r in args.remat.split(",") if r not in REMAT_POLICIES]:
+            raise CliError(f"--remat {bad[0]!r} is not one of {', '.join(REMAT_POLICIES)}")
+    if not Path(args.model).is_dir():
+        try:
+            bench.model_config(args.model)
+        except ValueError as err:
+            raise CliError(str(err)) from None
     _enable_compilation_cache()
     return bench.main(args)
 
@@ -241,8 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="prefill/decode throughput with roofline accounting (see docs/benchmarks.md)")
-    b.add_argument("--model", default="130m", help="checkpoint directory or preset (random weights)")
-    b.add_argument("--dtype", default="float32,bfloat16", help="comma-separated weight dtypes")
+    b.add_argument("--model", default="130m", help="checkpoint directory, preset, or Mamba2Config fields "
+                   "key=value,... (random weights), e.g. d_model=256,n_layer=6,vocab_size=256")
+    b.add_argument("--dtype", default="float32,bfloat16",
+                   help="comma-separated weight dtypes (with --train: compute dtypes; master weights stay float32)")
+    b.add_argument("--train", action="store_true", help="time the training step of `ssdkit train` instead")
+    b.add_argument("--train-lengths", default="512,2048", help="with --train: tokens per row")
+    b.add_argument("--train-batch", type=int, default=1, help="with --train: rows per step")
+    b.add_argument("--remat", default="none", help="with --train: comma-separated remat policies (none,layer,matmuls)")
     b.add_argument("--prefill-lengths", default="128,512,2048")
     b.add_argument("--prefill-batch", type=int, default=1)
     b.add_argument("--decode-batches", default="1,16")

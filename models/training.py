@@ -264,9 +264,8 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
                              weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
     schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=cfg.steps,
                                           min_ratio=cfg.min_lr_ratio)
-    loss_fn = functools.partial(_batch_loss, mcfg=mcfg, remat=cfg.remat)
-    step_fn = ssdkit.make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches,
-                                     compute_dtype=None if cfg.compute_dtype == "float32" else jnp.bfloat16)
+    step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
+                        compute_dtype=cfg.compute_dtype)
     state = ssdkit.TrainState.create(params, optimizer)
 
     checkpointer = TrainCheckpointer(out / "checkpoints", keep=cfg.keep)
@@ -321,6 +320,15 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
                                     f", held-out loss {held_loss:.4f}, {held_bpb:.4f} bits/byte")
         + f"; {summary.skipped} non-finite steps skipped; weights in {out / 'model'}")
     return summary
+
+
+def make_step(mcfg: mamba2.Mamba2Config, optimizer, *, remat: str = "none", micro_batches: int = 1,
+              compute_dtype: str = "float32"):
+    """The jitted training step of ``ssdkit train`` (and ``ssdkit bench --train``) on batches
+    ``(tokens, segment_ids)``, each (batch, seq) int32: ``ssdkit.make_train_step`` over ``mamba2.loss``."""
+    loss_fn = functools.partial(_batch_loss, mcfg=mcfg, remat=remat)
+    return ssdkit.make_train_step(loss_fn, optimizer, micro_batches=micro_batches,
+                                  compute_dtype=None if compute_dtype == "float32" else jnp.dtype(compute_dtype))
 
 
 def _batch_loss(params, batch, *, mcfg, remat):

@@ -71,3 +71,42 @@ def test_bench_runs_end_to_end(tmp_path):
     png = plot_roofline(ceilings, bench.roofline_points(results), tmp_path / "roofline.png", title="tiny")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert [p.workload for p in bench.roofline_points(results)] == ["prefill 32", "decode b=2"]
+
+
+def test_train_flops_agree_with_xla_cost_analysis():
+    """3x the forward over every position, the head at every position with a next token. XLA counts the
+    backward pass's products directly; the formula leaves out norms, activations and the optimiser, and
+    the head's blocks are one block here (XLA counts a loop body once). 25% as above."""
+    cfg = mamba2.Mamba2Config(**{**CFG.__dict__, "n_layer": 1})
+    params = mamba2.init_params(cfg, jax.random.key(0))
+    tokens = jnp.zeros((2, 64), jnp.int32)
+    xla_train = _xla_flops(jax.value_and_grad(lambda p, t: mamba2.loss(p, cfg, t)[0]), params, tokens)
+    assert 0.75 < cost.train_flops(cfg, 2, 64) / xla_train < 1.25
+    # 6 x parameters x tokens plus the scan's terms: the model's matrices dominate at this size
+    forward_tokens = 2 * 64
+    assert cost.train_flops(cfg, 2, 64) > 3 * (cost.prefill_flops(cfg, 2, 64) - 2 * 2 * cfg.d_model * cfg.padded_vocab_size)
+    assert cost.train_flops(cfg, 2, 64) < 3 * 2 * forward_tokens * (cfg.num_params() + cfg.n_layer * 4096 * 16)
+
+
+def test_bench_train_runs_end_to_end():
+    ceilings, results = bench.run_train(compute_dtypes=("float32",), lengths=(32,), batch=2,
+                                        remats=("none", "layer"), repeats=1, config=CFG)
+    assert ceilings[0].gemm_flops > 0
+    assert [(r.seq, r.remat) for r in results] == [(32, "none"), (32, "layer")]
+    for r in results:
+        assert np.isfinite(r.tokens_per_s) and r.tokens_per_s > 0 and r.compile_s > 0
+        assert r.flops_per_s == pytest.approx(cost.train_flops(CFG, 2, 32) / r.seconds_median)
+        # the train state is float32 parameters + AdamW's two moments (+ a few scalars)
+        assert 3 * CFG.num_params() * 4 <= r.state_bytes < 3 * CFG.num_params() * 4 + 1024
+        assert r.peak_bytes is not None and r.peak_bytes > r.state_bytes
+    assert "| train | float32 | 2 | 32 | layer |" in bench.train_table(results)
+
+
+def test_model_fields_on_the_command_line():
+    cfg = bench.model_config("d_model=256,n_layer=6,vocab_size=256,norm_eps=1e-6")
+    assert (cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.norm_eps) == (256, 6, 256, 1e-6)
+    assert bench.model_config("130m") == mamba2.Mamba2Config.preset("130m")
+    with pytest.raises(ValueError, match="'width' is not a Mamba2Config field"):
+        bench.model_config("width=3")
+    with pytest.raises(ValueError, match="is not a number"):
+        bench.model_config("d_model=big")

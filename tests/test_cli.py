@@ -78,3 +78,19 @@ def test_demo_runs(capsys):
     assert main(["demo", "--prompt-len", "20", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "retention" in out and "GLA" in out and "tokens/s" in out
+
+
+def test_bench_train_on_a_tiny_model(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "train.json"
+    model = "d_model=32,n_layer=1,vocab_size=50,d_state=8,headdim=16,chunk_size=8"
+    assert main(["bench", "--train", "--model", model, "--train-lengths", "16", "--train-batch", "2",
+                 "--dtype", "float32", "--repeats", "1", "--json", str(out)]) == 0
+    assert "| train | float32 | 2 | 16 | none |" in capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["tokens_per_s"] > 0 and result["peak_bytes"] > result["state_bytes"] > 0
+    assert main(["bench", "--train", "--model", model, "--remat", "all"]) == 2
+    assert "--remat 'all' is not one of none, layer, matmuls" in capsys.readouterr().err
+    assert main(["bench", "--model", "d_model=big"]) == 2
+    assert "is not a number" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Analytic FLOP and byte counts of Mamba-2 inference (documented in docs/benchmarks.md).
+"""Analytic FLOP and byte counts of Mamba-2 inference and training (documented in docs/benchmarks.md).
 
 A multiply-add counts as 2 FLOPs. Per layer and token, with D = d_model, E = d_in_proj, C = conv_dim,
 I = d_inner, H heads of P channels, G groups of N states, K = d_conv, Q = chunk size::
@@ -13,6 +13,12 @@ decode. Norms, gates and activations (O(D + I) per token) are left out. Bytes pe
 weight read once plus the cache read and written once; a prefill's compulsory bytes are every weight read
 once, the cache written once and the tokens read (activations that could stay in cache are not counted),
 so the arithmetic intensity FLOPs / bytes places a workload on the roofline (docs/benchmarks.md).
+
+A training step counts 3x the forward pass over every position (the backward pass of a product costs two
+products: one for the input's gradient, one for the weight's), with the LM head at every position that
+has a next token: ``3 · (batch · seq · n_layer · (projections + SSD chunked) + batch · (seq - 1) · 2·D·V)``,
+which is ``6 · parameters · tokens`` plus the scan's terms. Recomputation (remat, the head's blocks) and
+the optimiser's O(parameters) update are not counted: MFU credits only the work the model needs.
 """
 
 from __future__ import annotations
@@ -34,6 +40,14 @@ def prefill_flops(cfg: Mamba2Config, batch: int, seq: int, chunk_size: int | Non
     ssd = 2 * q * (cfg.ngroups * cfg.d_state + cfg.nheads * cfg.headdim) + 4 * cfg.nheads * cfg.headdim * cfg.d_state
     per_token = cfg.n_layer * (_projections(cfg) + ssd)
     return float(batch) * (seq * per_token + 2 * cfg.d_model * cfg.padded_vocab_size)
+
+
+def train_flops(cfg: Mamba2Config, batch: int, seq: int, chunk_size: int | None = None) -> float:
+    """FLOPs of one training step (forward and backward) on ``batch`` rows of ``seq`` tokens."""
+    q = min(chunk_size or cfg.chunk_size, seq)
+    ssd = 2 * q * (cfg.ngroups * cfg.d_state + cfg.nheads * cfg.headdim) + 4 * cfg.nheads * cfg.headdim * cfg.d_state
+    per_token = cfg.n_layer * (_projections(cfg) + ssd)
+    return 3.0 * batch * (seq * per_token + (seq - 1) * 2 * cfg.d_model * cfg.padded_vocab_size)
 
 
 def decode_flops(cfg: Mamba2Config, batch: int) -> float:
