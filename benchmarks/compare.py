@@ -23,6 +23,19 @@ the two calls back to back (this removes the prompt and the call overhead).
 ``--dtype`` sets ssdkit's weight dtype; transformers and mamba2-jax get their weights in the same dtype,
 llama.cpp the GGUF type ``--gguf-type`` (default ``f32`` for float32, ``f16`` for bfloat16).
 
+**Training** (``--train``): the training step of ``ssdkit train`` (``models.training.make_step``: loss,
+gradient, global-norm clipping at 1.0 and AdamW with lr 3e-4, betas (0.9, 0.95), weight decay 0.1 on the
+matrices only) against the same step in transformers (``Mamba2ForCausalLM(labels=...)`` in train mode,
+``loss.backward()``, ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW`` with the same hyper-parameters and
+the same decay split), same weights, batch and sequence length, alternating for ``--rounds`` rounds after
+two warm-up steps each. Peak memory is each implementation's peak resident set (``ru_maxrss``) in a child
+process of its own (one process cannot tell apart the two libraries' allocations), with the RSS after
+setup (weights, optimiser state, libraries) beside it. The workers stay alive and alternate step by step;
+with ``--isolate`` only one is in memory at a time (a fresh process per sample, two warm-up steps each).
+
+    python benchmarks/compare.py --train --model 130m --train-lengths 512 --rounds 5
+    python benchmarks/compare.py --train --model 130m --train-lengths 2048 --rounds 3 --isolate
+
     python benchmarks/compare.py --model 130m --prefill-lengths 128,512,2048 --decode-steps 32 --rounds 3 \\
         --peers transformers,mamba2-jax,llama.cpp \\
         --llama-bench /path/to/llama.cpp/build/bin/llama-bench \\
@@ -49,7 +62,7 @@ import numpy as np
 
 import ssdkit
 from models import mamba2
-from models.bench import load_params
+from models.bench import load_params, model_config
 from models.mamba2 import cost
 from ssdkit.bench import RooflinePoint, measure_ceilings, plot_roofline, time_calls
 
@@ -246,6 +259,213 @@ def _peer(name: str, args, cfg, dtype, checkpoint: Callable[[], Path], scratch: 
         return None
 
 
+# ------------------------------------------------------------------------------ training
+class SsdKitTrain:
+    name = "ssdkit"
+
+    def __init__(self, params, cfg, batch: int, seq: int):
+        from models import training
+        from models.bench import train_batch
+
+        optimizer = ssdkit.adamw(3e-4, total_steps=10_000, warmup_steps=100)
+        self.step_fn = training.make_step(cfg, optimizer)
+        self.state = ssdkit.TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)
+        self.data = train_batch(cfg, batch, seq)
+        self.tokens = batch * seq
+
+    def step(self) -> float:
+        self.state, metrics = self.step_fn(self.state, self.data)
+        return float(metrics.loss)
+
+
+class TransformersTrain:
+    name = "transformers"
+
+    def __init__(self, checkpoint: Path, cfg, batch: int, seq: int, threads: int):
+        import torch
+        import transformers
+
+        from models.bench import train_batch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = transformers.Mamba2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
+        no_decay = ("embedding", "norm", "bias", "A_log", "dt_bias")
+        decay, keep = [], []
+        for name, p in self.model.named_parameters():
+            plain = p.ndim < 2 or any(k in name for k in no_decay) or name.endswith(".D")
+            (keep if plain else decay).append(p)
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": keep, "weight_decay": 0.0}],
+                                     lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+        self.data = torch.tensor(np.asarray(train_batch(cfg, batch, seq)[0]), dtype=torch.long)
+        self.tokens = batch * seq
+
+    def step(self) -> float:
+        loss = self.model(self.data, labels=self.data).loss
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set now (``VmRSS``) or its peak (``VmHWM``), from Linux /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def train_worker(args) -> None:
+    """Child process: build one implementation, then serve ``step`` (prints seconds) and ``memory``
+    (prints JSON) commands read from stdin, one per line, until ``quit``.
+
+    Each implementation runs in a process of its own, so that neither's thread pools, allocator caches
+    or resident memory touch the other's figures."""
+    params, cfg = load_params(args.model, jnp.float32, stacked=True)
+    if args.train_worker == "ssdkit":
+        impl = SsdKitTrain(params, cfg, args.train_batch, args.worker_seq)
+    else:
+        impl = TransformersTrain(Path(args.worker_checkpoint), cfg, args.train_batch, args.worker_seq, args.threads)
+    del params
+    setup = _rss_bytes()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            print(_seconds(impl.step), flush=True)
+        elif cmd == "memory":
+            print(json.dumps({"setup_rss": setup, "peak_rss": _rss_bytes("VmHWM")}), flush=True)
+        else:
+            return
+
+
+class Worker:
+    """The parent's handle on a :func:`train_worker` process."""
+
+    def __init__(self, name: str, args, checkpoint: Path, seq: int):
+        self.name = name
+        cmd = [sys.executable, __file__, "--train-worker", name, "--worker-checkpoint", str(checkpoint),
+               "--worker-seq", str(seq), "--model", args.model, "--train-batch", str(args.train_batch),
+               "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.tokens = args.train_batch * seq
+        if self._read() != "ready":
+            raise RuntimeError(f"the {name} worker did not start")
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} worker exited ({self.proc.wait()})")
+        return line.strip()
+
+    def ask(self, cmd: str) -> str:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def _start(name: str, args, ckpt: Path, seq: int) -> Worker | None:
+    try:
+        return Worker(name, args, ckpt, seq)
+    except Exception as err:  # noqa: BLE001 - a peer that cannot be set up is skipped
+        print(f"[compare] skipping {name}: {type(err).__name__}: {err}", flush=True)
+        return None
+
+
+def _alternate_workers(names, args, ckpt: Path, seq: int):
+    """All workers alive at once (started one at a time), two warm-up steps each, then alternating steps.
+    Returns (median seconds per token, memory figures), None for a worker that did not start."""
+    workers = []
+    try:
+        workers = [_start(name, args, ckpt, seq) for name in names]
+        live = [w for w in workers if w is not None]
+        for w in live:  # warm-up: compile, allocate
+            w.ask("step")
+            w.ask("step")
+        timed = alternate([lambda w=w: float(w.ask("step")) / w.tokens for w in live], args.rounds)
+        it = iter(timed)
+        seconds = [None if w is None else next(it) for w in workers]
+        return seconds, [None if w is None else json.loads(w.ask("memory")) for w in workers]
+    finally:
+        for w in workers:
+            if w is not None:
+                w.close()
+
+
+def _alternate_isolated(names, args, ckpt: Path, seq: int):
+    """``--isolate``: one implementation in memory at a time. Each round starts every worker in turn,
+    runs two warm-up steps and one timed step, records its memory and stops it."""
+    samples = {name: [] for name in names}
+    mem: dict = {name: None for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            w = _start(name, args, ckpt, seq)
+            if w is None:
+                continue
+            try:
+                w.ask("step")
+                w.ask("step")
+                samples[name].append(float(w.ask("step")) / w.tokens)
+                m = json.loads(w.ask("memory"))
+                mem[name] = m if mem[name] is None or m["peak_rss"] > mem[name]["peak_rss"] else mem[name]
+            finally:
+                w.close()
+    return [statistics.median(samples[n]) if samples[n] else None for n in names], [mem[n] for n in names]
+
+
+def main_train(args, peers: list[str]) -> None:
+    lengths = [int(v) for v in args.train_lengths.split(",") if v]
+    names = ["ssdkit"] + [p for p in peers if p == "transformers"]
+    for p in peers:
+        if p != "transformers":
+            print(f"[compare] skipping {p}: it has no training step", flush=True)
+    cfg = model_config(args.model) if not Path(args.model).is_dir() else mamba2.Mamba2Config.from_json(
+        Path(args.model) / "config.json")
+    with tempfile.TemporaryDirectory(prefix="ssdkit-compare-") as tmp:
+        ckpt = Path(args.model) if Path(args.model).is_dir() else Path(tmp) / "checkpoint"
+        if ckpt != Path(args.model):
+            params, _ = load_params(args.model, jnp.float32)
+            mamba2.save_checkpoint(params, cfg, ckpt)
+            del params
+        ceils = [measure_ceilings(jnp.float32)]
+        rows = []
+        for seq in lengths:
+            if args.isolate:
+                seconds, mem = _alternate_isolated(names, args, ckpt, seq)
+            else:
+                seconds, mem = _alternate_workers(names, args, ckpt, seq)
+            names_ = [n for n, m in zip(names, mem, strict=True) if m is not None]
+            seconds = [s for s, m in zip(seconds, mem, strict=True) if m is not None]
+            mem = [m for m in mem if m is not None]
+            flops = cost.train_flops(cfg, args.train_batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
+            rows.append((seq, names_, seconds, flops, mem))
+            print(f"train {args.train_batch}x{seq}: " + ", ".join(
+                f"{n} {1 / s:,.1f} tokens/s" for n, s in zip(rows[-1][1], seconds, strict=True)), flush=True)
+            ceils.append(measure_ceilings(jnp.float32))
+    # MFU against the highest of the GEMM medians measured before and after each workload: a ceiling
+    # measured while the shared machine was slow would flatter every implementation alike
+    ceil = max(ceils, key=lambda c: c.gemm_flops)
+    print(f"[compare] float32 GEMM ceiling {ceil.gemm_flops / 1e9:.1f} GFLOP/s (highest of {len(ceils)} medians: "
+          + ", ".join(f"{c.gemm_flops / 1e9:.0f}" for c in ceils) + ")", flush=True)
+
+    print(f"\n| train step (float32, batch {args.train_batch}) | implementation | tokens/s | s/step | MFU "
+          "| ssdkit ÷ it (speed) | peak RSS MiB | RSS after setup MiB |\n|---|---|---|---|---|---|---|---|")
+    for seq, names_, seconds, flops, mem in rows:
+        for name, s, m in zip(names_, seconds, mem, strict=True):
+            step_s = s * args.train_batch * seq
+            mfu = flops / step_s / ceil.gemm_flops
+            print(f"| {seq} tokens | {name} | {1 / s:,.1f} | {step_s:.2f} | {100 * mfu:.1f}% | {s / seconds[0]:.2f}x "
+                  f"| {m['peak_rss'] / 2**20:,.0f} | {m['setup_rss'] / 2**20:,.0f} |")
+
+
 def alternate(samplers: list[Sampler], rounds: int) -> list[float]:
     """Run the samplers in turn, ``rounds`` times; the median seconds per token of each."""
     samples: list[list[float]] = [[] for _ in samplers]
@@ -272,10 +492,25 @@ def main() -> None:
                     help="GGUF type to convert to (default: f32 for float32, f16 for bfloat16)")
     ap.add_argument("--llama-reps", type=int, default=1, help="llama-bench -r per sample")
     ap.add_argument("--plot", help="also write a roofline PNG of every implementation (needs matplotlib)")
+    ap.add_argument("--train", action="store_true", help="compare training steps instead (see above)")
+    ap.add_argument("--train-lengths", default="512,2048", help="with --train: tokens per row")
+    ap.add_argument("--train-batch", type=int, default=1, help="with --train: rows per step")
+    ap.add_argument("--isolate", action="store_true",
+                    help="with --train: one implementation in memory at a time (a fresh process per sample), "
+                         "for steps whose peaks do not fit in memory together (130M at 2,048 tokens on 24 GiB)")
+    ap.add_argument("--train-worker", choices=("ssdkit", "transformers"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-checkpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-seq", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.train_worker:
+        train_worker(args)
+        return
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if unknown := set(peers) - set(PEERS):
         ap.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS)}")
+    if args.train:
+        main_train(args, peers)
+        return
     dtype = jnp.dtype(args.dtype)
     lengths = [int(v) for v in args.prefill_lengths.split(",") if v]
 
