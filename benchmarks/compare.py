@@ -23,7 +23,8 @@ the two calls back to back (this removes the prompt and the call overhead).
 ``--dtype`` sets ssdkit's weight dtype; transformers and mamba2-jax get their weights in the same dtype,
 llama.cpp the GGUF type ``--gguf-type`` (default ``f32`` for float32, ``f16`` for bfloat16).
 
-**Training** (``--train``): the training step of ``ssdkit train`` (``models.training.make_step``: loss,
+**Training** (``--train``): the training step of ``ssdkit train`` (``models.training.make_step`` with its
+default ``--remat layer``: loss,
 gradient, global-norm clipping at 1.0 and AdamW with lr 3e-4, betas (0.9, 0.95), weight decay 0.1 on the
 matrices only) against the same step in transformers (``Mamba2ForCausalLM(labels=...)`` in train mode,
 ``loss.backward()``, ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW`` with the same hyper-parameters and
@@ -263,12 +264,12 @@ def _peer(name: str, args, cfg, dtype, checkpoint: Callable[[], Path], scratch: 
 class SsdKitTrain:
     name = "ssdkit"
 
-    def __init__(self, params, cfg, batch: int, seq: int):
+    def __init__(self, params, cfg, batch: int, seq: int, remat: str):
         from models import training
         from models.bench import train_batch
 
         optimizer = ssdkit.adamw(3e-4, total_steps=10_000, warmup_steps=100)
-        self.step_fn = training.make_step(cfg, optimizer)
+        self.step_fn = training.make_step(cfg, optimizer, remat=remat)
         self.state = ssdkit.TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)
         self.data = train_batch(cfg, batch, seq)
         self.tokens = batch * seq
@@ -325,7 +326,7 @@ def train_worker(args) -> None:
     or resident memory touch the other's figures."""
     params, cfg = load_params(args.model, jnp.float32, stacked=True)
     if args.train_worker == "ssdkit":
-        impl = SsdKitTrain(params, cfg, args.train_batch, args.worker_seq)
+        impl = SsdKitTrain(params, cfg, args.train_batch, args.worker_seq, args.remat)
     else:
         impl = TransformersTrain(Path(args.worker_checkpoint), cfg, args.train_batch, args.worker_seq, args.threads)
     del params
@@ -348,7 +349,7 @@ class Worker:
         self.name = name
         cmd = [sys.executable, __file__, "--train-worker", name, "--worker-checkpoint", str(checkpoint),
                "--worker-seq", str(seq), "--model", args.model, "--train-batch", str(args.train_batch),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--remat", args.remat]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.tokens = args.train_batch * seq
         if self._read() != "ready":
@@ -495,6 +496,8 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="compare training steps instead (see above)")
     ap.add_argument("--train-lengths", default="512,2048", help="with --train: tokens per row")
     ap.add_argument("--train-batch", type=int, default=1, help="with --train: rows per step")
+    ap.add_argument("--remat", default="layer", choices=("none", "layer", "matmuls"),
+                    help="with --train: ssdkit's remat policy (default: ssdkit train's, layer)")
     ap.add_argument("--isolate", action="store_true",
                     help="with --train: one implementation in memory at a time (a fresh process per sample), "
                          "for steps whose peaks do not fit in memory together (130M at 2,048 tokens on 24 GiB)")

@@ -35,6 +35,7 @@ from ssdkit.bench import (
     RooflinePoint,
     compile_seconds,
     measure_ceilings,
+    planned_peak_bytes,
     plot_roofline,
     temp_bytes,
     time_calls,
@@ -169,15 +170,10 @@ def bench_train(params, cfg, ceil: Ceilings, *, batch: int, seq: int, remat: str
     t = time_calls(one_step, repeats=repeats)
     flops = cost.train_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
     state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves((state[0].params, state[0].opt_state)))
-    try:
-        ma = compiled.memory_analysis()
-        peak = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                   + ma.temp_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        peak = None
     del state
     return TrainResult(compute_dtype, batch, seq, remat, batch * seq / t.median, t.median, t.min, t.max,
-                       flops / t.median, flops / t.median / ceil.gemm_flops, compile_s, state_bytes, peak)
+                       flops / t.median, flops / t.median / ceil.gemm_flops, compile_s, state_bytes,
+                       planned_peak_bytes(compiled))
 
 
 def run_train(model: str = "130m", compute_dtypes=("float32",), lengths=(512, 2048), batch: int = 1,

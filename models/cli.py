@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train", action="store_true", help="time the training step of `ssdkit train` instead")
     b.add_argument("--train-lengths", default="512,2048", help="with --train: tokens per row")
     b.add_argument("--train-batch", type=int, default=1, help="with --train: rows per step")
-    b.add_argument("--remat", default="none", help="with --train: comma-separated remat policies (none,layer,matmuls)")
+    b.add_argument("--remat", default="layer",
+                   help="with --train: comma-separated remat policies (none,layer,matmuls; ssdkit train's default: layer)")
     b.add_argument("--prefill-lengths", default="128,512,2048")
     b.add_argument("--prefill-batch", type=int, default=1)
     b.add_argument("--decode-batches", default="1,16")

@@ -59,6 +59,16 @@ def temp_bytes(compiled) -> int | None:
         return None
 
 
+def planned_peak_bytes(compiled) -> int | None:
+    """XLA's planned peak of a compiled program: arguments + outputs - donated (aliased) + scratch."""
+    try:
+        ma = compiled.memory_analysis()
+        return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                   + ma.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Ceilings:
     """The machine's measured limits: matmul FLOP/s at a dtype and streaming read bytes/s."""

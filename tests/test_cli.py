@@ -87,7 +87,7 @@ def test_bench_train_on_a_tiny_model(tmp_path, capsys):
     model = "d_model=32,n_layer=1,vocab_size=50,d_state=8,headdim=16,chunk_size=8"
     assert main(["bench", "--train", "--model", model, "--train-lengths", "16", "--train-batch", "2",
                  "--dtype", "float32", "--repeats", "1", "--json", str(out)]) == 0
-    assert "| train | float32 | 2 | 16 | none |" in capsys.readouterr().out
+    assert "| train | float32 | 2 | 16 | layer |" in capsys.readouterr().out  # ssdkit train's default
     (result,) = json.loads(out.read_text())["results"]
     assert result["tokens_per_s"] > 0 and result["peak_bytes"] > result["state_bytes"] > 0
     assert main(["bench", "--train", "--model", model, "--remat", "all"]) == 2
