@@ -24,15 +24,15 @@ the two calls back to back (this removes the prompt and the call overhead).
 llama.cpp the GGUF type ``--gguf-type`` (default ``f32`` for float32, ``f16`` for bfloat16).
 
 **Training** (``--train``): the training step of ``ssdkit train`` (``models.training.make_step`` with its
-default ``--remat layer``: loss,
-gradient, global-norm clipping at 1.0 and AdamW with lr 3e-4, betas (0.9, 0.95), weight decay 0.1 on the
-matrices only) against the same step in transformers (``Mamba2ForCausalLM(labels=...)`` in train mode,
-``loss.backward()``, ``clip_grad_norm_(1.0)``, ``torch.optim.AdamW`` with the same hyper-parameters and
-the same decay split), same weights, batch and sequence length, alternating for ``--rounds`` rounds after
-two warm-up steps each. Peak memory is each implementation's peak resident set (``ru_maxrss``) in a child
-process of its own (one process cannot tell apart the two libraries' allocations), with the RSS after
-setup (weights, optimiser state, libraries) beside it. The workers stay alive and alternate step by step;
-with ``--isolate`` only one is in memory at a time (a fresh process per sample, two warm-up steps each).
+default ``--remat layer``: loss, gradient, global-norm clipping at 1.0 and AdamW with lr 3e-4, betas (0.9,
+0.95), weight decay 0.1 on the matrices only) against the same step in transformers
+(``Mamba2ForCausalLM(labels=...)`` in train mode, ``loss.backward()``, ``clip_grad_norm_(1.0)``,
+``torch.optim.AdamW`` with the same hyper-parameters and the same decay split), same weights, batch and
+sequence length, alternating for ``--rounds`` rounds after two warm-up steps each. Peak memory is each
+implementation's peak resident set (``VmHWM``) in a worker process of its own (one process cannot tell apart
+the two libraries' allocations), with the RSS after setup (weights, optimiser state, libraries) beside it. The
+workers stay alive and alternate step by step; with ``--isolate`` only one is in memory at a time (a fresh
+process per sample, two warm-up steps each).
 
     python benchmarks/compare.py --train --model 130m --train-lengths 512 --rounds 5
     python benchmarks/compare.py --train --model 130m --train-lengths 2048 --rounds 3 --isolate

@@ -170,7 +170,7 @@ def bench_train(params, cfg, ceil: Ceilings, *, batch: int, seq: int, remat: str
     t = time_calls(one_step, repeats=repeats)
     flops = cost.train_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
     state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves((state[0].params, state[0].opt_state)))
-    del state
+    state.clear()  # release the train state before the next workload
     return TrainResult(compute_dtype, batch, seq, remat, batch * seq / t.median, t.median, t.min, t.max,
                        flops / t.median, flops / t.median / ceil.gemm_flops, compile_s, state_bytes,
                        planned_peak_bytes(compiled))

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--train-lengths", default="512,2048", help="with --train: tokens per row")
     b.add_argument("--train-batch", type=int, default=1, help="with --train: rows per step")
     b.add_argument("--remat", default="layer",
-                   help="with --train: comma-separated remat policies (none,layer,matmuls; ssdkit train's default: layer)")
+                   help="with --train: comma-separated remat policies: none, layer (ssdkit train's default), "
+                        "matmuls")
     b.add_argument("--prefill-lengths", default="128,512,2048")
     b.add_argument("--prefill-batch", type=int, default=1)
     b.add_argument("--decode-batches", default="1,16")
