@@ -266,9 +266,9 @@ class SsdKitTrain:
 
     def __init__(self, params, cfg, batch: int, seq: int, remat: str):
         from models import training
-        from models.bench import train_batch
+        from models.bench import train_batch, train_optimizer
 
-        optimizer = ssdkit.adamw(3e-4, total_steps=10_000, warmup_steps=100)
+        optimizer = train_optimizer()
         self.step_fn = training.make_step(cfg, optimizer, remat=remat)
         self.state = ssdkit.TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)
         self.data = train_batch(cfg, batch, seq)

@@ -152,12 +152,17 @@ def train_batch(cfg: mamba2.Mamba2Config, batch: int, seq: int, seed: int = 0):
     return tokens, jnp.zeros((batch, seq), jnp.int32)
 
 
+def train_optimizer():
+    """The optimiser of every timed training step (ssdkit's AdamW defaults, a 10k-step schedule)."""
+    return ssdkit.adamw(3e-4, total_steps=10_000, warmup_steps=100)
+
+
 def bench_train(params, cfg, ceil: Ceilings, *, batch: int, seq: int, remat: str = "none",
                 compute_dtype: str = "float32", repeats: int = 3) -> TrainResult:
     """Time ``ssdkit train``'s step (float32 master ``params``; they are copied, not consumed)."""
     from models import training
 
-    optimizer = ssdkit.adamw(3e-4, total_steps=10_000, warmup_steps=100)
+    optimizer = train_optimizer()
     step = training.make_step(cfg, optimizer, remat=remat, compute_dtype=compute_dtype)
     state = [ssdkit.TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)]
     data = train_batch(cfg, batch, seq)

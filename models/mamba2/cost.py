@@ -34,19 +34,22 @@ def _projections(cfg: Mamba2Config) -> int:
     return 2 * cfg.d_model * cfg.d_in_proj + 2 * cfg.d_inner * cfg.d_model + 2 * cfg.d_conv * cfg.conv_dim
 
 
-def prefill_flops(cfg: Mamba2Config, batch: int, seq: int, chunk_size: int | None = None) -> float:
-    """FLOPs of one prefill of ``batch`` sequences of ``seq`` tokens (LM head at the last position)."""
+def _chunked_layers_per_token(cfg: Mamba2Config, seq: int, chunk_size: int | None) -> int:
+    """Every layer's FLOPs per token of a chunked pass over ``seq`` tokens (LM head excluded)."""
     q = min(chunk_size or cfg.chunk_size, seq)
     ssd = 2 * q * (cfg.ngroups * cfg.d_state + cfg.nheads * cfg.headdim) + 4 * cfg.nheads * cfg.headdim * cfg.d_state
-    per_token = cfg.n_layer * (_projections(cfg) + ssd)
+    return cfg.n_layer * (_projections(cfg) + ssd)
+
+
+def prefill_flops(cfg: Mamba2Config, batch: int, seq: int, chunk_size: int | None = None) -> float:
+    """FLOPs of one prefill of ``batch`` sequences of ``seq`` tokens (LM head at the last position)."""
+    per_token = _chunked_layers_per_token(cfg, seq, chunk_size)
     return float(batch) * (seq * per_token + 2 * cfg.d_model * cfg.padded_vocab_size)
 
 
 def train_flops(cfg: Mamba2Config, batch: int, seq: int, chunk_size: int | None = None) -> float:
     """FLOPs of one training step (forward and backward) on ``batch`` rows of ``seq`` tokens."""
-    q = min(chunk_size or cfg.chunk_size, seq)
-    ssd = 2 * q * (cfg.ngroups * cfg.d_state + cfg.nheads * cfg.headdim) + 4 * cfg.nheads * cfg.headdim * cfg.d_state
-    per_token = cfg.n_layer * (_projections(cfg) + ssd)
+    per_token = _chunked_layers_per_token(cfg, seq, chunk_size)
     return 3.0 * batch * (seq * per_token + (seq - 1) * 2 * cfg.d_model * cfg.padded_vocab_size)
 
 
