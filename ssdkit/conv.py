@@ -30,8 +30,9 @@ window belongs to the row's first document. With ``doc[b, s]`` the number of cha
 i.e. the tap reading position s <= t is dropped iff the id changes somewhere in (s, t]. For ids that
 never recur after their document ends this is ``segment_ids[s] == segment_ids[t]`` (window taps:
 ``segment_ids[:, 0] == segment_ids[t]``). A masked tap contributes an exact zero (``where``, not a
-product), so no value or gradient crosses a boundary. The returned window is unchanged: raw inputs,
-unmasked, since a decode step continues the row's last document (zero the window to start a new one).
+product), so no value or gradient crosses a boundary. The returned window holds the row's last
+document only (its inputs; zeros before its start), so a following call or decode step continues that
+document exactly (zero the window to start a new one).
 
 K = 1 is supported: the window then has zero length. Accumulation is float32 (float64 for float64
 inputs); ``y`` and the window come back in ``x.dtype``.
@@ -158,7 +159,8 @@ def causal_conv1d(
         segment_ids: optional (batch, seq) integers, one document id per position for packed rows: a new
             document starts where the id changes, and no tap reads across that start (see the module
             docstring). The window taps count only for the row's first document. Ids at padded
-            positions (after ``lengths``) do not matter. The returned window is unaffected.
+            positions (after ``lengths``) do not matter. The returned window keeps only the last
+            (real) token's document: earlier documents' inputs in it become zeros.
 
     Returns:
         ``(y, new_window)``: y (batch, seq, chan) in ``x.dtype`` (accumulated in float32, float64 for
@@ -233,6 +235,19 @@ def _conv_seq(x, weight, bias, window, lengths, segment_ids):
             return jax.lax.dynamic_slice_in_dim(row, n, k - 1, axis=0)
 
         new_window = jax.vmap(take)(padded, lengths)
+    if segment_ids is not None and k > 1:
+        # Keep only the last real token's document in the window: a following call continues it exactly.
+        batch = segment_ids.shape[0]
+        doc = jnp.cumsum(jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
+                                          (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)],
+                                         axis=1), axis=1)
+        doc = jnp.concatenate([jnp.zeros((batch, k - 1), jnp.int32), doc], axis=1)  # window positions: doc 0
+        if lengths is None:
+            window_doc = doc[:, seq:]
+        else:
+            window_doc = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1))(doc, lengths)
+        new_window = jnp.where((window_doc == window_doc[:, -1:])[:, :, None], new_window,
+                               jnp.zeros((), new_window.dtype))
     return y.astype(x.dtype), new_window
 
 

@@ -31,7 +31,8 @@ def conv_oracle(x, w, bias=None, window=None, segment_ids=None):
 
     With ``segment_ids``, a term is skipped when its position lies in another document than t: documents
     are numbered by counting id changes, and the window (positions < 0) belongs to document 0.
-    Returns (y, new_window) in float64; new_window is the last K-1 inputs of [window, x] (never masked).
+    Returns (y, new_window) in float64; new_window is the last K-1 inputs of [window, x], those of
+    documents before the last one zeroed (the next call continues the last document).
     """
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
@@ -54,7 +55,8 @@ def conv_oracle(x, w, bias=None, window=None, segment_ids=None):
                     if doc[b, t + i] == doc[b, t + k - 1]:
                         acc += w[i, c] * full[b, t + i, c]
                 out[b, t, c] = acc
-    return out, full[:, seq:]
+    new_window = np.where((doc[:, seq:] == doc[:, -1:])[:, :, None], full[:, seq:], 0.0)
+    return out, new_window
 
 
 def term_scale(x, w, bias=None, window=None, segment_ids=None) -> float:
@@ -144,8 +146,8 @@ def test_full_form_matches_oracle_float64(batch, seq, chan, k, seed, with_bias, 
             steps.append(np.asarray(y_t))
         assert y_t.dtype == jnp.float64
         np.testing.assert_allclose(np.stack(steps, axis=1), ref_y, rtol=1e-12, atol=1e-12)
-        if seg is None:  # (with documents the zeroed windows differ from the raw window returned)
-            np.testing.assert_array_equal(np.asarray(win), ref_win)  # copies of inputs: exact
+        # the step form's window after the last document's start equals the full form's: exact
+        np.testing.assert_array_equal(np.asarray(win), ref_win)
 
 
 @given(**dims)
@@ -283,10 +285,14 @@ def test_packed_row_equals_documents_run_alone(batch, seq, chan, k, seed, recur)
     # Same taps summed in the same order by two programs; every position (padded ones included: lengths
     # only moves the window).
     assert_same_up_to_rounding(y, expected, scale=term_scale(x, w, bias, window, seg), name="packed y")
-    # The window is raw inputs, whatever the documents: [window, x][b, lengths[b] : lengths[b] + K-1].
+    # The window is the inputs [window, x][b, lengths[b] : lengths[b] + K-1] of the last real token's
+    # document (the window's positions count as the first document), zeros before that document's start.
     padded = np.concatenate([window, x], axis=1)
+    doc = np.concatenate([np.zeros((batch, k - 1), int), np.cumsum(np.concatenate(
+        [np.zeros((batch, 1), int), seg[:, 1:] != seg[:, :-1]], axis=1), axis=1)], axis=1)
     for b, n in enumerate(lengths):
-        np.testing.assert_array_equal(np.asarray(new_window[b]), padded[b, n : n + k - 1])  # copies: exact
+        keep = doc[b, n : n + k - 1] == doc[b, n + k - 2]
+        np.testing.assert_array_equal(np.asarray(new_window[b]), np.where(keep[:, None], padded[b, n : n + k - 1], 0))
 
 
 @given(**dims, segment_id=st.integers(-2**31, 2**31 - 1))
