@@ -25,12 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import ssdkit
-from models import mamba2
+from models import corpus, mamba2, text
+from models.corpus import CorpusManifest
+from models.text import Document
+from models.toy import GLA, Retention, ToyConfig, ToyLM
 from ssdkit.data import ByteTokenizer, PackedRows, RowSampler, pack_documents, split_documents
 from ssdkit.stack import REMAT_POLICIES
 from ssdkit.train import warmup_cosine
 
 MODEL_FLAGS = ("d_model", "n_layer", "d_state", "headdim", "chunk_size", "expand", "ngroups")
+ARCHS = ("mamba2", "retention", "gla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +45,7 @@ class TrainRunConfig:
     out: str = "runs/mamba2"
     tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None: UTF-8 bytes
     doc_separator: str | None = None  # split a single text file into documents at this string
+    arch: str = "mamba2"  # mamba2, or a toy recurrence for comparisons: retention, gla (models.toy)
     model: str | None = None  # a preset ("130m", ...); None: a small model from the flags below
     init_from: str | None = None  # a checkpoint directory to continue from (weights and config)
     d_model: int = 128
@@ -113,6 +118,10 @@ class TrainRunConfig:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         if not 0 <= self.held_out < 1:
             raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.arch != "mamba2" and (self.model is not None or self.init_from is not None):
+            raise ValueError(f"--model and --init-from are Mamba-2 checkpoints: not for arch={self.arch}")
         if self.batch_size % self.micro_batches:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batches={self.micro_batches}")
 
@@ -132,26 +141,31 @@ class TrainSummary:
 
 
 # ------------------------------------------------------------------------------ data
-def _tokenizer(spec: str | None):
-    if spec is None:
-        return ByteTokenizer(), None
-    tok = mamba2.load_tokenizer(spec)
-    if tok is None:
-        raise ValueError(f"no tokenizer.json in {spec}")
-    file = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
-    return tok, file
+def _texts(path: Path, doc_separator: str | None) -> list[str]:
+    """One text per file of a folder (sorted by path), or a file's text (split at ``doc_separator``)."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    if path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return text.split(doc_separator) if doc_separator else [text]
+    raise ValueError(f"training data {path} does not exist")
 
 
-def _encode(tokenizer, text: str) -> tuple[np.ndarray, float]:
-    """Token ids of ``text`` and its UTF-8 bytes per token."""
-    if isinstance(tokenizer, ByteTokenizer):
-        return tokenizer.encode(text), 1.0
-    ids = np.asarray(tokenizer.encode(text).ids, np.int32)
-    return ids, len(text.encode("utf-8")) / max(len(ids), 1)
+def load_documents(cfg: TrainRunConfig, tokenizer) -> tuple[list[Document], list[Document], CorpusManifest | None]:
+    """The corpus as (training documents, held-out documents, the named corpus's manifest or None).
 
-
-def load_documents(cfg: TrainRunConfig, tokenizer) -> tuple[list[np.ndarray], list[float]]:
-    """The corpus as token-id documents and their bytes per token (see the module docstring)."""
+    A named corpus (``models.corpus``, e.g. ``python-stdlib``) is split by its own rule (a hash of each
+    file's path, ``held_out`` of them); a folder or a file split at ``doc_separator`` by a seeded
+    permutation of its documents; a single document (a text or a ``.npy`` stream) by its tail."""
+    named = corpus.resolve(cfg.data, cfg.held_out) if cfg.held_out > 0 and not Path(cfg.data).exists() else None
+    if named is not None:
+        stdlib, part = named
+        if part != "all":
+            raise ValueError(f"train on {stdlib.name} (it holds out its own files), not {cfg.data}")
+        train = [text.encode_document(tokenizer, t) for t in stdlib.read("train") if t]
+        held = [text.encode_document(tokenizer, t) for t in stdlib.read("held-out") if t]
+        return train, held, stdlib.manifest()
     path = Path(cfg.data)
     if path.suffix == ".npy" and path.is_file():
         try:
@@ -160,41 +174,30 @@ def load_documents(cfg: TrainRunConfig, tokenizer) -> tuple[list[np.ndarray], li
             raise ValueError(f"{path} is not a numpy array of token ids: {err}") from None
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
-        return [ids.astype(np.int32)], [1.0]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    elif path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts = text.split(cfg.doc_separator) if cfg.doc_separator else [text]
+        docs = [text.Document(ids.astype(np.int32), len(ids))]
     else:
-        raise ValueError(f"training data {path} does not exist")
-    docs, scales = [], []
-    for text in texts:
-        if text:
-            ids, scale = _encode(tokenizer, text)
-            docs.append(ids)
-            scales.append(scale)
+        docs = [text.encode_document(tokenizer, t) for t in _texts(path, cfg.doc_separator) if t]
     if not docs:
         raise ValueError(f"no text in {path}")
-    return docs, scales
-
-
-def prepare_data(cfg: TrainRunConfig, docs, scales) -> tuple[PackedRows, PackedRows | None]:
-    """Training rows and held-out rows (None when ``held_out`` is 0)."""
     if len(docs) >= 2:
         train_idx, held_idx = split_documents(len(docs), cfg.held_out, cfg.seed)
-        train_docs, held_docs = [docs[i] for i in train_idx], [docs[i] for i in held_idx]
-        train_scales, held_scales = [scales[i] for i in train_idx], [scales[i] for i in held_idx]
-    else:  # one document (a stream): its last held_out fraction is held out
-        cut = len(docs[0]) - int(round(cfg.held_out * len(docs[0])))
-        train_docs, held_docs = [docs[0][:cut]], [docs[0][cut:]] if cut < len(docs[0]) else []
-        train_scales, held_scales = scales, scales[: len(held_docs)]
-    train = pack_documents(train_docs, cfg.seq_len, bytes_per_token=train_scales)
-    held = None
-    if held_docs and sum(map(len, held_docs)) >= cfg.seq_len:
-        held = pack_documents(held_docs, cfg.seq_len, bytes_per_token=held_scales)
-    return train, held
+        return [docs[i] for i in train_idx], [docs[i] for i in held_idx], None
+    # one document (a stream): its last held_out fraction is held out
+    doc = docs[0]
+    cut = len(doc.ids) - int(round(cfg.held_out * len(doc.ids)))
+    head = text.Document(doc.ids[:cut], round(doc.bytes_per_token * cut))
+    tail = [text.Document(doc.ids[cut:], doc.num_bytes - head.num_bytes)] if cut < len(doc.ids) else []
+    return [head], tail, None
+
+
+def prepare_data(cfg: TrainRunConfig, train_docs: list[Document], held_docs: list[Document]
+                 ) -> tuple[PackedRows, PackedRows | None]:
+    """Training rows and held-out rows (None when there are too few held-out tokens for one row)."""
+    def pack(docs):
+        return pack_documents([d.ids for d in docs], cfg.seq_len, bytes_per_token=[d.bytes_per_token for d in docs])
+
+    held = pack(held_docs) if held_docs and sum(len(d.ids) for d in held_docs) >= cfg.seq_len else None
+    return pack(train_docs), held
 
 
 # ------------------------------------------------------------------------------ model
@@ -209,6 +212,17 @@ def _model(cfg: TrainRunConfig, vocab_size: int):
             raise ValueError(f"{cfg.init_from} has a vocabulary of {mcfg.padded_vocab_size}, smaller than the "
                              f"tokenizer's {vocab_size}")
         return params, mcfg
+    if cfg.arch != "mamba2":
+        # The toys on the same shape flags: heads of `headdim` channels over expand·d_model, the same
+        # state size and groups; GLA with Mamba-2's conv width, retention without a conv.
+        if cfg.expand * cfg.d_model % cfg.headdim:
+            raise ValueError(f"expand·d_model = {cfg.expand * cfg.d_model} must be a multiple of headdim={cfg.headdim}")
+        toy_cfg = ToyConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
+                            num_heads=cfg.expand * cfg.d_model // cfg.headdim, head_dim=cfg.headdim,
+                            state_dim=cfg.d_state, num_groups=cfg.ngroups, chunk_size=cfg.chunk_size,
+                            conv_kernel=4 if cfg.arch == "gla" else 1, embedding_std=0.02)
+        model = ToyLM(toy_cfg, GLA() if cfg.arch == "gla" else Retention())
+        return model.init(jax.random.key(cfg.seed)), model
     if cfg.model is not None:
         mcfg = dataclasses.replace(mamba2.Mamba2Config.preset(cfg.model), vocab_size=vocab_size)
     else:
@@ -218,10 +232,13 @@ def _model(cfg: TrainRunConfig, vocab_size: int):
 
 
 def _check_vocab(rows: PackedRows, mcfg) -> None:
-    hi = int(rows.tokens.max())
-    if hi >= mcfg.padded_vocab_size:
-        raise ValueError(f"token id {hi} in the data is out of range for the model's vocabulary of "
-                         f"{mcfg.padded_vocab_size}")
+    hi, vocab = int(rows.tokens.max()), _vocab(mcfg)
+    if hi >= vocab:
+        raise ValueError(f"token id {hi} in the data is out of range for the model's vocabulary of {vocab}")
+
+
+def _vocab(mcfg) -> int:
+    return mcfg.cfg.vocab_size if isinstance(mcfg, ToyLM) else mcfg.padded_vocab_size
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -242,7 +259,7 @@ def evaluate(params, mcfg, rows: PackedRows, *, batch_size: int, max_rows: int) 
 
 @functools.lru_cache(maxsize=4)
 def _eval_fn(mcfg):
-    return jax.jit(lambda p, t, s: mamba2.loss(p, mcfg, t, segment_ids=s))
+    return jax.jit(lambda p, t, s: _batch_loss(p, (t, s), mcfg=mcfg, remat="none"))
 
 
 def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSummary:
@@ -250,11 +267,10 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
     from ssdkit.checkpointing import TrainCheckpointer
 
     out = Path(cfg.out)
-    tokenizer, tokenizer_file = _tokenizer(cfg.tokenizer)
-    vocab = tokenizer.vocab_size if isinstance(tokenizer, ByteTokenizer) else tokenizer.get_vocab_size()
-    docs, scales = load_documents(cfg, tokenizer)
-    train_rows, held_rows = prepare_data(cfg, docs, scales)
-    params, mcfg = _model(cfg, vocab)
+    tokenizer, tokenizer_file = text.load(cfg.tokenizer)
+    train_docs, held_docs, manifest = load_documents(cfg, tokenizer)
+    train_rows, held_rows = prepare_data(cfg, train_docs, held_docs)
+    params, mcfg = _model(cfg, text.vocab_size(tokenizer))
     _check_vocab(train_rows, mcfg)
     sampler = RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
 
@@ -278,10 +294,29 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         log(f"[train] resuming from step {resumed_from} in {out / 'checkpoints'}")
     start = int(state.step)
 
+    out.mkdir(parents=True, exist_ok=True)
+    run_log = out / "log.jsonl"
+    if resumed_from is None and run_log.exists():
+        run_log.unlink()
+
     def export():
-        mamba2.save_checkpoint(state.params, mcfg, out / "model")
+        if isinstance(mcfg, ToyLM):
+            _save_toy(state.params, mcfg, out / "model")
+        else:
+            mamba2.save_checkpoint(state.params, mcfg, out / "model")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, out / "model" / "tokenizer.json")
+        else:
+            (out / "model" / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizers_json()))
+        eod = text.eod_id(tokenizer)
+        if eod is not None and (out / "model" / "config.json").exists():  # transformers reads these
+            config = json.loads((out / "model" / "config.json").read_text())
+            config.update(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod)
+            (out / "model" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        record = {"run": dataclasses.asdict(cfg), "step": int(state.step), "train_tokens": train_rows.tokens.size,
+                  "held_out_tokens": 0 if held_rows is None else held_rows.tokens.size,
+                  "corpus": None if manifest is None else manifest.to_dict(), "jax": jax.__version__}
+        (out / "model" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def save(step: int):
         checkpointer.save(step, state, {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": step})
@@ -299,19 +334,29 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         batch = (jnp.asarray(train_rows.tokens[idx]), jnp.asarray(train_rows.segment_ids[idx]))
         state, m = step_fn(state, batch)
         loss, tokens_seen = float(m.loss), tokens_seen + int(batch[0].size)
-        rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+        elapsed = time.perf_counter() - t0
+        rate = tokens_seen / max(elapsed, 1e-9)
         progress(step + 1, {"loss": f"{loss:.4f}", "lr": f"{float(schedule(step)):.2e}", "tok/s": f"{rate:,.0f}"})
         done = step + 1
+        entry = {"step": done, "loss": loss, "lr": float(schedule(step)), "seconds": round(elapsed, 3),
+                 "tokens": tokens_seen}
         if held_rows is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             held_loss, held_bpb = evaluate(state.params, mcfg, held_rows, batch_size=cfg.batch_size,
                                            max_rows=cfg.eval_rows)
+            entry.update(held_out_loss=held_loss, held_out_bits_per_byte=held_bpb)
             log(f"[train] step {done}: held-out loss {held_loss:.4f} nats/token, {held_bpb:.4f} bits/byte")
+        with run_log.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
         if done % cfg.save_every == 0 or done == cfg.steps:
             save(done)
     progress(None, None)
     checkpointer.close()
     if start >= cfg.steps:
         export()
+    try:
+        plot_log(run_log, out / "loss.png")
+    except ImportError:
+        log("[train] matplotlib is not installed (pip install ssdkit[bench]): no loss.png")
     summary = TrainSummary(steps=cfg.steps, tokens=tokens_seen, seconds=time.perf_counter() - t0, train_loss=loss,
                            held_out_loss=held_loss, held_out_bits_per_byte=held_bpb, skipped=int(state.skipped),
                            resumed_from=resumed_from)
@@ -322,7 +367,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
     return summary
 
 
-def make_step(mcfg: mamba2.Mamba2Config, optimizer, *, remat: str = "none", micro_batches: int = 1,
+def make_step(mcfg: mamba2.Mamba2Config | ToyLM, optimizer, *, remat: str = "none", micro_batches: int = 1,
               compute_dtype: str = "float32"):
     """The jitted training step of ``ssdkit train`` (and ``ssdkit bench --train``) on batches
     ``(tokens, segment_ids)``, each (batch, seq) int32: ``ssdkit.make_train_step`` over ``mamba2.loss``."""
@@ -333,7 +378,21 @@ def make_step(mcfg: mamba2.Mamba2Config, optimizer, *, remat: str = "none", micr
 
 def _batch_loss(params, batch, *, mcfg, remat):
     tokens, segment_ids = batch
+    if isinstance(mcfg, ToyLM):
+        return mcfg.loss(params, tokens, segment_ids=segment_ids, remat=remat)
     return mamba2.loss(params, mcfg, tokens, segment_ids=segment_ids, remat=remat)
+
+
+def _save_toy(params, model: ToyLM, folder: Path) -> None:
+    """A toy model's weights (safetensors, one tensor per PyTree path) and its config (toy.json)."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = {jax.tree_util.keystr(path).lstrip("."): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    save_file(flat, str(folder / "model.safetensors"))
+    (folder / "toy.json").write_text(json.dumps({"mixer": type(model.mixer).__name__,
+                                                 **dataclasses.asdict(model.cfg)}, indent=2) + "\n")
 
 
 def _progress(cfg: TrainRunConfig, start: int):
@@ -352,3 +411,37 @@ def _progress(cfg: TrainRunConfig, start: int):
         bar.update(step - bar.n)
 
     return update
+
+
+def plot_log(log_path: str | Path, png: str | Path) -> None:
+    """The loss curve of a run's ``log.jsonl``: training loss (a moving average over 1% of the steps) and
+    the held-out figure against tokens seen, in bits per token (= bits per byte for the byte tokenizer)."""
+    from matplotlib.figure import Figure
+
+    entries = {}
+    for line in Path(log_path).read_text().splitlines():
+        e = json.loads(line)
+        entries[e["step"]] = e  # a resumed run rewrites the steps after its checkpoint: the last one wins
+    steps = sorted(entries)
+    if not steps:
+        return
+    tokens = np.array([entries[s]["tokens"] for s in steps], np.float64)
+    bits = np.array([entries[s]["loss"] for s in steps]) / math.log(2)
+    width = max(1, len(steps) // 100)
+    smooth = np.convolve(bits, np.ones(width) / width, mode="valid")
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.add_subplot()
+    ax.plot(tokens, bits, color="0.8", lw=0.6, label="train (per step)")
+    ax.plot(tokens[width - 1:], smooth, color="C0", lw=1.4, label=f"train ({width}-step mean)")
+    held = [(entries[s]["tokens"], entries[s]["held_out_loss"] / math.log(2)) for s in steps
+            if "held_out_loss" in entries[s]]
+    if held:
+        ax.plot(*zip(*held, strict=True), "o-", color="C3", ms=3, lw=1.2, label="held-out")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (bits per token)")
+    ax.set_ylim(bottom=0, top=min(float(np.max(bits)), 3 * float(np.median(bits))) * 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+

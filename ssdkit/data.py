@@ -19,15 +19,66 @@ import numpy as np
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255: no vocabulary file, nothing unknown, 1 token = 1 byte."""
+    """UTF-8 bytes as token ids 0..255, plus ``<|endoftext|>`` = 256 marking document boundaries.
 
-    vocab_size = 256
+    ``encode`` gives ``[256, *bytes]`` (the boundary before a document, so its first byte is predicted
+    too) and a training document is ``encode(text) + [256]`` (so the model learns where files end):
+    the same ids as the ``tokenizer.json`` that :meth:`tokenizers_json` describes, which is what a
+    trained byte model ships with. No vocabulary file, nothing unknown, 1 token = 1 byte.
+    """
+
+    vocab_size = 257
+    eod_id = 256
+    eod_token = "<|endoftext|>"
 
     def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+        data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+        return np.concatenate([np.array([self.eod_id], np.int32), data])
 
     def decode(self, ids) -> str:
-        return bytes(np.asarray(ids, np.uint8).tolist()).decode("utf-8", errors="replace")
+        ids = np.asarray(ids)
+        return bytes(ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+    @classmethod
+    def tokenizers_json(cls) -> dict:
+        """This tokenizer as a Hugging Face ``tokenizers`` description (``tokenizer.json``): a byte-level
+        BPE without merges (GPT-2's byte-to-character map), ``<|endoftext|>`` as id 256, added in front
+        of every encoded text by the post-processor."""
+        chars = _gpt2_byte_chars()
+        eod = {"id": cls.eod_token, "type_id": 0}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": cls.eod_id, "content": cls.eod_token, "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": True}],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                              "use_regex": False},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": eod}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": eod}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": eod}, {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {cls.eod_token: {"id": cls.eod_token, "ids": [cls.eod_id],
+                                                   "tokens": [cls.eod_token]}},
+            },
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": {c: i for i, c in enumerate(chars)}, "merges": []},
+        }
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's printable character for each byte 0..255 (byte-level BPE's alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,10 @@ def test_train_a_folder_evaluate_export_and_resume(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "held-out loss" in log and "bits/byte" in log and "done: 8 steps" in log
     straight, cfg = mamba2.load_checkpoint(out / "model")  # transformers-format export
-    assert cfg.padded_vocab_size == 256 and cfg.n_layer == 1
+    assert cfg.padded_vocab_size == 272 and cfg.n_layer == 1  # 257 (bytes + <|endoftext|>) padded to 16s
+    assert mamba2.load_tokenizer(out / "model").encode("ab").ids == [256, 97, 98]  # shipped with the weights
+    run_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in run_log] == list(range(1, 9)) and "held_out_bits_per_byte" in run_log[2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3", "6", "8"]
 
     # A run killed after its step-6 checkpoint: the same command resumes there and ends where the
@@ -61,7 +64,7 @@ def test_config_file_npy_stream_and_flags_override(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"data": str(tmp_path / "ids.npy"), "out": str(tmp_path / "o2")}))
     assert main(["train", "--config", str(tmp_path / "run.json"), *TINY, "--steps", "2", "--save-every", "2"]) == 0
     _, mcfg = mamba2.load_checkpoint(tmp_path / "o2" / "model")
-    assert mcfg.vocab_size == 256  # the byte vocabulary covers ids < 256
+    assert mcfg.padded_vocab_size == 272  # the byte vocabulary (ids < 256, <|endoftext|>) padded to 16s
     summary = train(dataclasses.replace(cfg, d_model=32, n_layer=1, d_state=8, headdim=16, chunk_size=8,
                                         batch_size=4, progress=False), log=lambda s: None)
     assert summary.steps == 2 and np.isfinite(summary.train_loss) and summary.held_out_loss is not None
@@ -79,3 +82,19 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["train", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["retention", "gla"])
+def test_toy_recurrences_train_with_the_same_command(tmp_path, arch):
+    out = tmp_path / arch
+    assert main(["train", "--arch", arch, "--data", str(_corpus(tmp_path)), "--out", str(out), *TINY,
+                 "--steps", "3", "--eval-every", "3", "--save-every", "3", "--held-out", "0.2"]) == 0
+    assert json.loads((out / "model" / "toy.json").read_text())["mixer"] == {"gla": "GLA"}.get(arch, "Retention")
+    run_log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert np.isfinite(run_log[-1]["held_out_loss"]) and run_log[-1]["loss"] < run_log[0]["loss"] + 1.0
+
+
+def test_toy_arch_refuses_mamba2_checkpoints(tmp_path, capsys):
+    assert main(["train", "--arch", "gla", "--model", "130m", "--data", str(_corpus(tmp_path)),
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "not for arch=gla" in capsys.readouterr().err

@@ -48,20 +48,21 @@ class GLA:
                         init(ks[3], (d, cfg.num_heads * cfg.state_dim)), conv, jnp.ones((hp,)),
                         init(ks[4], (hp, d)))
 
-    def __call__(self, cfg, lp: GLALayer, h, cache: ssdkit.RecurrentCache, *, step: bool):
+    def __call__(self, cfg, lp: GLALayer, h, cache: ssdkit.RecurrentCache, *, step: bool, segment_ids=None):
         lead = h.shape[:-1]
         q = (h @ lp.wq).reshape(*lead, cfg.num_groups, cfg.state_dim)
         k = (h @ lp.wk).reshape(*lead, cfg.num_groups, cfg.state_dim) * cfg.state_dim**-0.5
         if step:
             v, window = ssdkit.causal_conv1d_step(h @ lp.wv, lp.conv_w, None, cache.conv)
         else:
-            v, window = ssdkit.causal_conv1d(h @ lp.wv, lp.conv_w, None, window=cache.conv)
+            v, window = ssdkit.causal_conv1d(h @ lp.wv, lp.conv_w, None, window=cache.conv, segment_ids=segment_ids)
         v = jax.nn.silu(v).reshape(*lead, cfg.num_heads, cfg.head_dim)
         log_a = jax.nn.log_sigmoid(h @ lp.wg).reshape(*lead, cfg.num_heads, cfg.state_dim)
         log_a = log_a / self.gate_temperature
         if step:
             y, state = ssdkit.ssd_step(cache.state, v, log_a, k, q)
         else:
-            y, state = ssdkit.ssd_scan(v, log_a, k, q, chunk_size=cfg.chunk_size, initial_state=cache.state)
+            y, state = ssdkit.ssd_scan(v, log_a, k, q, chunk_size=cfg.chunk_size, initial_state=cache.state,
+                                       segment_ids=segment_ids)
         y = ssdkit.rms_norm(y.reshape(*lead, -1), lp.out_norm, eps=cfg.norm_eps)
         return y @ lp.wo, ssdkit.RecurrentCache(conv=window, state=state)

@@ -30,6 +30,7 @@ class ToyConfig:
     chunk_size: int = 16
     conv_kernel: int = 1
     norm_eps: float = 1e-6
+    embedding_std: float = 1.0  # of the tied embedding / head at init (Mamba-2 uses 0.02)
 
 
 @jax.tree_util.register_dataclass
@@ -53,7 +54,7 @@ class ToyLM:
             jax.random.split(k_layers, self.cfg.n_layer)
         )
         layers = jax.tree_util.tree_map(lambda a: a.astype(dtype), layers)
-        emb = jax.random.normal(k_emb, (self.cfg.vocab_size, self.cfg.d_model), dtype)
+        emb = self.cfg.embedding_std * jax.random.normal(k_emb, (self.cfg.vocab_size, self.cfg.d_model), dtype)
         return ToyParams(embedding=emb, layers=layers, norm_f=jnp.ones((self.cfg.d_model,), dtype))
 
     def init_cache(self, batch: int, dtype=jnp.float32) -> RecurrentCache:
@@ -64,10 +65,12 @@ class ToyLM:
             state_dtype=ssdkit.accumulation_dtype(dtype),
         )
 
-    def _hidden(self, params: ToyParams, tokens, cache, *, step: bool, remat: str = "none"):
+    def _hidden(self, params: ToyParams, tokens, cache, *, step: bool, remat: str = "none", segment_ids=None):
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}  # mixers without it still work
+
         def layer(lp, res, c):
             h = ssdkit.rms_norm(res, lp.norm, eps=self.cfg.norm_eps)
-            out, c = self.mixer(self.cfg, lp, h, c, step=step)
+            out, c = self.mixer(self.cfg, lp, h, c, step=step, **packed)
             return res + out, c
 
         res, cache = ssdkit.scan_layers(layer, params.layers, params.embedding[tokens], cache, remat=remat)
@@ -77,11 +80,12 @@ class ToyLM:
         h, cache = self._hidden(params, tokens, cache, step=step)
         return h @ params.embedding.T, cache
 
-    def loss(self, params: ToyParams, tokens: jax.Array, *, loss_mask=None, remat: str = "none"):
-        """Next-token cross-entropy ``(loss, ssdkit.LossMetrics)`` (blockwise head, as Mamba-2's)."""
-        targets, weights = ssdkit.next_token_targets(tokens, loss_mask=loss_mask)
+    def loss(self, params: ToyParams, tokens: jax.Array, *, segment_ids=None, loss_mask=None, remat: str = "none"):
+        """Next-token cross-entropy ``(loss, ssdkit.LossMetrics)`` (blockwise head, as Mamba-2's);
+        ``segment_ids`` packs documents in a row (the mixer resets its state at each change)."""
+        targets, weights = ssdkit.next_token_targets(tokens, segment_ids=segment_ids, loss_mask=loss_mask)
         cache = self.init_cache(tokens.shape[0], params.embedding.dtype)
-        h, _ = self._hidden(params, tokens, cache, step=False, remat=remat)
+        h, _ = self._hidden(params, tokens, cache, step=False, remat=remat, segment_ids=segment_ids)
         metrics = ssdkit.head_cross_entropy(h[:, :-1], params.embedding, targets, weights).metrics()
         return metrics.loss, metrics
 

@@ -39,7 +39,8 @@ class Retention:
         return RetentionLayer(jnp.ones((d,)), init(kq, (d, gn)), init(kk, (d, gn)), init(kv, (d, hp)),
                               init(ko, (hp, d)))
 
-    def __call__(self, cfg, lp: RetentionLayer, h, cache: ssdkit.RecurrentCache, *, step: bool):
+    def __call__(self, cfg, lp: RetentionLayer, h, cache: ssdkit.RecurrentCache, *, step: bool,
+                 segment_ids=None):
         lead = h.shape[:-1]
         q = (h @ lp.wq).reshape(*lead, cfg.num_groups, cfg.state_dim)
         k = (h @ lp.wk).reshape(*lead, cfg.num_groups, cfg.state_dim)
@@ -49,6 +50,7 @@ class Retention:
         if step:
             y, state = ssdkit.ssd_step(cache.state, v, log_a, k, q)
         else:
-            y, state = ssdkit.ssd_scan(v, log_a, k, q, chunk_size=cfg.chunk_size, initial_state=cache.state)
+            y, state = ssdkit.ssd_scan(v, log_a, k, q, chunk_size=cfg.chunk_size, initial_state=cache.state,
+                                       segment_ids=segment_ids)
         out = (y * cfg.state_dim**-0.5).reshape(*lead, -1) @ lp.wo
         return out, dataclasses.replace(cache, state=state)
