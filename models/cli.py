@@ -1,7 +1,9 @@
 """The ``ssdkit`` command line.
 
-    ssdkit generate --model DIR_OR_PRESET [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
+    ssdkit generate [--model DIR|PRESET|default] [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
+    ssdkit eval     [--model DIR|default] --text FILE|DIR|python-stdlib:held-out [--tokenizer FILE]
+                    [--window 2048] [--batch 8] [--json F]
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
                     [--train [--train-lengths 512,2048] [--train-batch 1] [--remat none,layer]]
                     [--plot roofline.png]
@@ -15,6 +17,7 @@ The command line lives in ``models`` (the top of the import graph) because it wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -49,13 +52,20 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _load_model(spec: str, dtype_name: str, seed: int):
+def _load_model(spec: str | None, dtype_name: str, seed: int):
+    """(params, cfg, checkpoint folder or None, random weights?) for ``--model``: a checkpoint folder, a
+    preset (random weights), or None / "default" for the shipped model."""
     import jax
     import jax.numpy as jnp
 
     from models import mamba2
 
     dtype = getattr(jnp, dtype_name)
+    if spec is None or spec == "default":
+        try:
+            spec = str(mamba2.pretrained_path())
+        except ValueError as err:
+            raise CliError(str(err)) from None
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -79,7 +89,7 @@ def cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from models import mamba2
+    from models import mamba2, text
 
     if args.prompt is None and args.prompt_ids is None:
         raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
@@ -114,7 +124,7 @@ def cmd_generate(args) -> int:
         print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
 
     prompt = jnp.asarray([ids], jnp.int32)
-    eos = 0 if tokenizer is not None else None
+    eos = text.eod_id(tokenizer) if tokenizer is not None else None
     t0 = time.perf_counter()
     stream = mamba2.generate_stream(
         params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -122,10 +132,13 @@ def cmd_generate(args) -> int:
     )
     out = sys.stdout
     stamps: list[float] = []
+    decoder = text.StreamDecoder(tokenizer) if tokenizer is not None else None
+    if args.prompt is not None:
+        out.write(args.prompt)
     for tokens in stream:
         tok = int(tokens[0])
         stamps.append(time.perf_counter() - t0)
-        out.write(tokenizer.decode([tok]) if tokenizer is not None else f"{tok} ")
+        out.write(decoder.push(tok) if decoder is not None else f"{tok} ")
         out.flush()
         if eos is not None and tok == eos:
             break
@@ -134,6 +147,57 @@ def cmd_generate(args) -> int:
     steady = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
     print(f"[ssdkit] {len(stamps)} tokens; first after {stamps[0]:.2f} s (prefill + compile); "
           f"{steady:.1f} tokens/s from the third token on", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from models import evaluation, mamba2, text
+
+    if args.window < 1 or args.batch < 1:
+        raise CliError(f"--window and --batch must be >= 1, got {args.window} and {args.batch}")
+    try:
+        files = evaluation.text_files(args.text)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    _enable_compilation_cache()
+    params, cfg, path, random_init = _load_model(args.model, args.dtype, 0)
+    try:
+        if args.tokenizer is not None:
+            tokenizer, _ = text.load(args.tokenizer)
+        else:
+            tokenizer = mamba2.load_tokenizer(path) if path is not None else None
+            if tokenizer is None:
+                raise CliError(f"--model {args.model} has no tokenizer.json: give one with --tokenizer")
+        docs = evaluation.read_documents(files, tokenizer)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if random_init:
+        print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="tok", unit_scale=True, desc=f"eval ({len(files)} files)", dynamic_ncols=True,
+                   file=sys.stderr)
+    try:
+        result = evaluation.evaluate(params, cfg, docs, window=args.window, batch=args.batch,
+                                     progress=bar.update if bar is not None else None)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{result.documents} files, {result.num_bytes:,} bytes, {result.tokens:,} target tokens: "
+          f"cross-entropy {result.cross_entropy:.4f} nats/token, perplexity {result.perplexity:.3f}, "
+          f"{result.bits_per_byte:.4f} bits/byte ({result.tokens_per_second:,.0f} tokens/s, "
+          f"{result.seconds:.1f} s incl. compilation)")
+    if args.json:
+        record = {"model": str(path) if path is not None else args.model, "text": str(args.text),
+                  **dataclasses.asdict(result), "cross_entropy": result.cross_entropy,
+                  "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
@@ -194,7 +258,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import dataclasses
 
     from models import training
 
@@ -217,7 +280,6 @@ def cmd_train(args) -> int:
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
     """One flag per TrainRunConfig field (``--seq-len`` for ``seq_len``); unset flags keep the config
     file's value, then the field's default."""
-    import dataclasses
 
     from models.training import TrainRunConfig
 
@@ -239,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text with a Mamba-2 checkpoint directory or preset")
-    g.add_argument("--model", required=True, help="checkpoint directory, or a preset: " + ", ".join(PRESETS))
+    g.add_argument("--model", default=None, help="checkpoint directory, a preset (random weights: "
+                   + ", ".join(PRESETS) + "), or default: the shipped byte-level model (the default)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
@@ -270,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
     b.add_argument("--plot", default=None, help="also write a roofline PNG here (needs matplotlib: ssdkit[bench])")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="cross-entropy, perplexity and bits per byte over text files")
+    e.add_argument("--model", default=None, help="checkpoint directory, or default: the shipped model (default)")
+    e.add_argument("--text", required=True,
+                   help="a text file, a folder (every file, each a document), or python-stdlib:held-out")
+    e.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model directory's)")
+    e.add_argument("--window", type=int, default=2048, help="tokens per window (the result does not depend on it)")
+    e.add_argument("--batch", type=int, default=8, help="rows of documents read side by side")
+    e.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--json", default=None, help="also write the result to this JSON file")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="prefill + decode of toy recurrences on the core, with timings")
     d.add_argument("--prompt-len", type=int, default=512)

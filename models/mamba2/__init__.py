@@ -12,6 +12,7 @@ from models.mamba2.model import (
     loss,
     prefill,
     recurrence,
+    score_window,
 )
 from models.mamba2.params import (
     Mamba2LayerParams,
@@ -21,6 +22,7 @@ from models.mamba2.params import (
     stack_layers,
     unstack_layers,
 )
+from models.mamba2.pretrained import Pretrained, load_pretrained, pretrained_path
 from models.mamba2.tokenizer import load_tokenizer
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Mamba2LM",
     "Mamba2LayerParams",
     "Mamba2Params",
+    "Pretrained",
     "cast_params",
     "decode_step",
     "forward",
@@ -37,11 +40,14 @@ __all__ = [
     "init_cache",
     "init_params",
     "load_checkpoint",
+    "load_pretrained",
     "loss",
     "load_tokenizer",
     "prefill",
+    "pretrained_path",
     "recurrence",
     "save_checkpoint",
+    "score_window",
     "stack_layers",
     "unstack_layers",
 ]

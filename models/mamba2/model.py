@@ -24,7 +24,7 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 import ssdkit
 from models.mamba2.config import Mamba2Config
@@ -321,6 +321,51 @@ def prefill(
     if cache is not None:
         _check_cache(cfg, cache, batch)
     return _prefill(params, cfg, tokens, lengths, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _score_window(params, cfg, tokens, targets, weights, segment_ids, reset, cache):
+    keep = ~reset
+    cache = RecurrentCache(conv=cache.conv * keep[None, :, None, None].astype(cache.conv.dtype),
+                           state=cache.state * keep[None, :, None, None, None].astype(cache.state.dtype))
+    residual = _embed(params, tokens)
+    layer = functools.partial(_layer_seq, cfg, lengths=None, segment_ids=segment_ids)
+    residual, cache = ssdkit.scan_layers(layer, params.layers, residual, cache)
+    hidden = ssdkit.rms_norm(residual, params.norm_f, eps=cfg.norm_eps)
+    return ssdkit.head_cross_entropy(hidden, _head_weight(params), targets, weights), cache
+
+
+def score_window(
+    params: Mamba2Params,
+    cfg: Mamba2Config,
+    tokens: Tokens,
+    targets: Tokens,
+    weights: Float[Array, "batch seq"],
+    cache: RecurrentCache,
+    *,
+    segment_ids: SegmentIds | None = None,
+    reset: Bool[Array, " batch"] | None = None,
+) -> tuple[ssdkit.CrossEntropySums, RecurrentCache]:
+    """Cross-entropy sums of one window of a stream, continuing from ``cache``: ``(sums, new cache)``.
+
+    Position t of ``tokens`` (batch, seq) predicts ``targets[:, t]`` with weight ``weights[:, t]`` (0 to
+    skip; the caller gives the next window's first token as the last target, so a stream cut into
+    windows scores every token once: exact for a recurrence, no overlap). ``segment_ids`` packs several
+    documents in a row (state and conv window reset at each change; the cache continues the first one),
+    ``reset`` (batch,) bool starts a row afresh (its cache zeroed) at this window's first token. Positions
+    after a row's end may hold anything with weight 0: they only spoil that row's returned cache.
+    """
+    _check_tokens(cfg, tokens, 2)
+    batch, seq = np.shape(tokens)
+    for name, a in (("targets", targets), ("weights", weights)) + (
+            (("segment_ids", segment_ids),) if segment_ids is not None else ()):
+        if np.shape(a) != (batch, seq):
+            raise ValueError(f"{name} must have the shape of tokens {(batch, seq)}, got {np.shape(a)}")
+    _check_cache(cfg, cache, batch)
+    reset = jnp.zeros((batch,), bool) if reset is None else jnp.asarray(reset, bool)
+    if reset.shape != (batch,):
+        raise ValueError(f"reset must have shape ({batch},), got {reset.shape}")
+    return _score_window(params, cfg, tokens, targets, jnp.asarray(weights, jnp.float32), segment_ids, reset, cache)
 
 
 def _decode(params, cfg, token, cache):

@@ -3,7 +3,9 @@
 A mixer is a hashable object with ``recurrence(cfg)``, ``conv_channels(cfg)``, ``init_layer(cfg, key)``
 (one layer's params, a PyTree holding a ``norm`` weight) and
 ``__call__(cfg, lp, h, cache, *, step) -> (out, cache)``: ``h`` is (batch, seq, d_model) for prefill
-or (batch, d_model) for one decode step; the same call serves both.
+or (batch, d_model) for one decode step; the same call serves both. A mixer that also takes
+``segment_ids`` (batch, seq) can train on packed documents (``loss(..., segment_ids=...)``, which passes
+it only when given): it resets its conv window and state at each change of id.
 """
 
 from __future__ import annotations

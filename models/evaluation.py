@@ -1,0 +1,144 @@
+"""``ssdkit eval``: cross-entropy, perplexity and bits per byte of a model over text of any length.
+
+Each file is one document (``models.text.encode_document``: the tokenizer's ids, then
+``<|endoftext|>`` when it has one). Documents are laid end to end in ``batch`` rows (each row takes the
+next document when it runs short), and every row is read in fixed windows of ``window`` tokens with the
+recurrent state and the conv window carried from one window to the next (``mamba2.score_window``). For a
+recurrence this is exact: no overlap, no truncated context, every target scored once, and the result
+does not depend on ``window`` or ``batch`` (tested). One compiled program serves every window.
+
+Figures: ``cross_entropy`` = Σ nll / targets (nats per token), ``perplexity`` = exp(cross_entropy),
+``bits_per_byte`` = Σ nll / (ln 2 · UTF-8 bytes of the texts). Every token after a document's first is a
+target; with the byte tokenizer the first token is ``<|endoftext|>`` (a document boundary), so every byte
+and the end of the file are charged: ``bits_per_byte`` is then a code length, comparable with a
+compressor's output size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from models import corpus, mamba2, text
+from models.mamba2.model import compute_dtype
+from models.text import Document
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Totals of an evaluation; the figures are properties."""
+
+    documents: int
+    tokens: int  # targets scored
+    num_bytes: int  # UTF-8 bytes of the documents' texts
+    nll: float  # Σ -ln p(target), nats
+    seconds: float
+
+    @property
+    def cross_entropy(self) -> float:
+        """Nats per target token."""
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.cross_entropy)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / (math.log(2) * max(self.num_bytes, 1))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def text_files(spec: str | Path) -> list[Path]:
+    """The files to evaluate: a file, every file under a folder (sorted; hidden ones skipped), or a named
+    corpus part (``python-stdlib:held-out``, ``python-stdlib:train``, ``python-stdlib``)."""
+    named = corpus.resolve(str(spec)) if not Path(spec).exists() else None
+    if named is not None:
+        stdlib, part = named
+        return stdlib.paths(part)
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in
+                                                                           p.relative_to(path).parts))
+        if not files:
+            raise ValueError(f"no files under {path}")
+        return files
+    raise ValueError(f"{spec}: no such file or folder, and not a corpus ({', '.join(corpus.CORPORA)})")
+
+
+def evaluate(params, cfg: mamba2.Mamba2Config, docs: Iterable[Document], *, window: int = 2048, batch: int = 1,
+             progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Score ``docs`` with a Mamba-2 (see the module docstring); ``progress(targets)`` after each window.
+
+    ``docs`` is consumed lazily: each row takes the next document when its buffer runs short of a window,
+    so memory holds about ``batch`` documents (and their windows) at a time, whatever the total."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    pending = iter(docs)
+    ids = [np.zeros(0, np.int32) for _ in range(batch)]  # each row's unread stream
+    seg = [np.zeros(0, np.int64) for _ in range(batch)]  # its document numbers (global, increasing)
+    cache_doc = np.full(batch, -1)  # the document each row's cache continues
+    n_docs = n_bytes = scored = 0
+    nll_total, nll = 0.0, jnp.zeros((), jnp.float32)
+    cache = mamba2.init_cache(cfg, batch, compute_dtype(params))
+    t0, k = time.perf_counter(), 0
+    while True:
+        for r in range(batch):  # a window needs window + 1 tokens: the last position's target too
+            while len(ids[r]) < window + 1 and (doc := next(pending, None)) is not None:
+                if not len(doc.ids):
+                    continue
+                hi = int(doc.ids.max())
+                if hi >= cfg.padded_vocab_size or int(doc.ids.min()) < 0:
+                    raise ValueError(f"token id {hi} is out of range for the model's vocabulary of "
+                                     f"{cfg.padded_vocab_size}")
+                ids[r] = np.concatenate([ids[r], doc.ids.astype(np.int32)])
+                seg[r] = np.concatenate([seg[r], np.full(len(doc.ids), n_docs)])
+                n_docs, n_bytes = n_docs + 1, n_bytes + doc.num_bytes
+        if not any(len(a) for a in ids):
+            break
+        tokens = np.zeros((batch, window + 1), np.int32)
+        docs_w = np.full((batch, window + 1), -1, np.int64)  # -1: past the row's end
+        for r in range(batch):
+            m = min(len(ids[r]), window + 1)
+            tokens[r, :m], docs_w[r, :m] = ids[r][:m], seg[r][:m]
+            ids[r], seg[r] = ids[r][window:], seg[r][window:]
+        weights = (docs_w[:, 1:] == docs_w[:, :-1]) & (docs_w[:, :-1] >= 0)
+        reset = docs_w[:, 0] != cache_doc
+        last = np.where(docs_w[:, :window] >= 0, docs_w[:, :window], -1).max(axis=1)
+        cache_doc = np.where(last >= 0, last, cache_doc)
+        # segment ids within the window: document numbers relative to the row's first (padding: the last)
+        local = np.where(docs_w[:, :window] >= 0, docs_w[:, :window], last[:, None]) - docs_w[:, :1]
+        sums, cache = mamba2.score_window(params, cfg, jnp.asarray(tokens[:, :window]), jnp.asarray(tokens[:, 1:]),
+                                          jnp.asarray(weights, jnp.float32), cache,
+                                          segment_ids=jnp.asarray(local.astype(np.int32)), reset=jnp.asarray(reset))
+        nll = nll + sums.nll
+        scored += int(weights.sum())
+        if progress is not None:
+            progress(int(weights.sum()))
+        k += 1
+        if k % 64 == 0:  # a float64 host total: no float32 drift over millions of tokens
+            nll_total, nll = nll_total + float(nll), jnp.zeros((), jnp.float32)
+    if scored == 0 and n_docs == 0:
+        raise ValueError("nothing to evaluate: no tokens")
+    nll_total += float(nll)
+    return EvalResult(documents=n_docs, tokens=scored, num_bytes=n_bytes, nll=nll_total,
+                      seconds=time.perf_counter() - t0)
+
+
+def read_documents(files: Iterable[Path], tokenizer) -> Iterator[Document]:
+    """Each file as one document (UTF-8; undecodable bytes replaced), read when the caller asks for it."""
+    for f in files:
+        yield text.encode_document(tokenizer, f.read_text(encoding="utf-8", errors="replace"))
