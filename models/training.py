@@ -68,6 +68,7 @@ class TrainRunConfig:
     b2: float = 0.95
     compute_dtype: str = "float32"
     remat: str = "layer"  # as fast as "none" on CPU and 4x less memory (docs/benchmarks.md)
+    mesh: str | None = None  # e.g. "data=4,fsdp=2": shard over the devices (docs/scaling.md); None: one device
     held_out: float = 0.05
     eval_every: int = 50
     eval_rows: int = 64
@@ -120,6 +121,12 @@ class TrainRunConfig:
             raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.mesh is not None:
+            from ssdkit.sharding import parse_mesh
+
+            parse_mesh(self.mesh)
+        if self.arch != "mamba2" and self.mesh is not None:
+            raise ValueError(f"--mesh trains Mamba-2 (models.mamba2.sharding): not arch={self.arch}")
         if self.arch != "mamba2" and (self.model is not None or self.init_from is not None):
             raise ValueError(f"--model and --init-from are Mamba-2 checkpoints: not for arch={self.arch}")
         if self.batch_size % self.micro_batches:
@@ -280,9 +287,28 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
                              weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
     schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=cfg.steps,
                                           min_ratio=cfg.min_lr_ratio)
-    step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
-                        compute_dtype=cfg.compute_dtype)
     state = ssdkit.TrainState.create(params, optimizer)
+    shardings, put_batch = None, jnp.asarray
+    if cfg.mesh is not None:  # parameters, optimiser state and batches on the mesh (models.mamba2.sharding)
+        from jax.sharding import NamedSharding
+
+        from models.mamba2 import sharding as mamba2_sharding
+        from ssdkit import sharding
+
+        mesh = sharding.make_mesh(cfg.mesh)
+        mamba2_sharding.config_check(mcfg, mesh)
+        rows = sharding.batch_size_multiple(mesh)
+        if (cfg.batch_size // cfg.micro_batches) % rows:
+            raise ValueError(f"--mesh {cfg.mesh} splits a batch's rows {rows} ways: batch_size / micro_batches = "
+                             f"{cfg.batch_size // cfg.micro_batches} must be a multiple of {rows}")
+        specs = mamba2_sharding.train_state_specs(state, optimizer, mesh)
+        state = sharding.place(state, mesh, specs)
+        batch_sharding = NamedSharding(mesh, sharding.batch_spec(2))
+        shardings = (sharding.named(mesh, specs), batch_sharding)
+        put_batch = functools.partial(jax.device_put, device=batch_sharding)
+        log(f"[train] mesh {dict(mesh.shape)} over {mesh.size} devices")
+    step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
+                        compute_dtype=cfg.compute_dtype, shardings=shardings)
 
     checkpointer = TrainCheckpointer(out / "checkpoints", keep=cfg.keep)
     resumed_from = checkpointer.latest_step()
@@ -331,7 +357,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
     held_loss = held_bpb = None
     for step in range(start, cfg.steps):
         idx = sampler.indices(step)
-        batch = (jnp.asarray(train_rows.tokens[idx]), jnp.asarray(train_rows.segment_ids[idx]))
+        batch = (put_batch(train_rows.tokens[idx]), put_batch(train_rows.segment_ids[idx]))
         state, m = step_fn(state, batch)
         loss, tokens_seen = float(m.loss), tokens_seen + int(batch[0].size)
         elapsed = time.perf_counter() - t0
@@ -368,12 +394,13 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
 
 
 def make_step(mcfg: mamba2.Mamba2Config | ToyLM, optimizer, *, remat: str = "none", micro_batches: int = 1,
-              compute_dtype: str = "float32"):
+              compute_dtype: str = "float32", shardings=None):
     """The jitted training step of ``ssdkit train`` (and ``ssdkit bench --train``) on batches
     ``(tokens, segment_ids)``, each (batch, seq) int32: ``ssdkit.make_train_step`` over ``mamba2.loss``."""
     loss_fn = functools.partial(_batch_loss, mcfg=mcfg, remat=remat)
     return ssdkit.make_train_step(loss_fn, optimizer, micro_batches=micro_batches,
-                                  compute_dtype=None if compute_dtype == "float32" else jnp.dtype(compute_dtype))
+                                  compute_dtype=None if compute_dtype == "float32" else jnp.dtype(compute_dtype),
+                                  shardings=shardings)
 
 
 def _batch_loss(params, batch, *, mcfg, remat):

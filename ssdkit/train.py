@@ -158,6 +158,7 @@ def make_train_step(
     *,
     micro_batches: int = 1,
     compute_dtype=None,
+    shardings: tuple[Any, Any] | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
     """A jitted ``step(state, batch) -> (state, StepMetrics)``; ``state`` is donated (do not reuse it).
 
@@ -166,7 +167,10 @@ def make_train_step(
     a leading batch axis; ``micro_batches`` splits it and accumulates the gradient (weighted by each
     micro-batch's token count, so the result equals one pass over the whole batch up to rounding) in
     float32 inside one ``lax.scan``. ``compute_dtype`` (e.g. ``jnp.bfloat16``) runs the model on
-    :func:`cast_matrices` of the float32 master weights.
+    :func:`cast_matrices` of the float32 master weights. ``shardings`` = ``(state, batch)``: PyTrees (or
+    prefixes) of ``NamedSharding`` s on a mesh (``ssdkit.sharding``) that the step takes its inputs in and
+    gives the new state back in (so parameters and optimiser state stay sharded from step to step); the
+    compiler inserts the collectives.
     """
     if not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
@@ -215,4 +219,15 @@ def make_train_step(
         metrics = StepMetrics(loss=loss, accuracy=correct / denom, tokens=tokens, grad_norm=grad_norm, finite=finite)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0, compiler_options=training_compiler_options())
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0, compiler_options=training_compiler_options())
+    state_sharding, batch_sharding = shardings
+    mesh = jax.tree_util.tree_leaves(state_sharding)[0].mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step_on_mesh(state, batch):  # traced under the mesh: a model's ssdkit.sharding.gather_weights sees it
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(state, batch)
+
+    return jax.jit(step_on_mesh, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), compiler_options=training_compiler_options())

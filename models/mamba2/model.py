@@ -33,6 +33,7 @@ from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, Mask, SegmentIds, SeqLogits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths, is_concrete, sequence_matmul_dtype
 from ssdkit.loss import DEFAULT_BLOCK_SIZE
+from ssdkit.sharding import gather_weights
 from ssdkit.stack import is_per_layer, unstack
 
 Hidden = Float[Array, "batch seq d_model"]
@@ -110,6 +111,7 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
 
     ``segment_ids`` (batch, seq) packs documents: the conv taps and the recurrent state never cross a
     change of id (the cache continues the row's first document)."""
+    lp = gather_weights(lp)  # FSDP on a mesh: this layer's weights, whole (identity otherwise)
     z, xbc, dt_raw = _in_proj(cfg, lp, residual, sequence=True)
     xbc, window = ssdkit.causal_conv1d(xbc, lp.conv_weight, lp.conv_bias, window=cache.conv, lengths=lengths,
                                        segment_ids=segment_ids)
@@ -127,6 +129,7 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
 
 def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
     """One layer for one token: O(1) conv step and SSD step."""
+    lp = gather_weights(lp)
     z, xbc, dt_raw = _in_proj(cfg, lp, residual, sequence=False)
     xbc, window = ssdkit.causal_conv1d_step(xbc, lp.conv_weight, lp.conv_bias, cache.conv)
     xbc = jax.nn.silu(xbc)
@@ -180,11 +183,11 @@ def _decode_layout(params: Mamba2Params) -> Mamba2Params:
 
 # ------------------------------------------------------------------------------ the stack
 def _embed(params: Mamba2Params, tokens):
-    return jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
+    return jnp.take(gather_weights(params.embedding), tokens, axis=0).astype(jnp.float32)
 
 
 def _head_weight(params: Mamba2Params):
-    return params.embedding if params.lm_head is None else params.lm_head
+    return gather_weights(params.embedding if params.lm_head is None else params.lm_head)
 
 
 def _logits(cfg: Mamba2Config, params: Mamba2Params, hidden, sequence: bool = False):

@@ -1,0 +1,151 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``): every mesh's sharded prefill, loss, gradients,
+optimiser steps and greedy generation against the same program on one device. Prints one JSON line of
+errors per mesh; any failed check raises (non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ssdkit
+from models import mamba2, training
+from models.mamba2 import sharding as msh
+from ssdkit import sharding
+from tests.helpers import assert_same_greedy_tokens, greedy_margins
+
+CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=8)
+B, T, STEPS = 8, 24, 3
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| over max |b|, across all leaves."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    num = max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+              for x, y in zip(la, lb, strict=True))
+    den = max(float(jnp.max(jnp.abs(jnp.asarray(y, jnp.float32)))) for y in lb)
+    return num / den
+
+
+def copy(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def run_steps(step, state, batch):
+    losses = []
+    for _ in range(STEPS):
+        state, m = step(state, batch)
+        losses.append(float(m.loss))
+    return state, np.asarray(losses)
+
+
+def main(meshes: list[str]) -> None:
+    assert len(jax.devices()) == 8, jax.devices()
+    key = jax.random.key(0)
+    params = mamba2.init_params(CFG, key, stacked=True)
+    tokens = jax.random.randint(jax.random.key(1), (B, T), 0, CFG.vocab_size, jnp.int32)
+    seg = jnp.asarray(np.repeat(np.arange(3), [10, 8, 6])[None].repeat(B, 0), jnp.int32)
+    optimizer = ssdkit.adamw(1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1, clip_norm=1.0)
+
+    def loss_fn(p, t, s):
+        return mamba2.loss(p, CFG, t, segment_ids=s, remat="layer")[0]
+
+    ref_logits = mamba2.forward(params, CFG, tokens)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(params, tokens, seg)
+    ref_state, ref_losses = run_steps(training.make_step(CFG, optimizer, remat="layer"),
+                                      ssdkit.TrainState.create(copy(params), optimizer), (tokens, seg))
+    prompt = tokens[:, :6]
+    ref_gen = mamba2.generate(params, CFG, prompt, max_new_tokens=8)
+    ref_full = jnp.concatenate([prompt, ref_gen.tokens], axis=1)
+    margins = greedy_margins(mamba2.forward(params, CFG, ref_full)[:, 5:-1])
+
+    weight_shapes = {a.shape[1:] for a in jax.tree_util.tree_leaves(params.layers)} | {params.embedding.shape}
+    for spec in meshes:
+        mesh = sharding.make_mesh(spec)
+        p = msh.shard_params(params, mesh)
+        t, s = msh.shard_batch((tokens, seg), mesh)
+        errors = {"mesh": spec}
+        # parameters are split as the table says: nothing large is replicated under fsdp
+        if mesh.shape["fsdp"] > 1:
+            assert p.layers.in_proj.sharding.spec == P(None, "fsdp", None), p.layers.in_proj.sharding
+            assert p.embedding.sharding.spec == P("fsdp", None), p.embedding.sharding
+        errors["logits"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
+        with jax.set_mesh(mesh):  # traced under the mesh: gather_weights gathers each layer's weights
+            errors["logits_under_mesh"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
+            hlo = jax.jit(mamba2.forward, static_argnums=1).lower(p, CFG, t).compile().as_text()
+        if mesh.shape["fsdp"] > 1:
+            assert re.search(rf"f32\[(1,)?{CFG.d_in_proj},{CFG.d_model}\]\S* all-gather", hlo), "no in_proj gather"
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn))(p, t, s)
+        errors["loss"] = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
+        errors["grads"] = rel_err(grads, ref_grads)
+        gen = mamba2.generate(p, CFG, msh.shard_batch(prompt, mesh), max_new_tokens=8)
+        assert_same_greedy_tokens(gen.tokens, ref_gen.tokens, margins, tie=1e-4, name=f"generate on {spec}")
+        errors["generated_equal"] = bool(np.array_equal(np.asarray(gen.tokens), np.asarray(ref_gen.tokens)))
+
+        state = ssdkit.TrainState.create(copy(p), optimizer)  # the step donates its state
+        specs = msh.train_state_specs(state, optimizer, mesh)
+        state = sharding.place(state, mesh, specs)
+        batch_sh = NamedSharding(mesh, sharding.batch_spec(2))
+        step = training.make_step(CFG, optimizer, remat="layer", shardings=(sharding.named(mesh, specs), batch_sh))
+        hlo = step.lower(state, (t, s)).compile().as_text()
+        state, losses = run_steps(step, state, (t, s))
+        # What the step gathers: under fsdp one layer's weight at a time (inside the layer scan) and the
+        # embedding, never a whole stacked field and never activations; under data alone, nothing.
+        gathered = [tuple(int(d) for d in dims.split(",") if d) for dims in
+                    re.findall(r"= [a-z0-9]+\[([\d,]*)\][^\n]*? all-gather(?:-start)?\(", hlo)]
+        gathered = [g[1:] if g[:1] == (1,) else g for g in gathered]
+        errors["all_gathers"] = [list(g) for g in sorted(set(gathered))]
+        assert set(gathered) <= weight_shapes, (gathered, weight_shapes)
+        assert bool(gathered) == (mesh.shape["fsdp"] > 1), gathered
+        errors["step_losses"] = float(np.max(np.abs(losses - ref_losses) / np.abs(ref_losses)))
+        errors["params_after_steps"] = rel_err(state.params, ref_state.params)
+        # the state stays sharded from step to step: the step's outputs carry the input specs
+        got = jax.tree_util.tree_map(lambda a: a.sharding.spec, state.params)
+        want = jax.tree_util.tree_map(lambda a: a, specs.params, is_leaf=lambda x: isinstance(x, P))
+        for g, w in zip(jax.tree_util.tree_leaves(got, is_leaf=lambda x: isinstance(x, P)),
+                        jax.tree_util.tree_leaves(want, is_leaf=lambda x: isinstance(x, P)), strict=True):
+            assert tuple(g) + (None,) * (len(w) - len(g)) == tuple(w), (g, w)
+
+        print(json.dumps(errors), flush=True)
+        # float32 sums reordered across devices: logits and loss to ~1e-6, gradients to ~1e-5 of their
+        # largest entry, three AdamW steps (normalised updates amplify tiny gradient differences) to 1e-4
+        assert errors["logits"] < 1e-5 and errors["logits_under_mesh"] < 1e-5 and errors["loss"] < 1e-5, errors
+        assert errors["grads"] < 1e-4 and errors["step_losses"] < 1e-5, errors
+        assert errors["params_after_steps"] < 1e-4, errors
+
+
+def check_train_command(mesh: str) -> None:
+    """``ssdkit train --mesh``: the same losses and exported weights as the run on one device."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "data.txt").write_text("def f(x):\n    return x * 2\n" * 200)
+        logs = {}
+        for name, m in (("one", None), ("mesh", mesh)):
+            cfg = training.TrainRunConfig(data=str(Path(tmp) / "data.txt"), out=str(Path(tmp) / name), mesh=m,
+                                          d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=8, seq_len=32,
+                                          batch_size=8, steps=3, warmup_steps=1, eval_every=3, save_every=3,
+                                          progress=False)
+            training.train(cfg, log=lambda s: None)
+            logs[name] = [json.loads(line) for line in (Path(tmp) / name / "log.jsonl").read_text().splitlines()]
+        one, sharded = ([e["loss"] for e in logs[k]] for k in ("one", "mesh"))
+        errors = {"train_command_mesh": mesh, "losses": float(np.max(np.abs(np.subtract(sharded, one)) / np.abs(one))),
+                  "held_out": abs(logs["mesh"][-1]["held_out_loss"] - logs["one"][-1]["held_out_loss"])}
+        w_one, _ = mamba2.load_checkpoint(Path(tmp) / "one" / "model")
+        w_mesh, _ = mamba2.load_checkpoint(Path(tmp) / "mesh" / "model")
+        errors["exported_weights"] = rel_err(w_mesh, w_one)
+        print(json.dumps(errors), flush=True)
+        assert errors["losses"] < 1e-5 and errors["held_out"] < 1e-4 and errors["exported_weights"] < 1e-4, errors
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["data=8", "data=4,fsdp=2", "fsdp=8"])
+    check_train_command("data=2,fsdp=4")

@@ -1,0 +1,51 @@
+"""Scale-out on JAX's SPMD machinery: mesh parsing, the fsdp rule, and (in a subprocess with 8 host
+devices, tests/sharding_check.py) sharded prefill, loss, gradients, AdamW steps and generation equal to
+one device, with the state kept sharded and only per-layer weights gathered."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ssdkit import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parse_and_make_mesh():
+    assert sharding.parse_mesh("data=4, model=2") == {"data": 4, "model": 2}
+    mesh = sharding.make_mesh()  # every device on data
+    assert mesh.axis_names == sharding.MESH_AXES and mesh.shape["data"] == len(jax.devices())
+    assert sharding.batch_size_multiple(mesh) == len(jax.devices())
+    for bad, message in (("data=0", "sizes >= 1"), ("rows=2", "expected AXIS=SIZE"), ("data=1,data=1", "twice"),
+                         ("data=3", "has 3 devices")):
+        with pytest.raises(ValueError, match=message):
+            sharding.make_mesh(bad)
+
+
+def test_fsdp_rule():
+    mesh = sharding.make_mesh()
+    assert sharding.fsdp_spec((296, 64), mesh) == P(None, None)  # fsdp = 1: nothing to split
+    fake = type("FakeMesh", (), {"shape": {"fsdp": 4}})()
+    assert sharding.fsdp_spec((296, 64), fake) == P("fsdp", None)  # the largest divisible axis
+    assert sharding.fsdp_spec((2, 296, 64), fake, leading=1) == P(None, "fsdp", None)  # never the layer axis
+    assert sharding.fsdp_spec((2, 297, 64), fake, leading=1) == P(None, None, "fsdp")
+    assert sharding.fsdp_spec((64,), fake) == P(None)  # small: replicated
+    assert sharding.fsdp_spec((3, 99999), fake) == P(None, None)  # nothing divisible
+
+
+@pytest.mark.parametrize("meshes", [["data=8", "data=2,fsdp=4"],
+                                    pytest.param(["data=4,fsdp=2", "fsdp=8"], marks=pytest.mark.long)])
+def test_sharded_programs_equal_one_device(meshes):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_check.py"), *meshes], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.count('"mesh"') == len(meshes) and "train_command_mesh" in proc.stdout, proc.stdout
