@@ -305,7 +305,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         state = sharding.place(state, mesh, specs)
         batch_sharding = NamedSharding(mesh, sharding.batch_spec(2))
         shardings = (sharding.named(mesh, specs), batch_sharding)
-        put_batch = functools.partial(jax.device_put, device=batch_sharding)
+        put_batch = functools.partial(sharding.place, mesh=mesh, specs=sharding.batch_spec(2))
         log(f"[train] mesh {dict(mesh.shape)} over {mesh.size} devices")
     step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
                         compute_dtype=cfg.compute_dtype, shardings=shardings)

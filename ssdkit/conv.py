@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths, SegmentIds
-from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, is_concrete
+from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, is_concrete, readable
 
 
 def _check(x, weight, bias, window, *, seq_form: bool) -> int:
@@ -91,8 +91,8 @@ def _check_conv_lengths(lengths, batch: int, seq: int) -> None:
     if np.shape(lengths) != (batch,):
         raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
     if is_concrete(lengths) and batch:
-        lv = np.asarray(lengths)
-        if lv.min() < 0 or lv.max() > seq:
+        lv = readable(lengths)
+        if lv.size and (lv.min() < 0 or lv.max() > seq):
             raise ValueError(
                 f"lengths must lie in 0..{seq} (the number of real tokens of each row of x), got {lv.tolist()}"
             )

@@ -68,12 +68,22 @@ def is_concrete(arr) -> bool:
     return not isinstance(arr, jax.core.Tracer)
 
 
+def readable(arr) -> np.ndarray:
+    """The values of a concrete ``arr`` that this process can read, flattened: all of them, or, for an
+    array spread over several processes (``jax.distributed``), those on this process's devices — every
+    process checks its own part."""
+    if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
+        parts = [np.ravel(np.asarray(s.data)) for s in arr.addressable_shards]
+        return np.concatenate(parts) if parts else np.zeros(0, arr.dtype)
+    return np.asarray(arr)
+
+
 def check_lengths(name: str, lengths, batch: int, seq: int) -> None:
     """Raise unless ``lengths`` is a (batch,) integer array with values in 1..seq (when concrete)."""
     check_integer(name, lengths)
     if np.shape(lengths) != (batch,):
         raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
     if is_concrete(lengths):
-        lv = np.asarray(lengths)
-        if lv.min() < 1 or lv.max() > seq:
+        lv = readable(lengths)
+        if lv.size and (lv.min() < 1 or lv.max() > seq):
             raise ValueError(f"{name} must lie in 1..{seq} (the padded prompt length), got {lv.tolist()}")

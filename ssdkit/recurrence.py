@@ -23,7 +23,7 @@ import enum
 import jax.numpy as jnp
 import numpy as np
 
-from ssdkit.dtypes import check_floating, check_integer, is_concrete
+from ssdkit.dtypes import check_floating, check_integer, is_concrete, readable
 
 
 class DecayKind(enum.Enum):
@@ -187,7 +187,7 @@ class Recurrence:
                     f"precision state loses the recurrence within a few dozen steps"
                 )
         if is_concrete(log_a):
-            worst = float(np.max(np.asarray(log_a, dtype=np.float64), initial=-np.inf))
+            worst = float(np.max(readable(log_a).astype(np.float64), initial=-np.inf))
             if not worst <= 0.0:  # also catches NaN
                 raise ValueError(
                     f"log_a must be <= 0 everywhere (the decay exp(log_a) must be a contraction); "

@@ -91,8 +91,17 @@ def named(mesh: Mesh, specs):
 
 
 def place(tree, mesh: Mesh, specs):
-    """``tree`` on ``mesh`` as ``specs`` say (a PyTree of ``PartitionSpec`` s matching ``tree``)."""
-    return jax.device_put(tree, named(mesh, specs))
+    """``tree`` on ``mesh`` as ``specs`` say (a PyTree of ``PartitionSpec`` s matching ``tree``).
+
+    On a mesh that spans several processes (after ``jax.distributed.initialize``) every process passes the
+    same whole values (numpy, or arrays on its own devices) and keeps the shards its devices hold."""
+    def put(leaf, sharding):
+        if sharding.is_fully_addressable:
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree, named(mesh, specs))
 
 
 def optimizer_specs(optimizer, opt_state, param_specs):

@@ -49,3 +49,36 @@ def test_sharded_programs_equal_one_device(meshes):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count('"mesh"') == len(meshes) and "train_command_mesh" in proc.stdout, proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """2 processes x 4 host devices on 127.0.0.1 (jax.distributed, gloo): a data=2,fsdp=4 prefill and two
+    training steps equal one process's; bounded in time, and both processes are always reaped."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    port = _free_port()
+    logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - closed below
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multiprocess_check.py"), str(i), "2", str(port)],
+                              env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = []
+    for f in logs:
+        f.seek(0)
+        out.append(f.read())
+        f.close()
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in out)
+    assert '"params_after_steps"' in out[0], out[0][-2000:]

@@ -31,7 +31,7 @@ from models.mamba2.config import Mamba2Config
 from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, Mask, SegmentIds, SeqLogits, StepTokens, Tokens
-from ssdkit.dtypes import check_integer, check_lengths, is_concrete, sequence_matmul_dtype
+from ssdkit.dtypes import check_integer, check_lengths, is_concrete, readable, sequence_matmul_dtype
 from ssdkit.loss import DEFAULT_BLOCK_SIZE
 from ssdkit.sharding import gather_weights
 from ssdkit.stack import is_per_layer, unstack
@@ -202,8 +202,8 @@ def _check_tokens(cfg: Mamba2Config, tokens, ndim: int, name: str = "tokens") ->
     if np.ndim(tokens) != ndim:
         want = "(batch, seq)" if ndim == 2 else "(batch,)"
         raise ValueError(f"{name} must have shape {want}, got {np.shape(tokens)}")
-    if is_concrete(tokens) and np.size(tokens):
-        t = np.asarray(tokens)
+    t = readable(tokens) if is_concrete(tokens) else np.zeros(0)
+    if t.size:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= cfg.padded_vocab_size:
             bad = lo if lo < 0 else hi

@@ -59,8 +59,7 @@ def shard_params(params: Mamba2Params, mesh: Mesh) -> Mamba2Params:
 
 def shard_batch(arrays, mesh: Mesh):
     """Batch arrays (a PyTree of (batch, ...) arrays: tokens, segment ids, lengths) split by rows."""
-    return jax.tree_util.tree_map(lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, batch_spec(a.ndim))),
-                                  arrays)
+    return place(arrays, mesh, jax.tree_util.tree_map(lambda a: batch_spec(a.ndim), arrays))
 
 
 def train_state_specs(state, optimizer, mesh: Mesh):
