@@ -8,7 +8,7 @@ loss curve, then measures and records in ``evaluation.json``:
 * held-out bits per byte over every held-out file (``models.evaluation``), next to ``xz -9e`` and
   ``gzip -9`` on the same files (each file compressed alone);
 * the same figure on a fixed sample of small held-out files, with their sha256, which the tests recompute;
-* greedy completions of a few prompts, with their token ids.
+* greedy completions of a few prompts, with their token ids, and sampled ones (README's settings).
 
 The run's command and log summary go to ``README.md`` beside the weights.
 """
@@ -30,6 +30,7 @@ PROMPTS = ("def fibonacci(n):", "class Stack:\n    \"\"\"A last-in, first-out st
            "import os\n\n\ndef list_python_files(folder):\n", "    def __repr__(self):")
 SAMPLE_FILES = 3  # the smallest held-out files of at least 2 KB
 NEW_TOKENS = 200
+TEMPERATURE, TOP_P, SEED = 0.8, 0.95, 1  # README's main command samples with these
 
 
 def main(argv=None) -> int:
@@ -73,6 +74,14 @@ def main(argv=None) -> int:
                               eos_token_id=text.eod_id(shipped.tokenizer))
         tokens = np.asarray(out.tokens[0, : int(out.lengths[0])]).tolist()
         completions.append({"prompt": prompt, "tokens": tokens, "text": shipped.tokenizer.decode(tokens)})
+    sampled = []  # greedy decoding of a model this small falls into loops (runs of spaces, repeated phrases)
+    for prompt in PROMPTS:
+        ids = jnp.asarray(text.encode(shipped.tokenizer, prompt)[None])
+        out = mamba2.generate(shipped.params, shipped.cfg, ids, max_new_tokens=NEW_TOKENS, key=jax.random.key(SEED),
+                              temperature=TEMPERATURE, top_p=TOP_P, eos_token_id=text.eod_id(shipped.tokenizer))
+        tokens = np.asarray(out.tokens[0, : int(out.lengths[0])]).tolist()
+        sampled.append({"prompt": prompt, "temperature": TEMPERATURE, "top_p": TOP_P, "seed": SEED,
+                        "text": shipped.tokenizer.decode(tokens)})
 
     evaluation_record = {
         "held_out": {"files": len(files), "bytes": n_bytes, "tokens": full.tokens,
@@ -82,6 +91,7 @@ def main(argv=None) -> int:
                               "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in small],
                    "bits_per_byte": sample.bits_per_byte, "nll": sample.nll, "tokens": sample.tokens},
         "greedy": completions,
+        "sampled": sampled,
     }
     (dest / "evaluation.json").write_text(json.dumps(evaluation_record, indent=2, ensure_ascii=False) + "\n")
     (dest / "README.md").write_text(model_card(args.name, record, evaluation_record, args.run, shipped))
@@ -136,8 +146,13 @@ def model_card(name: str, record: dict, ev: dict, run: Path, shipped) -> str:
         "| method | bits per byte |", "|---|---|",
         f"| this model (`ssdkit eval`) | {h['bits_per_byte']:.4f} |",
         f"| xz -9e | {h['xz -9e bits_per_byte']:.4f} |", f"| gzip -9 | {h['gzip -9 bits_per_byte']:.4f} |", "",
-        "## Greedy completions", "",
+        "## Completions", "",
     ]
+    lines += [f"Sampled (`--temperature {TEMPERATURE} --top-p {TOP_P} --seed {SEED}`, as README's main command):", ""]
+    for g in ev["sampled"]:
+        lines += ["```python", g["prompt"] + g["text"], "```", ""]
+    lines += ["Greedy (`--temperature 0`): a model this small falls into loops — runs of spaces after a newline, "
+              "repeated phrases:", ""]
     for g in ev["greedy"]:
         lines += ["```python", g["prompt"] + g["text"], "```", ""]
     return "\n".join(lines)
