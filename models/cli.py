@@ -258,7 +258,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
-
     from models import training
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainRunConfig)

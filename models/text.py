@@ -33,6 +33,13 @@ def load(spec: str | Path | None):
     return tok, file
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted by path, leaving out hidden files and folders (``.git``, ...):
+    the documents of a folder, for training and for evaluation alike."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def vocab_size(tokenizer) -> int:
     return tokenizer.vocab_size if isinstance(tokenizer, ByteTokenizer) else tokenizer.get_vocab_size()
 

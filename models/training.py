@@ -151,11 +151,10 @@ class TrainSummary:
 def _texts(path: Path, doc_separator: str | None) -> list[str]:
     """One text per file of a folder (sorted by path), or a file's text (split at ``doc_separator``)."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        return [p.read_text(encoding="utf-8", errors="replace") for p in text.files_under(path)]
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return text.split(doc_separator) if doc_separator else [text]
+        whole = path.read_text(encoding="utf-8", errors="replace")
+        return whole.split(doc_separator) if doc_separator else [whole]
     raise ValueError(f"training data {path} does not exist")
 
 
