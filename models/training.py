@@ -300,11 +300,14 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         if (cfg.batch_size // cfg.micro_batches) % rows:
             raise ValueError(f"--mesh {cfg.mesh} splits a batch's rows {rows} ways: batch_size / micro_batches = "
                              f"{cfg.batch_size // cfg.micro_batches} must be a multiple of {rows}")
+        if cfg.seq_len % mesh.shape["seq"]:
+            raise ValueError(f"--mesh {cfg.mesh} splits a row's positions {mesh.shape['seq']} ways: seq_len "
+                             f"{cfg.seq_len} must be a multiple of {mesh.shape['seq']}")
         specs = mamba2_sharding.train_state_specs(state, optimizer, mesh)
         state = sharding.place(state, mesh, specs)
-        batch_sharding = NamedSharding(mesh, sharding.batch_spec(2))
-        shardings = (sharding.named(mesh, specs), batch_sharding)
-        put_batch = functools.partial(sharding.place, mesh=mesh, specs=sharding.batch_spec(2))
+        batch_spec = sharding.sequence_spec(2)  # rows over (data, fsdp), positions over seq
+        shardings = (sharding.named(mesh, specs), NamedSharding(mesh, batch_spec))
+        put_batch = functools.partial(sharding.place, mesh=mesh, specs=batch_spec)
         log(f"[train] mesh {dict(mesh.shape)} over {mesh.size} devices")
     step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
                         compute_dtype=cfg.compute_dtype, shardings=shardings)

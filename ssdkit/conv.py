@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssdkit import sequence_parallel
 from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths, SegmentIds
 from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, is_concrete, readable
 
@@ -169,6 +170,10 @@ def causal_conv1d(
 
     Cost: K multiply-adds per output element, one fused elementwise pass (with ``segment_ids``, one
     select per tap too, on a (batch, seq) mask broadcast over channels).
+
+    Traced under a mesh whose ``seq`` axis has more than one device (``jax.set_mesh``), the sequence is
+    split over it, each piece reading the K-1 inputs before it from its neighbour
+    (``ssdkit.sequence_parallel``).
     """
     k = _check(x, weight, bias, window, seq_form=True)
     batch, seq, chan = np.shape(x)
@@ -180,6 +185,8 @@ def causal_conv1d(
         window = jnp.zeros((batch, k - 1, chan), x.dtype)
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
+    if sequence_parallel.active():  # traced under a mesh with a 'seq' axis: pieces with a (K-1)-input halo
+        return sequence_parallel.causal_conv1d(x, weight, bias, window, lengths, segment_ids)
     return _conv_seq(x, weight, bias, window, lengths, segment_ids)
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssdkit import sequence_parallel
 from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqValues, State
 from ssdkit.dtypes import accumulation_dtype
 from ssdkit.recurrence import DecayKind, Recurrence
@@ -145,9 +146,14 @@ def ssd_scan(
         the accumulation dtype (float32, or float64 for float64 inputs), or ``initial_state.dtype``.
 
     Cost: O(seq · Q · (N + P)) per head for the dual form plus O(seq / Q) sequential chunk steps.
+
+    Traced under a mesh whose ``seq`` axis has more than one device (``jax.set_mesh``), the sequence is
+    split in contiguous pieces over it, exactly (``ssdkit.sequence_parallel``; seq must divide).
     """
     spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size)
     spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids)
+    if sequence_parallel.active():  # traced under a mesh with a 'seq' axis: split the sequence over it
+        return sequence_parallel.ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids)
     return _chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids)
 
 

@@ -8,9 +8,11 @@ A mesh always has the four named axes of :data:`MESH_AXES` (size 1 when unused),
 * ``fsdp`` — fully sharded data parallelism (ZeRO-3): batch rows split as for ``data`` *and* every large
   parameter and its optimiser state split across the axis; the compiler gathers a weight where it is used
   (per layer inside the layer scan) and reduce-scatters its gradient.
-* ``model`` and ``seq`` — tensor and sequence parallelism (reserved here; a model's rules decide).
+* ``seq`` — sequence (context) parallelism: a sequence split in contiguous pieces; the scan and conv of
+  ``ssdkit`` combine the pieces exactly (``ssdkit.sequence_parallel``) when traced under the mesh.
+* ``model`` — tensor parallelism (reserved here; a model's rules decide).
 
-Batch arrays are split over ``("data", "fsdp")`` (:data:`BATCH_AXES`). :func:`fsdp_spec` is the rule for a
+Batch arrays are split over ``("data", "fsdp")`` (:data:`BATCH_AXES`), their positions over ``seq``. :func:`fsdp_spec` is the rule for a
 weight under ``fsdp``; model packages name their arrays' specs with it (``models.mamba2.sharding``).
 """
 
@@ -78,6 +80,14 @@ def fsdp_spec(shape: Sequence[int], mesh: Mesh, *, leading: int = 0) -> P:
 def batch_spec(ndim: int) -> P:
     """Rows of a batch array of ``ndim`` axes (batch first) over :data:`BATCH_AXES`."""
     return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def sequence_spec(ndim: int = 2, seq: int | None = None, mesh: Mesh | None = None) -> P:
+    """A (batch, seq, ...) array: rows over :data:`BATCH_AXES`, positions in contiguous pieces over ``seq``
+    (sequence parallelism, ``ssdkit.sequence_parallel``). Given ``seq`` and ``mesh``, positions that do not
+    divide into the ``seq`` axis stay whole."""
+    axis = "seq" if seq is None or mesh is None or seq % mesh.shape["seq"] == 0 else None
+    return P(BATCH_AXES, axis, *([None] * (ndim - 2)))
 
 
 def batch_size_multiple(mesh: Mesh) -> int:

@@ -62,6 +62,7 @@ def main(meshes: list[str]) -> None:
         return mamba2.loss(p, CFG, t, segment_ids=s, remat="layer")[0]
 
     ref_logits = mamba2.forward(params, CFG, tokens)
+    ref_prefill = mamba2.prefill(params, CFG, tokens)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(params, tokens, seg)
     ref_state, ref_losses = run_steps(training.make_step(CFG, optimizer, remat="layer"),
                                       ssdkit.TrainState.create(copy(params), optimizer), (tokens, seg))
@@ -86,6 +87,9 @@ def main(meshes: list[str]) -> None:
             hlo = jax.jit(mamba2.forward, static_argnums=1).lower(p, CFG, t).compile().as_text()
         if mesh.shape["fsdp"] > 1:
             assert re.search(rf"f32\[(1,)?{CFG.d_in_proj},{CFG.d_model}\]\S* all-gather", hlo), "no in_proj gather"
+        with jax.set_mesh(mesh):  # under a seq axis: the sequence split over it (ssdkit.sequence_parallel)
+            logits, cache = mamba2.prefill(p, CFG, t)
+        errors["prefill"] = max(rel_err(logits, ref_prefill[0]), rel_err(cache, ref_prefill[1]))
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(p, t, s)
         errors["loss"] = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
         errors["grads"] = rel_err(grads, ref_grads)
@@ -96,7 +100,7 @@ def main(meshes: list[str]) -> None:
         state = ssdkit.TrainState.create(copy(p), optimizer)  # the step donates its state
         specs = msh.train_state_specs(state, optimizer, mesh)
         state = sharding.place(state, mesh, specs)
-        batch_sh = NamedSharding(mesh, sharding.batch_spec(2))
+        batch_sh = NamedSharding(mesh, sharding.sequence_spec(2))
         step = training.make_step(CFG, optimizer, remat="layer", shardings=(sharding.named(mesh, specs), batch_sh))
         hlo = step.lower(state, (t, s)).compile().as_text()
         state, losses = run_steps(step, state, (t, s))
@@ -106,8 +110,12 @@ def main(meshes: list[str]) -> None:
                     re.findall(r"= [a-z0-9]+\[([\d,]*)\][^\n]*? all-gather(?:-start)?\(", hlo)]
         gathered = [g[1:] if g[:1] == (1,) else g for g in gathered]
         errors["all_gathers"] = [list(g) for g in sorted(set(gathered))]
-        assert set(gathered) <= weight_shapes, (gathered, weight_shapes)
-        assert bool(gathered) == (mesh.shape["fsdp"] > 1), gathered
+        # under seq, also each piece's final state and total decay (ssdkit.sequence_parallel), per layer
+        n, rows = mesh.shape["seq"], B // sharding.batch_size_multiple(mesh)
+        piece_states = {(n, rows, CFG.nheads, CFG.headdim, CFG.d_state), (n, rows, CFG.nheads)} if n > 1 else set()
+        assert set(gathered) <= weight_shapes | piece_states, (gathered, weight_shapes, piece_states)
+        assert bool(set(gathered) & weight_shapes) == (mesh.shape["fsdp"] > 1), gathered
+        assert piece_states <= set(gathered), gathered
         errors["step_losses"] = float(np.max(np.abs(losses - ref_losses) / np.abs(ref_losses)))
         errors["params_after_steps"] = rel_err(state.params, ref_state.params)
         # the state stays sharded from step to step: the step's outputs carry the input specs
@@ -152,4 +160,4 @@ def check_train_command(mesh: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:] or ["data=8", "data=4,fsdp=2", "fsdp=8"])
-    check_train_command("data=2,fsdp=4")
+    check_train_command("data=2,fsdp=2,seq=2")

@@ -40,8 +40,9 @@ def test_fsdp_rule():
     assert sharding.fsdp_spec((3, 99999), fake) == P(None, None)  # nothing divisible
 
 
-@pytest.mark.parametrize("meshes", [["data=2,fsdp=4"],  # both axes at once; the others with -m long
-                                    pytest.param(["data=8", "data=4,fsdp=2", "fsdp=8"], marks=pytest.mark.long)])
+@pytest.mark.parametrize("meshes", [["data=2,fsdp=2,seq=2"],  # three axes at once; the others with -m long
+                                    pytest.param(["data=8", "data=4,fsdp=2", "fsdp=8", "seq=8", "fsdp=2,seq=4"],
+                                                 marks=pytest.mark.long)])
 def test_sharded_programs_equal_one_device(meshes):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -49,6 +50,17 @@ def test_sharded_programs_equal_one_device(meshes):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count('"mesh"') == len(meshes) and "train_command_mesh" in proc.stdout, proc.stdout
+
+
+def test_sequence_parallel_scan_and_conv_equal_one_device():
+    """ssd_scan and causal_conv1d under meshes with a seq axis (tests/sequence_parallel_check.py): values
+    and gradients equal the one-device calls (float64 to 1e-13, float32 to 1e-5 of the largest entry)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sequence_parallel_check.py")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.count('"scan"') == 12 and proc.stdout.count('"conv"') == 4 and '"errors"' in proc.stdout
 
 
 def _free_port() -> int:

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from models.mamba2.config import Mamba2Config
 from models.mamba2.params import Mamba2Params
 from ssdkit import RecurrentCache
-from ssdkit.sharding import batch_spec, fsdp_spec, optimizer_specs, place
+from ssdkit.sharding import batch_spec, fsdp_spec, optimizer_specs, place, sequence_spec
 from ssdkit.stack import is_per_layer
 
 
@@ -58,8 +58,12 @@ def shard_params(params: Mamba2Params, mesh: Mesh) -> Mamba2Params:
 
 
 def shard_batch(arrays, mesh: Mesh):
-    """Batch arrays (a PyTree of (batch, ...) arrays: tokens, segment ids, lengths) split by rows."""
-    return place(arrays, mesh, jax.tree_util.tree_map(lambda a: batch_spec(a.ndim), arrays))
+    """Batch arrays split by rows over ``(data, fsdp)``: (batch,) arrays (lengths) by rows only, (batch, seq)
+    arrays (tokens, segment ids, loss masks) also by positions over ``seq`` when the length divides."""
+    def spec(a):
+        return batch_spec(1) if a.ndim == 1 else sequence_spec(a.ndim, a.shape[1], mesh)
+
+    return place(arrays, mesh, jax.tree_util.tree_map(spec, arrays))
 
 
 def train_state_specs(state, optimizer, mesh: Mesh):
@@ -72,6 +76,5 @@ def train_state_specs(state, optimizer, mesh: Mesh):
 
 def config_check(cfg: Mamba2Config, mesh: Mesh) -> None:
     """Raise unless ``cfg`` can use ``mesh`` (the axes this model does not split must have size 1)."""
-    for axis in ("model", "seq"):
-        if mesh.shape[axis] != 1:
-            raise ValueError(f"the {axis!r} axis is not supported for Mamba-2 yet (mesh {dict(mesh.shape)})")
+    if mesh.shape["model"] != 1:
+        raise ValueError(f"the 'model' axis is not supported for Mamba-2 yet (mesh {dict(mesh.shape)})")
