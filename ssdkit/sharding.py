@@ -12,7 +12,8 @@ A mesh always has the four named axes of :data:`MESH_AXES` (size 1 when unused),
   ``ssdkit`` combine the pieces exactly (``ssdkit.sequence_parallel``) when traced under the mesh.
 * ``model`` — tensor parallelism (reserved here; a model's rules decide).
 
-Batch arrays are split over ``("data", "fsdp")`` (:data:`BATCH_AXES`), their positions over ``seq``. :func:`fsdp_spec` is the rule for a
+Batch arrays are split over ``("data", "fsdp")`` (:data:`BATCH_AXES`), their positions over ``seq``.
+:func:`fsdp_spec` is the rule for a
 weight under ``fsdp``; model packages name their arrays' specs with it (``models.mamba2.sharding``).
 """
 
