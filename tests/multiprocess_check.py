@@ -1,11 +1,13 @@
 """One of the processes of tests/test_sharding.py's multi-process test:
 
-    python tests/multiprocess_check.py PROCESS_ID NUM_PROCESSES PORT
+    python tests/multiprocess_check.py PROCESS_ID NUM_PROCESSES PORT CHECKPOINT_DIR
 
 Each process has 4 host devices; together they form one ``data=2,fsdp=4`` mesh over 8 devices
 (``jax.distributed`` with a coordinator on 127.0.0.1, CPU collectives through gloo). Every process runs
 the sharded prefill and two sharded training steps, and checks them against the same computation on one
-of its own devices. Process 0 prints one JSON line of errors; a failed check exits non-zero.
+of its own devices. The train state is then saved with orbax (each process writes its own shards into
+CHECKPOINT_DIR) and restored onto a ``data=4,fsdp=2`` mesh, bit for bit. Process 0 prints one JSON line
+of errors; a failed check exits non-zero.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 process_id, num_processes, port = (int(a) for a in sys.argv[1:4])
+checkpoint_dir = sys.argv[4]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
                            initialization_timeout=120)
 
@@ -75,6 +78,23 @@ def main() -> None:
     errors["step_losses"] = float(np.max(np.abs(np.subtract(losses, ref_losses)) / np.abs(ref_losses)))
     got = multihost_utils.process_allgather(state.params, tiled=True)
     errors["params_after_steps"] = rel_err(got, ref_state.params)
+
+    # save sharded (each process its own shards), restore onto another mesh shape: 2 x 4 -> 4 x 2
+    with ssdkit.TrainCheckpointer(checkpoint_dir) as ckpt:
+        ckpt.save(2, state, {"mesh": "data=2,fsdp=4"})
+    other = sharding.make_mesh("data=4,fsdp=2")
+    other_specs = msh.train_state_specs(state, optimizer, other)
+    template = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state,
+                                      sharding.named(other, other_specs))
+    with ssdkit.TrainCheckpointer(checkpoint_dir) as ckpt:
+        restored, meta = ckpt.restore(template)
+    assert meta == {"mesh": "data=2,fsdp=4"}, meta
+    for a, t_ in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(template), strict=True):
+        assert a.sharding == t_.sharding, (a.sharding, t_.sharding)
+    whole = [multihost_utils.process_allgather(tree, tiled=True) for tree in (restored, state)]
+    same = jax.tree_util.tree_map(np.array_equal, *whole)
+    errors["restored_on_4x2_equal"] = all(jax.tree_util.tree_leaves(same))
+    assert errors["restored_on_4x2_equal"], same
     if process_id == 0:
         print(json.dumps(errors), flush=True)
     # float32 sums reordered across devices (see tests/sharding_check.py)

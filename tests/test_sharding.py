@@ -73,12 +73,14 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one(tmp_path):
     """2 processes x 4 host devices on 127.0.0.1 (jax.distributed, gloo): a data=2,fsdp=4 prefill and two
-    training steps equal one process's; bounded in time, and both processes are always reaped."""
+    training steps equal one process's; the train state saved by both processes (each its shards) restores
+bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are always reaped."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     port = _free_port()
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - closed below
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multiprocess_check.py"), str(i), "2", str(port)],
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multiprocess_check.py"), str(i), "2", str(port),
+                              str(tmp_path / "checkpoints")],
                               env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         codes = [p.wait(timeout=600) for p in procs]
@@ -93,4 +95,6 @@ def test_two_processes_equal_one(tmp_path):
         out.append(f.read())
         f.close()
     assert codes == [0, 0], "\n\n".join(o[-3000:] for o in out)
-    assert '"params_after_steps"' in out[0], out[0][-2000:]
+    assert '"params_after_steps"' in out[0] and '"restored_on_4x2_equal": true' in out[0], out[0][-2000:]
+    state_dir = tmp_path / "checkpoints" / "2" / "state"  # orbax's OCDBT: one store per process
+    assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
