@@ -269,8 +269,16 @@ def _eval_fn(mcfg):
 
 
 def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSummary:
-    """Run (or resume) a training run into ``cfg.out``; returns the summary."""
+    """Run (or resume) a training run into ``cfg.out``; returns the summary.
+
+    On several processes (after ``jax.distributed.initialize``, with ``cfg.mesh`` over all their devices)
+    every process runs this same call on the same data; checkpoints are written by all of them (each its
+    own shards), files and messages by process 0 alone."""
     from ssdkit.checkpointing import TrainCheckpointer
+
+    primary = jax.process_index() == 0
+    if not primary:
+        log = _quiet
 
     out = Path(cfg.out)
     tokenizer, tokenizer_file = text.load(cfg.tokenizer)
@@ -324,14 +332,21 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
 
     out.mkdir(parents=True, exist_ok=True)
     run_log = out / "log.jsonl"
-    if resumed_from is None and run_log.exists():
+    if primary and resumed_from is None and run_log.exists():
         run_log.unlink()
 
     def export():
+        params = state.params
+        if not all(a.is_fully_addressable for a in jax.tree_util.tree_leaves(params)):
+            from jax.experimental import multihost_utils  # every process takes part, process 0 writes
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if not primary:
+            return
         if isinstance(mcfg, ToyLM):
-            _save_toy(state.params, mcfg, out / "model")
+            _save_toy(params, mcfg, out / "model")
         else:
-            mamba2.save_checkpoint(state.params, mcfg, out / "model")
+            mamba2.save_checkpoint(params, mcfg, out / "model")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, out / "model" / "tokenizer.json")
         else:
@@ -350,7 +365,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         checkpointer.save(step, state, {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": step})
         export()
 
-    progress = _progress(cfg, start)
+    progress = _progress(cfg, start) if primary else _progress(dataclasses.replace(cfg, progress=False), start)
     if cfg.progress and log is print:  # keep the bar intact
         from tqdm import tqdm
 
@@ -373,8 +388,9 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
                                            max_rows=cfg.eval_rows)
             entry.update(held_out_loss=held_loss, held_out_bits_per_byte=held_bpb)
             log(f"[train] step {done}: held-out loss {held_loss:.4f} nats/token, {held_bpb:.4f} bits/byte")
-        with run_log.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if primary:
+            with run_log.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
         if done % cfg.save_every == 0 or done == cfg.steps:
             save(done)
     progress(None, None)
@@ -382,7 +398,8 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
     if start >= cfg.steps:
         export()
     try:
-        plot_log(run_log, out / "loss.png")
+        if primary:
+            plot_log(run_log, out / "loss.png")
     except ImportError:
         log("[train] matplotlib is not installed (pip install ssdkit[bench]): no loss.png")
     summary = TrainSummary(steps=cfg.steps, tokens=tokens_seen, seconds=time.perf_counter() - t0, train_loss=loss,
@@ -393,6 +410,10 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
                                     f", held-out loss {held_loss:.4f}, {held_bpb:.4f} bits/byte")
         + f"; {summary.skipped} non-finite steps skipped; weights in {out / 'model'}")
     return summary
+
+
+def _quiet(message: str) -> None:
+    """The log of processes other than 0."""
 
 
 def make_step(mcfg: mamba2.Mamba2Config | ToyLM, optimizer, *, remat: str = "none", micro_batches: int = 1,

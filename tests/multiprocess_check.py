@@ -1,12 +1,14 @@
 """One of the processes of tests/test_sharding.py's multi-process test:
 
-    python tests/multiprocess_check.py PROCESS_ID NUM_PROCESSES PORT CHECKPOINT_DIR
+    python tests/multiprocess_check.py PROCESS_ID NUM_PROCESSES PORT WORK_DIR
 
 Each process has 4 host devices; together they form one ``data=2,fsdp=4`` mesh over 8 devices
 (``jax.distributed`` with a coordinator on 127.0.0.1, CPU collectives through gloo). Every process runs
 the sharded prefill and two sharded training steps, and checks them against the same computation on one
 of its own devices. The train state is then saved with orbax (each process writes its own shards into
-CHECKPOINT_DIR) and restored onto a ``data=4,fsdp=2`` mesh, bit for bit. Process 0 prints one JSON line
+WORK_DIR/checkpoints) and restored onto a ``data=4,fsdp=2`` mesh, bit for bit. Last, both processes run
+``ssdkit train``'s loop (:func:`models.training.train`) with ``--mesh data=2,fsdp=4`` into WORK_DIR/train
+(the test compares it with one process). Process 0 prints one JSON line
 of errors; a failed check exits non-zero.
 """
 
@@ -19,7 +21,7 @@ import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 process_id, num_processes, port = (int(a) for a in sys.argv[1:4])
-checkpoint_dir = sys.argv[4]
+work_dir = sys.argv[4]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
                            initialization_timeout=120)
 
@@ -32,7 +34,7 @@ import ssdkit  # noqa: E402
 from models import mamba2, training  # noqa: E402
 from models.mamba2 import sharding as msh  # noqa: E402
 from ssdkit import sharding  # noqa: E402
-from tests.sharding_check import rel_err  # noqa: E402
+from tests.sharding_check import rel_err, train_run_config  # noqa: E402
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=8)
 
@@ -80,13 +82,13 @@ def main() -> None:
     errors["params_after_steps"] = rel_err(got, ref_state.params)
 
     # save sharded (each process its own shards), restore onto another mesh shape: 2 x 4 -> 4 x 2
-    with ssdkit.TrainCheckpointer(checkpoint_dir) as ckpt:
+    with ssdkit.TrainCheckpointer(f"{work_dir}/checkpoints") as ckpt:
         ckpt.save(2, state, {"mesh": "data=2,fsdp=4"})
     other = sharding.make_mesh("data=4,fsdp=2")
     other_specs = msh.train_state_specs(state, optimizer, other)
     template = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state,
                                       sharding.named(other, other_specs))
-    with ssdkit.TrainCheckpointer(checkpoint_dir) as ckpt:
+    with ssdkit.TrainCheckpointer(f"{work_dir}/checkpoints") as ckpt:
         restored, meta = ckpt.restore(template)
     assert meta == {"mesh": "data=2,fsdp=4"}, meta
     for a, t_ in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(template), strict=True):
@@ -95,10 +97,12 @@ def main() -> None:
     same = jax.tree_util.tree_map(np.array_equal, *whole)
     errors["restored_on_4x2_equal"] = all(jax.tree_util.tree_leaves(same))
     assert errors["restored_on_4x2_equal"], same
-    if process_id == 0:
-        print(json.dumps(errors), flush=True)
     # float32 sums reordered across devices (see tests/sharding_check.py)
     assert errors["logits"] < 1e-5 and errors["step_losses"] < 1e-5 and errors["params_after_steps"] < 1e-4, errors
+    training.train(train_run_config(f"{work_dir}/data{process_id}.txt", f"{work_dir}/train", "data=2,fsdp=4"),
+                   log=lambda s: None)
+    if process_id == 0:
+        print(json.dumps(errors), flush=True)
     jax.distributed.shutdown()
 
 

@@ -133,19 +133,24 @@ def main(meshes: list[str]) -> None:
         assert errors["params_after_steps"] < 1e-4, errors
 
 
+def train_run_config(data: str, out: str, mesh: str | None) -> training.TrainRunConfig:
+    """A tiny ``ssdkit train`` run (its data file written here); the test runs it on one process too."""
+    with open(data, "w") as f:
+        f.write("def f(x):\n    return x * 2\n" * 200)
+    return training.TrainRunConfig(data=data, out=out, mesh=mesh, d_model=32, n_layer=2, d_state=8, headdim=16,
+                                   chunk_size=8, seq_len=32, batch_size=8, steps=3, warmup_steps=1, eval_every=3,
+                                   save_every=3, progress=False)
+
+
 def check_train_command(mesh: str) -> None:
     """``ssdkit train --mesh``: the same losses and exported weights as the run on one device."""
     import tempfile
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "data.txt").write_text("def f(x):\n    return x * 2\n" * 200)
         logs = {}
         for name, m in (("one", None), ("mesh", mesh)):
-            cfg = training.TrainRunConfig(data=str(Path(tmp) / "data.txt"), out=str(Path(tmp) / name), mesh=m,
-                                          d_model=32, n_layer=2, d_state=8, headdim=16, chunk_size=8, seq_len=32,
-                                          batch_size=8, steps=3, warmup_steps=1, eval_every=3, save_every=3,
-                                          progress=False)
+            cfg = train_run_config(str(Path(tmp) / "data.txt"), str(Path(tmp) / name), m)
             training.train(cfg, log=lambda s: None)
             logs[name] = [json.loads(line) for line in (Path(tmp) / name / "log.jsonl").read_text().splitlines()]
         one, sharded = ([e["loss"] for e in logs[k]] for k in ("one", "mesh"))

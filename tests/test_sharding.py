@@ -4,12 +4,14 @@ one device, with the state kept sharded and only per-layer weights gathered."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -80,7 +82,7 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
     port = _free_port()
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - closed below
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multiprocess_check.py"), str(i), "2", str(port),
-                              str(tmp_path / "checkpoints")],
+                              str(tmp_path)],
                               env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         codes = [p.wait(timeout=600) for p in procs]
@@ -98,3 +100,16 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
     assert '"params_after_steps"' in out[0] and '"restored_on_4x2_equal": true' in out[0], out[0][-2000:]
     state_dir = tmp_path / "checkpoints" / "2" / "state"  # orbax's OCDBT: one store per process
     assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
+    # `ssdkit train --mesh data=2,fsdp=4` on both processes: the losses and exported weights of one process
+    sys.path.insert(0, str(ROOT))
+    from models import mamba2, training
+    from tests.sharding_check import rel_err, train_run_config
+
+    training.train(train_run_config(str(tmp_path / "data.txt"), str(tmp_path / "one"), None), log=lambda s: None)
+    logs = {k: [json.loads(line) for line in (tmp_path / k / "log.jsonl").read_text().splitlines()]
+            for k in ("one", "train")}
+    losses = [[e["loss"] for e in logs[k]] for k in ("one", "train")]
+    assert len(losses[1]) == 3 and np.allclose(losses[1], losses[0], rtol=1e-5, atol=0), losses
+    got, want = (mamba2.load_checkpoint(tmp_path / k / "model")[0] for k in ("train", "one"))
+    assert rel_err(got, want) < 1e-4  # three AdamW steps, float32 sums reordered (tests/sharding_check.py)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["checkpoints", "log.jsonl", "loss.png", "model"]
