@@ -17,6 +17,7 @@ The command line lives in ``models`` (the top of the import graph) because it wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -101,6 +102,7 @@ def cmd_generate(args) -> int:
         raise CliError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
+    _initialize_distributed(args)
     _enable_compilation_cache()
     params, cfg, path, random_init = _load_model(args.model, args.dtype, args.seed)
 
@@ -123,31 +125,66 @@ def cmd_generate(args) -> int:
     if random_init:
         print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
 
-    prompt = jnp.asarray([ids], jnp.int32)
+    prompt, lengths, on_mesh = jnp.asarray([ids], jnp.int32), None, contextlib.nullcontext()
+    if args.mesh is not None:  # weights split over the mesh; the prompt split over its seq axis
+        from models.mamba2 import sharding as mamba2_sharding
+        from ssdkit import sharding
+
+        try:
+            mesh = sharding.make_mesh(args.mesh)
+            mamba2_sharding.config_check(cfg, mesh)
+        except ValueError as err:
+            raise CliError(f"--mesh: {err}") from None
+        params = mamba2_sharding.shard_params(params, mesh)
+        pieces = mesh.shape["seq"]
+        if len(ids) % pieces:  # right padding is exact (lengths): the prompt splits into equal pieces
+            prompt = jnp.pad(prompt, ((0, 0), (0, pieces - len(ids) % pieces)))
+            lengths = jnp.asarray([len(ids)], jnp.int32)
+        on_mesh = jax.set_mesh(mesh)
+        print(f"[ssdkit] mesh {dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr)
     eos = text.eod_id(tokenizer) if tokenizer is not None else None
     t0 = time.perf_counter()
     stream = mamba2.generate_stream(
         params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, key=jax.random.key(args.seed),
+        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, key=jax.random.key(args.seed), lengths=lengths,
     )
-    out = sys.stdout
+    out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # noqa: SIM115 - one per process
     stamps: list[float] = []
     decoder = text.StreamDecoder(tokenizer) if tokenizer is not None else None
     if args.prompt is not None:
         out.write(args.prompt)
-    for tokens in stream:
-        tok = int(tokens[0])
-        stamps.append(time.perf_counter() - t0)
-        out.write(decoder.push(tok) if decoder is not None else f"{tok} ")
-        out.flush()
-        if eos is not None and tok == eos:
-            break
+    with on_mesh:
+        for tokens in stream:
+            tok = _first_row(tokens)
+            stamps.append(time.perf_counter() - t0)
+            out.write(decoder.push(tok) if decoder is not None else f"{tok} ")
+            out.flush()
+            if eos is not None and tok == eos:
+                break
     out.write("\n")
     # The first token includes prefill and its compilation, the second the decode step's compilation.
     steady = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
     print(f"[ssdkit] {len(stamps)} tokens; first after {stamps[0]:.2f} s (prefill + compile); "
           f"{steady:.1f} tokens/s from the third token on", file=sys.stderr)
     return 0
+
+
+def _first_row(tokens) -> int:
+    """Row 0 of a step's tokens, wherever its shards live (on several processes every one gets it)."""
+    if getattr(tokens, "is_fully_addressable", True):
+        return int(tokens[0])
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.process_allgather(tokens, tiled=True)[0])
+
+
+def _initialize_distributed(args) -> None:
+    """``--distributed``: join the job's other processes (``jax.distributed.initialize()``, which reads
+    SLURM, Open MPI, TPU pod or ``JAX_COORDINATOR_ADDRESS``-style settings) before touching any device."""
+    if getattr(args, "distributed", False):
+        import jax
+
+        jax.distributed.initialize()
 
 
 def cmd_eval(args) -> int:
@@ -268,6 +305,7 @@ def cmd_train(args) -> int:
         cfg = training.TrainRunConfig.from_dict(options, source=args.config or "flags")
     except (ValueError, TypeError) as err:
         raise CliError(str(err)) from None
+    _initialize_distributed(args)
     _enable_compilation_cache()
     try:
         training.train(cfg)
@@ -295,6 +333,12 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
                        f"default {f.default}")
 
 
+def _add_distributed_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of a multi-host job: call jax.distributed.initialize() first, then run the "
+                        "same command on every host (docs/scaling.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssdkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -311,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (state stays float32)")
+    g.add_argument("--mesh", default=None, help="shard over the devices, e.g. fsdp=8 or fsdp=4,seq=2 "
+                   "(docs/scaling.md)")
+    _add_distributed_flag(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="prefill/decode throughput with roofline accounting (see docs/benchmarks.md)")
@@ -353,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train Mamba-2 on a text file, a folder of text files or a .npy of ids")
     _add_train_flags(t)
+    _add_distributed_flag(t)
     t.set_defaults(func=cmd_train)
     return parser
 

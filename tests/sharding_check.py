@@ -163,6 +163,26 @@ def check_train_command(mesh: str) -> None:
         assert errors["losses"] < 1e-5 and errors["held_out"] < 1e-4 and errors["exported_weights"] < 1e-4, errors
 
 
+def check_generate_command(mesh: str) -> None:
+    """``ssdkit generate --mesh`` with the shipped model: the same text as on one device (a prompt of 18 ids,
+    right-padded to split over seq=4)."""
+    import contextlib
+    import io
+
+    from models import cli
+
+    texts = []
+    for extra in ([], ["--mesh", mesh]):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            assert cli.main(["generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "24", "--temperature",
+                             "0.8", "--top-p", "0.95", "--seed", "1", *extra]) == 0
+        texts.append(buf.getvalue())
+    print(json.dumps({"generate_command_mesh": mesh, "same_text": texts[0] == texts[1]}), flush=True)
+    assert texts[0] == texts[1] and len(texts[0]) > len("def fibonacci(n):\n"), texts
+
+
 if __name__ == "__main__":
     main(sys.argv[1:] or ["data=8", "data=4,fsdp=2", "fsdp=8"])
     check_train_command("data=2,fsdp=2,seq=2")
+    check_generate_command("fsdp=2,seq=4")

@@ -52,6 +52,7 @@ def test_sharded_programs_equal_one_device(meshes):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count('"mesh"') == len(meshes) and "train_command_mesh" in proc.stdout, proc.stdout
+    assert "generate_command_mesh" in proc.stdout, proc.stdout
 
 
 def test_sequence_parallel_scan_and_conv_equal_one_device():
