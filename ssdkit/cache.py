@@ -3,6 +3,7 @@
 Layout (the optional leading ``layers`` axis is present for a stacked, whole-model cache)::
 
     conv:  ([layers,] batch, K-1, chan)   the last K-1 conv inputs, oldest first, in the compute dtype
+                                          (or a tuple of such windows, one per channel set)
     state: ([layers,] batch, H, P, N)     the recurrent state, float32 whatever the compute dtype
 
 The state stays float32 (float64 in oracle tests) even when activations are bfloat16 or float16: it is
@@ -42,14 +43,15 @@ class RecurrentCache:
     """Conv window and recurrent state of one layer, or of a stack of layers (leading axis).
 
     Attributes:
-        conv: ([layers,] batch, K-1, chan) carried conv window, oldest input first, compute dtype.
+        conv: ([layers,] batch, K-1, chan) carried conv window, oldest input first, compute dtype; or a
+            tuple of such windows (one per separately convolved channel set).
         state: ([layers,] batch, H, P, N) recurrent state, float32 (float64 allowed).
 
     Build an empty one with :meth:`zeros`. The fields are not validated on construction (JAX rebuilds
     the dataclass from tracers and placeholders); :meth:`zeros` checks its arguments.
     """
 
-    conv: jax.Array
+    conv: jax.Array | tuple[jax.Array, ...]
     state: jax.Array
 
     @classmethod
@@ -59,7 +61,7 @@ class RecurrentCache:
         *,
         batch: int,
         kernel_size: int,
-        conv_channels: int,
+        conv_channels: int | tuple[int, ...],
         num_layers: int | None = None,
         conv_dtype=jnp.float32,
         state_dtype=jnp.float32,
@@ -70,7 +72,9 @@ class RecurrentCache:
             spec: the recurrence, giving the state's (H, P, N).
             batch: number of rows.
             kernel_size: K, the conv kernel size (>= 1; K = 1 gives a zero-length window).
-            conv_channels: channels of the conv (Mamba-2: d_inner + 2·G·N).
+            conv_channels: channels of the conv, or a tuple of channel counts for a model that convolves
+                several channel sets separately (Mamba-2: (H·P, 2·G·N), so that x's channels split by
+                head over a mesh while B and C's split by group); ``conv`` is then a tuple of windows.
             num_layers: None for one layer's cache, or the size of a leading layer axis.
             conv_dtype: dtype of the conv window (the compute dtype), any float dtype.
             state_dtype: float32 (default) or float64; half precision is rejected.
@@ -92,15 +96,18 @@ class RecurrentCache:
                 f"conv_dtype must be a floating dtype (float16, bfloat16, float32 or float64), got "
                 f"{jnp.dtype(conv_dtype)}"
             )
-        for name, v in (("batch", batch), ("kernel_size", kernel_size), ("conv_channels", conv_channels)):
+        several = isinstance(conv_channels, tuple)
+        channels = conv_channels if several else (conv_channels,)
+        if not channels:
+            raise ValueError("conv_channels must be a positive integer or a non-empty tuple of them")
+        for name, v in (("batch", batch), ("kernel_size", kernel_size), *(("conv_channels", c) for c in channels)):
             _positive_int(name, v)
         if num_layers is not None:
             _positive_int("num_layers", num_layers)
         lead = () if num_layers is None else (int(num_layers),)
-        return cls(
-            conv=jnp.zeros((*lead, int(batch), int(kernel_size) - 1, int(conv_channels)), conv_dtype),
-            state=jnp.zeros((*lead, *spec.state_shape(int(batch))), state_dtype),
-        )
+        windows = tuple(jnp.zeros((*lead, int(batch), int(kernel_size) - 1, int(c)), conv_dtype) for c in channels)
+        return cls(conv=windows if several else windows[0],
+                   state=jnp.zeros((*lead, *spec.state_shape(int(batch))), state_dtype))
 
     @property
     def num_layers(self) -> int | None:

@@ -62,7 +62,7 @@ def main() -> None:
 
     mesh = sharding.make_mesh("data=2,fsdp=4")  # every device of every process
     p = msh.shard_params(params, mesh)
-    assert not p.layers.in_proj.is_fully_addressable  # split across the processes
+    assert not p.layers.in_proj_heads.is_fully_addressable  # split across the processes
     t, s = msh.shard_batch((tokens, seg), mesh)
     logits = multihost_utils.process_allgather(mamba2.forward(p, CFG, t), tiled=True)
     errors = {"processes": num_processes,

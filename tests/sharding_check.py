@@ -79,14 +79,15 @@ def main(meshes: list[str]) -> None:
         errors = {"mesh": spec}
         # parameters are split as the table says: nothing large is replicated under fsdp
         if mesh.shape["fsdp"] > 1:
-            assert p.layers.in_proj.sharding.spec == P(None, "fsdp", None), p.layers.in_proj.sharding
+            assert p.layers.in_proj_heads.sharding.spec == P(None, None, None, "fsdp"), p.layers.in_proj_heads.sharding
             assert p.embedding.sharding.spec == P("fsdp", None), p.embedding.sharding
         errors["logits"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
         with jax.set_mesh(mesh):  # traced under the mesh: gather_weights gathers each layer's weights
             errors["logits_under_mesh"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
             hlo = jax.jit(mamba2.forward, static_argnums=1).lower(p, CFG, t).compile().as_text()
         if mesh.shape["fsdp"] > 1:
-            assert re.search(rf"f32\[(1,)?{CFG.d_in_proj},{CFG.d_model}\]\S* all-gather", hlo), "no in_proj gather"
+            heads = f"{CFG.nheads},{2 * CFG.headdim + 1},{CFG.d_model}"
+            assert re.search(rf"f32\[(1,)?{heads}\]\S* all-gather", hlo), "no in_proj_heads gather"
         with jax.set_mesh(mesh):  # under a seq axis: the sequence split over it (ssdkit.sequence_parallel)
             logits, cache = mamba2.prefill(p, CFG, t)
         errors["prefill"] = max(rel_err(logits, ref_prefill[0]), rel_err(cache, ref_prefill[1]))

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from models import mamba2
 from models.mamba2 import CheckpointError, Mamba2Config
 from models.mamba2.checkpoint import LAYER_KEYS
-from models.mamba2.params import FLOAT32_LAYER_FIELDS, layer_shapes
+from models.mamba2.params import FLOAT32_LAYER_FIELDS, checkpoint_shapes, layer_shapes
 from models.mamba2.tokenizer import _PROBE_TEXT
 from tests.test_mamba2_checkpoint import assert_params_match
 
@@ -82,8 +82,8 @@ def _state_dict(cfg: Mamba2Config = CFG) -> dict[str, np.ndarray]:
 
     sd = {"backbone.embedding.weight": rand((cfg.padded_vocab_size, cfg.d_model))}
     for i in range(cfg.n_layer):
-        for field, shape in layer_shapes(cfg).items():  # (n_layer, ...): torch's conv1d is (conv_dim, 1, K)
-            shape = (shape[2], 1, shape[1]) if field == "conv_weight" else shape[1:]
+        for field, shape in checkpoint_shapes(cfg).items():  # torch's conv1d is (conv_dim, 1, K)
+            shape = (shape[1], 1, shape[0]) if field == "conv_weight" else shape
             sd[f"backbone.layers.{i}.{LAYER_KEYS[field]}"] = rand(
                 shape, np.float32 if field in FLOAT32_LAYER_FIELDS else np.float16)
     sd["backbone.norm_f.weight"] = rand((cfg.d_model,))
@@ -226,7 +226,7 @@ def assert_valid(params, cfg: Mamba2Config = CFG) -> None:
     floats = (np.float16, np.float32, np.float64, np.dtype("bfloat16"))
     assert params.embedding.dtype in floats and params.norm_f.dtype == params.embedding.dtype
     layers = params.layers if isinstance(params.layers, tuple) else None
-    shapes = layer_shapes(cfg)
+    shapes = layer_shapes(cfg)  # ours, stacked
     for field, shape in shapes.items():
         if layers is None:  # stacked layout
             arrs = [getattr(params.layers, field)]

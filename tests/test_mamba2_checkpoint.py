@@ -22,6 +22,13 @@ import pytest
 from models import mamba2
 from models.mamba2 import CheckpointError, Mamba2Config
 from models.mamba2.checkpoint import LAYER_KEYS
+from models.mamba2.params import (
+    Mamba2LayerParams,
+    checkpoint_shapes,
+    from_checkpoint_layout,
+    join_published,
+    to_checkpoint_layout,
+)
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
 FLOAT32_NAMES = ("mixer.dt_bias", "mixer.A_log", "mixer.D")
@@ -63,15 +70,44 @@ def assert_params_match(params, cfg: Mamba2Config, tensors: dict[str, np.ndarray
         assert params.lm_head is None
     else:
         np.testing.assert_array_equal(np.asarray(params.lm_head[: head.shape[0]]), head)
-    for field, key in LAYER_KEYS.items():
-        stacked = np.asarray(getattr(mamba2.stack_layers(params).layers, field))
-        assert stacked.shape[0] == cfg.n_layer
-        for i in range(cfg.n_layer):
+    layers = mamba2.unstack_layers(params).layers
+    assert len(layers) == cfg.n_layer
+    for i, lp in enumerate(layers):  # regrouped by head and group: back to the published layout, bit for bit
+        host = type(lp)(**{f: np.asarray(getattr(lp, f)) for f in lp.__dataclass_fields__})
+        for field, key in LAYER_KEYS.items():
             want = tensors.pop(f"backbone.layers.{i}.{key}")
             if field == "conv_weight":
                 want = want[:, 0, :].T  # (conv_dim, 1, K) -> (K, conv_dim)
-            np.testing.assert_array_equal(stacked[i], want, err_msg=f"layers.{field}[{i}]")
+            np.testing.assert_array_equal(join_published(cfg, field, host), want, err_msg=f"layers[{i}].{field}")
     assert not tensors, f"tensors not checked: {sorted(tensors)}"
+
+
+def test_published_layout_regrouping():
+    """in_proj's rows [z | x | B | C | dt] and the conv's channels [x | B | C] land where params.py says,
+    element by element (an independent check of split_published, which every loader uses)."""
+    cfg = Mamba2Config(d_model=6, n_layer=1, vocab_size=8, d_state=3, headdim=2, expand=2, ngroups=2, d_conv=3)
+    h, p, g, n, e = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner
+    published = {k: np.arange(np.prod(v), dtype=np.float64).reshape(v) for k, v in checkpoint_shapes(cfg).items()}
+    ours = from_checkpoint_layout(cfg, published)
+    w, cw = published["in_proj"], published["conv_weight"]
+    for head in range(h):
+        for q in range(p):
+            np.testing.assert_array_equal(ours["in_proj_heads"][head, q], w[head * p + q])  # z
+            np.testing.assert_array_equal(ours["in_proj_heads"][head, p + q], w[e + head * p + q])  # x
+            np.testing.assert_array_equal(ours["conv_x_weight"][:, head * p + q], cw[:, head * p + q])
+        np.testing.assert_array_equal(ours["in_proj_heads"][head, 2 * p], w[2 * e + 2 * g * n + head])  # dt
+    for grp in range(g):
+        for m in range(n):
+            np.testing.assert_array_equal(ours["in_proj_groups"][grp, m], w[2 * e + grp * n + m])  # B
+            np.testing.assert_array_equal(ours["in_proj_groups"][grp, n + m], w[2 * e + g * n + grp * n + m])  # C
+            np.testing.assert_array_equal(ours["conv_bc_weight"][:, grp * 2 * n + m], cw[:, e + grp * n + m])
+            np.testing.assert_array_equal(ours["conv_bc_weight"][:, grp * 2 * n + n + m],
+                                          cw[:, e + g * n + grp * n + m])
+            np.testing.assert_array_equal(ours["conv_bc_bias"][grp * 2 * n + n + m],
+                                          published["conv_bias"][e + g * n + grp * n + m])
+    back = to_checkpoint_layout(cfg, Mamba2LayerParams(**ours))
+    for k, v in published.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
 def _mamba_ssm_state_dict(torch, cfg: Mamba2Config, seed=0, unpadded_vocab=False, dtype=None):
@@ -141,7 +177,7 @@ def test_bin_every_tensor_lands_in_place(bin_ckpt):
     assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
     for field in ("embedding", "norm_f"):
         assert getattr(params, field).dtype == jnp.float16
-    for field in LAYER_KEYS:
+    for field in mamba2.Mamba2LayerParams.__dataclass_fields__:
         want = jnp.float32 if field in ("dt_bias", "A_log", "D") else jnp.float16
         assert all(getattr(lp, field).dtype == want for lp in params.layers), field
 
@@ -170,10 +206,10 @@ def test_bin_dtype_casts_matrices_only(bin_ckpt, dtype):
     path, cfg, sd = bin_ckpt
     ref, _ = mamba2.load_checkpoint(path, stacked=True)
     params, _ = mamba2.load_checkpoint(path, dtype=dtype, stacked=True)
-    assert params.embedding.dtype == dtype and params.layers.in_proj.dtype == dtype
+    assert params.embedding.dtype == dtype and params.layers.in_proj_heads.dtype == dtype
     assert params.layers.gate_norm.dtype == dtype and params.norm_f.dtype == dtype
     assert params.layers.A_log.dtype == params.layers.D.dtype == params.layers.dt_bias.dtype == jnp.float32
-    np.testing.assert_array_equal(params.layers.in_proj, ref.layers.in_proj.astype(dtype))
+    np.testing.assert_array_equal(params.layers.in_proj_heads, ref.layers.in_proj_heads.astype(dtype))
     np.testing.assert_array_equal(params.layers.A_log, ref.layers.A_log)
     with pytest.raises(ValueError, match="dtype must be one of"):
         mamba2.load_checkpoint(path, dtype=jnp.int8)
@@ -199,7 +235,7 @@ def test_bin_bfloat16_parameters_and_strided_tensors(torch, tmp_path):
     flat = torch.randn(2 * cfg.conv_dim, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     sd["backbone.layers.0.mixer.conv1d.bias"], sd["backbone.layers.1.mixer.conv1d.bias"] = flat.split(cfg.conv_dim)
     params, _ = mamba2.load_checkpoint(_write_bin(torch, tmp_path / "bf16", cfg, sd))
-    assert params.layers[0].in_proj.dtype == jnp.bfloat16
+    assert params.layers[0].in_proj_heads.dtype == jnp.bfloat16
     assert_params_match(params, cfg, {k: _np(v) for k, v in sd.items()})
 
 
@@ -229,7 +265,7 @@ def test_transformers_save_pretrained_loads_exactly(transformers, tmp_path, kw):
     params, cfg = mamba2.load_checkpoint(tmp_path / "hf")
     assert (cfg.padded_vocab_size, cfg.ngroups, cfg.tie_embeddings) == (
         64, kw.get("n_groups", 1), kw.get("tie_word_embeddings", True))
-    assert params.layers[0].in_proj.dtype == jnp.float32
+    assert params.layers[0].in_proj_heads.dtype == jnp.float32
     sd = {k: _np(v) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         np.testing.assert_array_equal(sd.pop("lm_head.weight"), sd["backbone.embeddings.weight"])
@@ -285,7 +321,7 @@ def test_save_checkpoint_loads_in_transformers(transformers, tmp_path, tie, ngro
 def test_save_checkpoint_rejects_inconsistent_params(tmp_path):
     cfg = Mamba2Config(**TINY)
     params = mamba2.init_params(cfg, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"params.layers\[0\].in_proj has shape"):
+    with pytest.raises(ValueError, match=r"params.layers\[0\].in_proj_groups has shape"):
         mamba2.save_checkpoint(params, dataclasses.replace(cfg, d_state=16), tmp_path / "a")
     with pytest.raises(ValueError, match="ties the embeddings but params.lm_head is set"):
         mamba2.save_checkpoint(dataclasses.replace(params, lm_head=params.embedding), cfg, tmp_path / "b")

@@ -30,7 +30,7 @@ def _weight_copies(hlo: str, cfg: mamba2.Mamba2Config) -> list[str]:
     Parameters, tuple elements and bitcasts only name an existing buffer; anything else with a weight's
     shape (a copy, a slicing fusion) writes one: per decode step, a full read and write of the weights.
     """
-    mats = [(cfg.d_in_proj, cfg.d_model), (cfg.d_model, cfg.d_inner)]
+    mats = [(cfg.nheads, 2 * cfg.headdim + 1, cfg.d_model), (cfg.d_model, cfg.d_inner)]
     shapes = {",".join(map(str, s)) for m in mats for s in (m, (cfg.n_layer, *m))}
     pattern = re.compile(r"=\s*f32\[(" + "|".join(map(re.escape, shapes)) + r")\][{ ]")
     keep = []
@@ -125,7 +125,8 @@ def test_stacked_and_per_layer_agree():
     last_p, cache_p = mamba2.prefill(per_layer, CFG, tokens)
     assert_same_up_to_rounding(last_s, last_p, **same, name="prefill logits")
     assert_same_up_to_rounding(cache_s.state, cache_p.state, **same, name="prefill state")
-    assert_same_up_to_rounding(cache_s.conv, cache_p.conv, **same, name="prefill conv windows")
+    for got, want in zip(cache_s.conv, cache_p.conv, strict=True):  # x's window, B and C's
+        assert_same_up_to_rounding(got, want, **same, name="prefill conv windows")
     step_s, _ = mamba2.model._decode_step(stacked, CFG, tokens[:, 0], cache_s)  # the stacked scan itself
     step_p, _ = mamba2.decode_step(per_layer, CFG, tokens[:, 0], cache_p)
     assert_same_up_to_rounding(step_s, step_p, **same, name="decode_step logits")

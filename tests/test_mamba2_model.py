@@ -83,7 +83,8 @@ def test_chunked_prefill_equals_one_shot():
     last2, c3 = mamba2.prefill(params, CFG, tokens[:, 13:], cache=c2)
     assert_close(last2, last, rtol=1e-4, name="logits")
     assert_close(c3.state, cache.state, rtol=1e-4, name="state")
-    assert_close(c3.conv, cache.conv, rtol=1e-6, name="conv window")
+    for got, want in zip(c3.conv, cache.conv, strict=True):  # x's window, B and C's
+        assert_close(got, want, rtol=1e-6, name="conv window")
 
 
 def test_right_padding_is_exact():
@@ -100,7 +101,8 @@ def test_right_padding_is_exact():
         ref_last, ref_cache = mamba2.prefill(params, CFG, row)
         assert_close(last[i], ref_last[0], rtol=1e-5, name=f"row {i} logits")
         assert_close(cache.state[:, i], ref_cache.state[:, 0], rtol=1e-5, name=f"row {i} state")
-        assert_close(cache.conv[:, i], ref_cache.conv[:, 0], rtol=1e-6, name=f"row {i} conv")
+        for got, want in zip(cache.conv, ref_cache.conv, strict=True):
+            assert_close(got[:, i], want[:, 0], rtol=1e-6, name=f"row {i} conv")
         ref_step, _ = mamba2.decode_step(params, CFG, nxt[i:i + 1], ref_cache)
         assert_close(step_logits[i], ref_step[0], rtol=1e-5, name=f"row {i} next logits")
 
@@ -138,7 +140,7 @@ def test_generate_with_lengths_and_stream():
 def test_half_precision_weights(dtype):
     params32 = _params(CFG)
     params = mamba2.cast_params(params32, dtype)
-    assert all(lp.A_log.dtype == jnp.float32 and lp.in_proj.dtype == dtype for lp in params.layers)
+    assert all(lp.A_log.dtype == jnp.float32 and lp.in_proj_heads.dtype == dtype for lp in params.layers)
     tokens = _tokens(CFG, 1, 20)
     ref = mamba2.forward(params32, CFG, tokens)
     logits = mamba2.forward(params, CFG, tokens)
@@ -146,7 +148,7 @@ def test_half_precision_weights(dtype):
     # Half-precision activations (8 or 11 significant bits) through 2 layers: a few percent.
     assert_close(logits, ref, rtol=0.1, name="logits")
     _, cache = mamba2.prefill(params, CFG, tokens)
-    assert cache.state.dtype == jnp.float32 and cache.conv.dtype == dtype
+    assert cache.state.dtype == jnp.float32 and all(w.dtype == dtype for w in cache.conv)
 
 
 def test_sequence_matmul_dtype_policy():
@@ -162,7 +164,7 @@ def test_sequence_matmul_dtype_policy():
 
     def in_proj_dots(fn, *args):  # the dtype in_proj's weight has where a dot_general reads it
         text = jax.jit(fn).lower(*args).as_text()
-        weight = f"tensor<{CFG.d_in_proj}x{CFG.d_model}x"
+        weight = f"tensor<{CFG.nheads}x{2 * CFG.headdim + 1}x{CFG.d_model}x"
         return {line.split(weight)[1].split(">")[0] for line in text.splitlines()
                 if "dot_general" in line and weight in line}
 
@@ -179,8 +181,9 @@ def test_init_params_traceable_at_full_scale():
     n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
     assert n == cfg.num_params()
     assert len(shapes.layers) == 64
-    assert shapes.layers[0].in_proj.shape == (10576, 2560)
-    assert shapes.layers[-1].conv_weight.shape == (4, 5376)
+    assert shapes.layers[0].in_proj_heads.shape == (80, 129, 2560)  # 80 heads: z, x (64 rows each) and dt
+    assert shapes.layers[0].in_proj_groups.shape == (1, 256, 2560)  # 1 group: B, C (128 rows each)
+    assert shapes.layers[-1].conv_x_weight.shape == (4, 5120) and shapes.layers[-1].conv_bc_weight.shape == (4, 256)
 
 
 def _flops(fn, *args):

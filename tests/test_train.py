@@ -66,7 +66,7 @@ def test_non_finite_loss_skips_the_update_and_is_counted():
     state, m = step(state, (_tokens(2, 9), jnp.float32(1.0)))
     assert bool(m.finite) and int(state.skipped) == 1
     assert not np.array_equal(state.params.norm_f, before.params.norm_f) or not np.array_equal(
-        state.params.layers[0].in_proj, before.params.layers[0].in_proj)
+        state.params.layers[0].in_proj_heads, before.params.layers[0].in_proj_heads)
 
 
 def test_remat_policies_give_the_same_gradient():
@@ -88,7 +88,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     seen = []
 
     def loss_fn(p, tokens):
-        seen.append((p.layers[0].in_proj.dtype, p.layers[0].A_log.dtype, p.norm_f.dtype))
+        seen.append((p.layers[0].in_proj_heads.dtype, p.layers[0].A_log.dtype, p.norm_f.dtype))
         return mamba2.loss(p, CFG, tokens)
 
     step = make_train_step(loss_fn, opt, compute_dtype=jnp.bfloat16)
@@ -104,8 +104,10 @@ def test_decay_mask_follows_mamba_ssm():
                                     stacked=stacked)
         mask = decay_mask(params)
         layer = mask.layers if stacked else mask.layers[0]
-        assert (layer.in_proj, layer.out_proj, layer.conv_weight) == (True, True, True)
-        assert not any((layer.norm, layer.gate_norm, layer.conv_bias, layer.A_log, layer.dt_bias, layer.D))
+        assert all((layer.in_proj_heads, layer.in_proj_groups, layer.out_proj, layer.conv_x_weight,
+                    layer.conv_bc_weight))
+        assert not any((layer.norm, layer.gate_norm, layer.conv_x_bias, layer.conv_bc_bias, layer.A_log,
+                        layer.dt_bias, layer.D))
         assert (mask.embedding, mask.norm_f, mask.lm_head) == (False, False, True)
 
 

@@ -9,14 +9,18 @@ Name mapping (``{i}`` the layer; both ``backbone.embedding.weight`` (mamba_ssm) 
 ``backbone.embeddings.weight`` (transformers) are accepted)::
 
     backbone.layers.{i}.norm.weight              layers.norm[i]
-    backbone.layers.{i}.mixer.in_proj.weight     layers.in_proj[i]        (out, in), as stored
-    backbone.layers.{i}.mixer.conv1d.weight      layers.conv_weight[i]    (conv_dim, 1, K) -> (K, conv_dim)
-    backbone.layers.{i}.mixer.conv1d.bias        layers.conv_bias[i]
+    backbone.layers.{i}.mixer.in_proj.weight     layers.in_proj_heads[i], layers.in_proj_groups[i]
+                                                 (rows [z | x | B | C | dt] regrouped by head and group)
+    backbone.layers.{i}.mixer.conv1d.weight      layers.conv_x_weight[i], layers.conv_bc_weight[i]
+                                                 ((conv_dim, 1, K) -> (K, conv_dim), split [x | B C])
+    backbone.layers.{i}.mixer.conv1d.bias        layers.conv_x_bias[i], layers.conv_bc_bias[i]
     backbone.layers.{i}.mixer.dt_bias / A_log / D   layers.dt_bias / A_log / D [i]   (float32)
     backbone.layers.{i}.mixer.norm.weight        layers.gate_norm[i]
     backbone.layers.{i}.mixer.out_proj.weight    layers.out_proj[i]       (out, in), as stored
     backbone.norm_f.weight                       norm_f
     lm_head.weight                               lm_head (untied configs only)
+
+(``models.mamba2.params.split_published`` / ``join_published`` do the regrouping: a pure re-arrangement.)
 """
 
 from __future__ import annotations
@@ -37,10 +41,14 @@ import numpy as np
 
 from models.mamba2.config import Mamba2Config, parse_json_file
 from models.mamba2.params import (
+    CHECKPOINT_FIELDS,
     FLOAT32_LAYER_FIELDS,
     Mamba2LayerParams,
     Mamba2Params,
+    checkpoint_shapes,
+    join_published,
     layer_shapes,
+    split_published,
 )
 from ssdkit.stack import is_per_layer
 
@@ -52,7 +60,7 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------ names
-#: checkpoint name under ``backbone.layers.{i}.`` of each stacked field
+#: checkpoint name under ``backbone.layers.{i}.`` of each published field (``params.CHECKPOINT_FIELDS``)
 LAYER_KEYS = {
     "norm": "norm.weight",
     "in_proj": "mixer.in_proj.weight",
@@ -522,10 +530,10 @@ def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype, stacked: bool) -> 
         return src.read(name)
 
     # Check every shape before reading anything.
-    shapes = layer_shapes(cfg)
+    shapes = checkpoint_shapes(cfg)
     for field, shape in shapes.items():
         for i in range(cfg.n_layer):
-            check_shape(f"backbone.layers.{i}.{LAYER_KEYS[field]}", _checkpoint_shape(field, shape[1:]))
+            check_shape(f"backbone.layers.{i}.{LAYER_KEYS[field]}", _checkpoint_shape(field, shape))
     check_shape("backbone.norm_f.weight", (cfg.d_model,))
     vocab_names = [emb_name] + (["lm_head.weight"] if "lm_head.weight" in names else [])
     for name in vocab_names:
@@ -552,23 +560,29 @@ def _load(src: _Source, path: Path, cfg: Mamba2Config, dtype, stacked: bool) -> 
         del arr
         return jnp.asarray(out)
 
-    def layer_tensor(field: str, i: int) -> np.ndarray:
-        want = _checkpoint_shape(field, shapes[field][1:])
+    def layer_tensors(field: str, i: int) -> dict[str, np.ndarray]:
+        """Layer i's published tensor ``field``, as the fields of ours it holds."""
+        want = _checkpoint_shape(field, shapes[field])
         arr = _to_ours(field, checked(f"backbone.layers.{i}.{LAYER_KEYS[field]}", want))
-        return arr.astype(np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype, copy=False)
+        arr = arr.astype(np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype, copy=False)
+        return split_published(cfg, field, arr)
 
     if stacked:
         fields = {}
-        for field, shape in shapes.items():
-            buf = np.empty(shape, np.float32 if field in FLOAT32_LAYER_FIELDS else mat_dtype)
+        for field in CHECKPOINT_FIELDS:  # one published field at a time, filled layer by layer
+            bufs: dict[str, np.ndarray] = {}
             for i in range(cfg.n_layer):
-                buf[i] = layer_tensor(field, i)
-            fields[field] = jnp.asarray(buf)
-            del buf
+                for name, part in layer_tensors(field, i).items():
+                    if name not in bufs:
+                        bufs[name] = np.empty((cfg.n_layer, *part.shape), part.dtype)
+                    bufs[name][i] = part
+            fields.update({name: jnp.asarray(buf) for name, buf in bufs.items()})
+            del bufs
         layers = Mamba2LayerParams(**fields)
     else:
         layers = tuple(
-            Mamba2LayerParams(**{field: jnp.asarray(layer_tensor(field, i)) for field in shapes})
+            Mamba2LayerParams(**{name: jnp.asarray(part) for field in CHECKPOINT_FIELDS
+                                 for name, part in layer_tensors(field, i).items()})
             for i in range(cfg.n_layer)
         )
     params = Mamba2Params(
@@ -617,9 +631,10 @@ def save_checkpoint(params: Mamba2Params, cfg: Mamba2Config, path: str | Path) -
                 raise ValueError(f"params.{label} has shape {tuple(obj.shape)}, expected {shape} for this config")
 
     tensors: dict[str, np.ndarray] = {"backbone.embeddings.weight": np.asarray(params.embedding)}
-    for field in layer_shapes(cfg):
-        for i, lp in enumerate(per_layer):
-            tensors[f"backbone.layers.{i}.{LAYER_KEYS[field]}"] = _to_torch(field, np.asarray(getattr(lp, field)))
+    for i, lp in enumerate(per_layer):
+        host = Mamba2LayerParams(**{f.name: np.asarray(getattr(lp, f.name)) for f in dataclasses.fields(lp)})
+        for field in CHECKPOINT_FIELDS:
+            tensors[f"backbone.layers.{i}.{LAYER_KEYS[field]}"] = _to_torch(field, join_published(cfg, field, host))
     tensors["backbone.norm_f.weight"] = np.asarray(params.norm_f)
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = np.asarray(params.lm_head)

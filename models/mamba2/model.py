@@ -3,9 +3,9 @@
 Per layer (residual stream kept in float32)::
 
     h            = RMSNorm(residual) · norm                      (compute dtype)
-    z, xBC, dt   = split(h @ in_projᵀ)                           [d_inner | conv_dim | H]
-    xBC          = silu(causal_conv1d(xBC))                      (carried window in the cache)
-    x, B, C      = split(xBC)                                    x: (H, P), B, C: (G, N)
+    z, x, dt     = h @ in_proj_headsᵀ                            per head: (P, P, 1)
+    B, C         = h @ in_proj_groupsᵀ                           per group: (N, N)
+    x, B, C      = silu(causal_conv1d(x)), silu(causal_conv1d(B, C))   (windows carried in the cache)
     dt           = clamp(softplus(dt + dt_bias), dt_limit)       float32
     y            = SSD(x·dt, log_a = dt·A, B, C) + D·x           A = -exp(A_log); state in float32
     residual    += (gated_rms_norm(y, z) @ out_projᵀ)
@@ -48,10 +48,12 @@ def recurrence(cfg: Mamba2Config) -> Recurrence:
 
 
 def init_cache(cfg: Mamba2Config, batch: int, dtype=jnp.float32) -> RecurrentCache:
-    """Zero cache for ``batch`` rows: conv windows (L, batch, d_conv-1, conv_dim) in ``dtype`` and
-    recurrent states (L, batch, H, P, N) in float32 (float64 for float64 weights, in oracle tests)."""
+    """Zero cache for ``batch`` rows: conv windows, a pair (x's (L, batch, d_conv-1, H·P), B and C's
+    (L, batch, d_conv-1, G·2N)), in ``dtype``, and recurrent states (L, batch, H, P, N) in float32 (float64
+    for float64 weights, in oracle tests)."""
     return RecurrentCache.zeros(
-        recurrence(cfg), batch=batch, kernel_size=cfg.d_conv, conv_channels=cfg.conv_dim,
+        recurrence(cfg), batch=batch, kernel_size=cfg.d_conv,
+        conv_channels=(cfg.d_inner, 2 * cfg.ngroups * cfg.d_state),
         num_layers=cfg.n_layer, conv_dtype=dtype, state_dtype=ssdkit.accumulation_dtype(dtype),
     )
 
@@ -70,21 +72,36 @@ def _project(x, w, spec: str, sequence: bool):
 
 
 def _in_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, sequence: bool):
-    """Pre-norm and input projection: returns (z, xBC, dt_raw) in the compute dtype."""
-    dtype = lp.in_proj.dtype
+    """Pre-norm and input projections, in the compute dtype: z, x (.., H, P), dt_raw (.., H) from the
+    per-head rows, bc (.., G·2N) (group-major, B then C per group) from the per-group rows."""
+    dtype = lp.in_proj_heads.dtype
     h = ssdkit.rms_norm(residual, lp.norm, eps=cfg.norm_eps).astype(dtype)
-    zxbcdt = _project(h, lp.in_proj, "...d,ed->...e", sequence).astype(dtype)
-    z, xbc, dt = jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
-    return z, xbc, dt
+    heads = _project(h, lp.in_proj_heads, "...d,hkd->...hk", sequence).astype(dtype)  # (.., H, 2P+1)
+    groups = _project(h, lp.in_proj_groups, "...d,gkd->...gk", sequence).astype(dtype)  # (.., G, 2N)
+    p = cfg.headdim
+    return heads[..., :p], heads[..., p:2 * p], heads[..., 2 * p], groups.reshape(*groups.shape[:-2], -1)
 
 
-def _ssm_inputs(cfg: Mamba2Config, lp: Mamba2LayerParams, xbc, dt_raw, valid=None):
-    """Discretise: x (.., H, P), dt·x, log_a = dt·A (.., H), B, C (.., G, N)."""
-    x, b, c = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + cfg.ngroups * cfg.d_state], axis=-1)
-    lead = x.shape[:-1]
-    x = x.reshape(*lead, cfg.nheads, cfg.headdim)
-    b = b.reshape(*lead, cfg.ngroups, cfg.d_state)
-    c = c.reshape(*lead, cfg.ngroups, cfg.d_state)
+def _conv(cfg: Mamba2Config, lp: Mamba2LayerParams, x, bc, windows, step: bool, **options):
+    """The short causal conv (then SiLU) of x (.., H, P) and of bc (.., G·2N), each with its own window;
+    returns x (.., H, P), b, c (.., G, N) and the new windows. Depthwise, so two convs over the two channel
+    sets equal the published one over [x | B | C]."""
+    lead = x.shape[:-2]
+
+    def conv(inputs, weight, bias, window):
+        if step:
+            return ssdkit.causal_conv1d_step(inputs, weight, bias, window)
+        return ssdkit.causal_conv1d(inputs, weight, bias, window=window, **options)
+
+    x, wx = conv(x.reshape(*lead, cfg.d_inner), lp.conv_x_weight, lp.conv_x_bias, windows[0])
+    bc, wbc = conv(bc, lp.conv_bc_weight, lp.conv_bc_bias, windows[1])
+    x = jax.nn.silu(x).reshape(*lead, cfg.nheads, cfg.headdim)
+    bc = jax.nn.silu(bc).reshape(*lead, cfg.ngroups, 2, cfg.d_state)
+    return x, bc[..., 0, :], bc[..., 1, :], (wx, wbc)
+
+
+def _ssm_inputs(cfg: Mamba2Config, lp: Mamba2LayerParams, x, dt_raw, valid=None):
+    """Discretise: dt·x (.., H, P) and log_a = dt·A (.., H)."""
     dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + lp.dt_bias)
     lo, hi = cfg.dt_limit
     if (lo, hi) != (0.0, float("inf")):
@@ -94,13 +111,14 @@ def _ssm_inputs(cfg: Mamba2Config, lp: Mamba2LayerParams, xbc, dt_raw, valid=Non
     a = -jnp.exp(lp.A_log.astype(jnp.float32))
     log_a = dt * a
     x_dt = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)
-    return x, x_dt, log_a, b, c
+    return x_dt, log_a
 
 
 def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z, sequence: bool):
     """D skip, gated group RMSNorm and output projection; returns float32 (.., d_model)."""
     y = y.astype(jnp.float32) + lp.D[:, None] * x.astype(jnp.float32)
     y = y.reshape(*y.shape[:-2], cfg.d_inner).astype(z.dtype)
+    z = z.reshape(*z.shape[:-2], cfg.d_inner)
     y = ssdkit.gated_rms_norm(y, z, lp.gate_norm, num_groups=cfg.ngroups, eps=cfg.norm_eps)
     return _project(y, lp.out_proj, "...e,de->...d", sequence)
 
@@ -112,31 +130,28 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
     ``segment_ids`` (batch, seq) packs documents: the conv taps and the recurrent state never cross a
     change of id (the cache continues the row's first document)."""
     lp = gather_weights(lp)  # FSDP on a mesh: this layer's weights, whole (identity otherwise)
-    z, xbc, dt_raw = _in_proj(cfg, lp, residual, sequence=True)
-    xbc, window = ssdkit.causal_conv1d(xbc, lp.conv_weight, lp.conv_bias, window=cache.conv, lengths=lengths,
-                                       segment_ids=segment_ids)
-    xbc = jax.nn.silu(xbc)
+    z, x, dt_raw, bc = _in_proj(cfg, lp, residual, sequence=True)
+    x, b, c, windows = _conv(cfg, lp, x, bc, cache.conv, step=False, lengths=lengths, segment_ids=segment_ids)
     valid = None
     if lengths is not None:
         valid = jnp.arange(residual.shape[1])[None, :] < lengths[:, None]
-    x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw, valid)
+    x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw, valid)
     chunk = ssdkit.preferred_chunk_size(cfg.chunk_size)  # the result does not depend on it, the speed does
     y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=chunk, initial_state=cache.state,
                                segment_ids=segment_ids)
     residual = residual + _out_proj(cfg, lp, x, y, z, sequence=True)
-    return residual, RecurrentCache(conv=window, state=state)
+    return residual, RecurrentCache(conv=windows, state=state)
 
 
 def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
     """One layer for one token: O(1) conv step and SSD step."""
     lp = gather_weights(lp)
-    z, xbc, dt_raw = _in_proj(cfg, lp, residual, sequence=False)
-    xbc, window = ssdkit.causal_conv1d_step(xbc, lp.conv_weight, lp.conv_bias, cache.conv)
-    xbc = jax.nn.silu(xbc)
-    x, x_dt, log_a, b, c = _ssm_inputs(cfg, lp, xbc, dt_raw)
+    z, x, dt_raw, bc = _in_proj(cfg, lp, residual, sequence=False)
+    x, b, c, windows = _conv(cfg, lp, x, bc, cache.conv, step=True)
+    x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw)
     y, state = ssdkit.ssd_step(cache.state, x_dt, log_a, b, c)
     residual = residual + _out_proj(cfg, lp, x, y, z, sequence=False)
-    return residual, RecurrentCache(conv=window, state=state)
+    return residual, RecurrentCache(conv=windows, state=state)
 
 
 # ------------------------------------------------------------------------------ the decode layout
@@ -216,13 +231,14 @@ def _check_tokens(cfg: Mamba2Config, tokens, ndim: int, name: str = "tokens") ->
 def _check_cache(cfg: Mamba2Config, cache: RecurrentCache, batch: int) -> None:
     if is_per_layer(cache):
         raise ValueError("pass the stacked cache (from prefill or init_cache), not a per-layer tuple")
-    want_conv = (cfg.n_layer, batch, cfg.d_conv - 1, cfg.conv_dim)
+    want_conv = tuple((cfg.n_layer, batch, cfg.d_conv - 1, c) for c in (cfg.d_inner, 2 * cfg.ngroups * cfg.d_state))
     want_state = (cfg.n_layer, batch, cfg.nheads, cfg.headdim, cfg.d_state)
-    if tuple(cache.conv.shape) != want_conv or tuple(cache.state.shape) != want_state:
+    conv = cache.conv if isinstance(cache.conv, tuple) else (cache.conv,)
+    got_conv = tuple(tuple(w.shape) for w in conv)
+    if got_conv != want_conv or tuple(cache.state.shape) != want_state:
         raise ValueError(
-            f"cache does not fit this model and batch: conv {tuple(cache.conv.shape)} (expected "
-            f"{want_conv}), state {tuple(cache.state.shape)} (expected {want_state}); "
-            f"make one with models.mamba2.init_cache(cfg, batch)"
+            f"cache does not fit this model and batch: conv windows {got_conv} (expected {want_conv}), state "
+            f"{tuple(cache.state.shape)} (expected {want_state}); make one with models.mamba2.init_cache(cfg, batch)"
         )
 
 
@@ -329,8 +345,7 @@ def prefill(
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _score_window(params, cfg, tokens, targets, weights, segment_ids, reset, cache):
     keep = ~reset
-    cache = RecurrentCache(conv=cache.conv * keep[None, :, None, None].astype(cache.conv.dtype),
-                           state=cache.state * keep[None, :, None, None, None].astype(cache.state.dtype))
+    cache = jax.tree_util.tree_map(lambda a: a * keep.reshape(1, -1, *([1] * (a.ndim - 2))).astype(a.dtype), cache)
     residual = _embed(params, tokens)
     layer = functools.partial(_layer_seq, cfg, lengths=None, segment_ids=segment_ids)
     residual, cache = ssdkit.scan_layers(layer, params.layers, residual, cache)

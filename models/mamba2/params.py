@@ -9,21 +9,31 @@
   one ``lax.scan`` (compile time constant in depth, less scratch memory on long sequences). Decode
   entry points split it once and cache the copy (``models.mamba2.model._decode_layout``).
 
-Array layouts (chosen for the contractions the model does, converted once at load time); the leading
-``L`` is there only when stacked:
+Array layouts (chosen for the contractions the model does and for splitting by head over a mesh's
+``model`` axis; converted once at load and save time, :func:`from_checkpoint_layout`); the leading ``L``
+is there only when stacked:
 
-    embedding     (V_pad, d_model)
-    layers.norm          (L, d_model)            pre-mixer RMSNorm weight
-    layers.in_proj       (L, d_in_proj, d_model) torch Linear layout (out, in), contracted on `in`
-    layers.conv_weight   (L, d_conv, conv_dim)   time-major: conv_weight[k, c] = conv1d.weight[c, 0, k]
-    layers.conv_bias     (L, conv_dim)
-    layers.dt_bias       (L, H)                  float32 always
-    layers.A_log         (L, H)                  float32 always
-    layers.D             (L, H)                  float32 always
-    layers.gate_norm     (L, d_inner)            gated RMSNorm weight
-    layers.out_proj      (L, d_model, d_inner)   (out, in)
+    embedding                (V_pad, d_model)
+    layers.norm              (L, d_model)           pre-mixer RMSNorm weight
+    layers.in_proj_heads     (L, H, 2P+1, d_model)  per head h: the rows of z_h (P), x_h (P), dt_h (1)
+    layers.in_proj_groups    (L, G, 2N, d_model)    per group g: the rows of B_g (N), C_g (N)
+    layers.conv_x_weight     (L, K, H·P)            the conv of x, time-major: [k, c] = conv1d.weight[c, 0, k]
+    layers.conv_x_bias       (L, H·P)
+    layers.conv_bc_weight    (L, K, G·2N)           the conv of B and C, channels group-major (g, B|C, n)
+    layers.conv_bc_bias      (L, G·2N)
+    layers.dt_bias           (L, H)                 float32 always
+    layers.A_log             (L, H)                 float32 always
+    layers.D                 (L, H)                 float32 always
+    layers.gate_norm         (L, H·P)               gated RMSNorm weight
+    layers.out_proj          (L, d_model, H·P)      (out, in)
     norm_f        (d_model,)
     lm_head       (V_pad, d_model), or None when tied to the embedding
+
+Every per-head quantity has the head on an axis of its own or as the major part of an axis, and every
+per-group one the group, so a contiguous split of that axis is a split by head (or group): tensor
+parallelism (``models.mamba2.sharding``) keeps the scan, the step and the conv of x local to a device.
+The published checkpoints concatenate ``in_proj``'s rows as [z | x | B | C | dt] and the conv's channels
+as [x | B | C]; :func:`from_checkpoint_layout` and :func:`to_checkpoint_layout` convert.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ssdkit.stack import is_per_layer, stack, unstack
 
@@ -45,9 +56,12 @@ class Mamba2LayerParams:
     """One layer's weights (per-layer layout), or every layer's stacked on axis 0 (stacked layout)."""
 
     norm: jax.Array
-    in_proj: jax.Array
-    conv_weight: jax.Array
-    conv_bias: jax.Array
+    in_proj_heads: jax.Array
+    in_proj_groups: jax.Array
+    conv_x_weight: jax.Array
+    conv_x_bias: jax.Array
+    conv_bc_weight: jax.Array
+    conv_bc_bias: jax.Array
     dt_bias: jax.Array
     A_log: jax.Array
     D: jax.Array
@@ -68,18 +82,100 @@ class Mamba2Params:
 
 def layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Shape of each stacked layer field for config ``cfg`` (leading axis n_layer)."""
-    n = cfg.n_layer
+    n, h, p, g, s = cfg.n_layer, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
     return {
         "norm": (n, cfg.d_model),
-        "in_proj": (n, cfg.d_in_proj, cfg.d_model),
-        "conv_weight": (n, cfg.d_conv, cfg.conv_dim),
-        "conv_bias": (n, cfg.conv_dim),
-        "dt_bias": (n, cfg.nheads),
-        "A_log": (n, cfg.nheads),
-        "D": (n, cfg.nheads),
+        "in_proj_heads": (n, h, 2 * p + 1, cfg.d_model),
+        "in_proj_groups": (n, g, 2 * s, cfg.d_model),
+        "conv_x_weight": (n, cfg.d_conv, cfg.d_inner),
+        "conv_x_bias": (n, cfg.d_inner),
+        "conv_bc_weight": (n, cfg.d_conv, 2 * g * s),
+        "conv_bc_bias": (n, 2 * g * s),
+        "dt_bias": (n, h),
+        "A_log": (n, h),
+        "D": (n, h),
         "gate_norm": (n, cfg.d_inner),
         "out_proj": (n, cfg.d_model, cfg.d_inner),
     }
+
+
+#: The fields of the published layout (one tensor each in a checkpoint), per layer:
+#: in_proj (d_in_proj, d_model) rows [z | x | B | C | dt]; conv_weight (K, conv_dim) and conv_bias
+#: (conv_dim,) channels [x | B | C]; the other fields as in :class:`Mamba2LayerParams`.
+CHECKPOINT_FIELDS = ("norm", "in_proj", "conv_weight", "conv_bias", "dt_bias", "A_log", "D", "gate_norm", "out_proj")
+
+
+def checkpoint_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Per-layer shapes of the published layout's fields (:data:`CHECKPOINT_FIELDS`)."""
+    ours = {k: v[1:] for k, v in layer_shapes(cfg).items()}
+    return {"norm": ours["norm"], "in_proj": (cfg.d_in_proj, cfg.d_model), "conv_weight": (cfg.d_conv, cfg.conv_dim),
+            "conv_bias": (cfg.conv_dim,), "dt_bias": ours["dt_bias"], "A_log": ours["A_log"], "D": ours["D"],
+            "gate_norm": ours["gate_norm"], "out_proj": ours["out_proj"]}
+
+
+def _bc_group_major(bc, g: int, n: int):
+    """[..., B (g, n) | C (g, n)] channels -> [..., (g, B|C, n)] (numpy or jax)."""
+    lead = bc.shape[:-1]
+    return bc.reshape(*lead, 2, g, n).swapaxes(-3, -2).reshape(*lead, 2 * g * n)
+
+
+def _bc_concatenated(bc, g: int, n: int):
+    """The inverse of :func:`_bc_group_major`."""
+    lead = bc.shape[:-1]
+    return bc.reshape(*lead, g, 2, n).swapaxes(-3, -2).reshape(*lead, 2 * g * n)
+
+
+#: which fields of ours each published field becomes (the others keep their name)
+PUBLISHED_TO_OURS = {"in_proj": ("in_proj_heads", "in_proj_groups"), "conv_weight": ("conv_x_weight", "conv_bc_weight"),
+                     "conv_bias": ("conv_x_bias", "conv_bc_bias")}
+
+
+def split_published(cfg, field: str, arr) -> dict:
+    """One layer's published tensor ``field`` (numpy or jax; per-layer shape, conv_weight as (K, conv_dim))
+    -> the fields of ours it holds, by pure re-arrangement (no arithmetic)."""
+    h, p, g, n, e = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner
+    concat = np.concatenate if isinstance(arr, np.ndarray) else jnp.concatenate
+    if field == "in_proj":  # rows [z | x | B | C | dt]
+        d = arr.shape[-1]
+        z, x, b, c, dt = (arr[:e], arr[e:2 * e], arr[2 * e:2 * e + g * n], arr[2 * e + g * n:2 * e + 2 * g * n],
+                          arr[2 * e + 2 * g * n:])
+        return {"in_proj_heads": concat([z.reshape(h, p, d), x.reshape(h, p, d), dt.reshape(h, 1, d)], axis=1),
+                "in_proj_groups": concat([b.reshape(g, n, d), c.reshape(g, n, d)], axis=1)}
+    if field in ("conv_weight", "conv_bias"):  # channels [x | B | C] on the last axis
+        part = field.removeprefix("conv_")
+        return {f"conv_x_{part}": arr[..., :e], f"conv_bc_{part}": _bc_group_major(arr[..., e:], g, n)}
+    return {field: arr}
+
+
+def join_published(cfg, field: str, lp: Mamba2LayerParams):
+    """The inverse of :func:`split_published`: one layer's (per-layer) published tensor ``field``."""
+    h, p, g, n = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+    if field == "in_proj":
+        heads, groups = lp.in_proj_heads, lp.in_proj_groups
+        d = heads.shape[-1]
+        concat = np.concatenate if isinstance(heads, np.ndarray) else jnp.concatenate
+        return concat([heads[:, :p].reshape(h * p, d), heads[:, p:2 * p].reshape(h * p, d),
+                       groups[:, :n].reshape(g * n, d), groups[:, n:].reshape(g * n, d), heads[:, 2 * p]], axis=0)
+    if field in ("conv_weight", "conv_bias"):
+        part = field.removeprefix("conv_")
+        x, bc = getattr(lp, f"conv_x_{part}"), getattr(lp, f"conv_bc_{part}")
+        concat = np.concatenate if isinstance(x, np.ndarray) else jnp.concatenate
+        return concat([x, _bc_concatenated(bc, g, n)], axis=-1)
+    return getattr(lp, field)
+
+
+def from_checkpoint_layout(cfg, published: dict) -> dict:
+    """One layer's arrays in the published layout (every field of :data:`CHECKPOINT_FIELDS`) -> the fields
+    of :class:`Mamba2LayerParams`."""
+    out = {}
+    for field in CHECKPOINT_FIELDS:
+        out.update(split_published(cfg, field, published[field]))
+    return out
+
+
+def to_checkpoint_layout(cfg, lp: Mamba2LayerParams) -> dict:
+    """The inverse of :func:`from_checkpoint_layout` (one layer, per-layer shapes)."""
+    return {field: join_published(cfg, field, lp) for field in CHECKPOINT_FIELDS}
 
 
 def init_params(cfg, key: jax.Array, dtype=jnp.float32, *, stacked: bool = False) -> Mamba2Params:
@@ -108,7 +204,7 @@ def init_params(cfg, key: jax.Array, dtype=jnp.float32, *, stacked: bool = False
         dt = jnp.exp(jax.random.uniform(ks[3], (cfg.nheads,), jnp.float32) * (log_hi - log_lo) + log_lo)
         dt = jnp.maximum(dt, cfg.dt_init_floor)
         lo, hi = cfg.A_init_range
-        return Mamba2LayerParams(
+        published = dict(  # drawn in the published layout (the same values as before the re-layout)
             norm=jnp.ones((cfg.d_model,), dtype),
             in_proj=uniform(ks[0], (cfg.d_in_proj, cfg.d_model), cfg.d_model**-0.5),
             conv_weight=uniform(ks[1], (cfg.d_conv, cfg.conv_dim), cfg.d_conv**-0.5),
@@ -120,6 +216,7 @@ def init_params(cfg, key: jax.Array, dtype=jnp.float32, *, stacked: bool = False
             out_proj=(uniform(ks[5], (cfg.d_model, cfg.d_inner), cfg.d_inner**-0.5, jnp.float32)
                       / jnp.sqrt(n)).astype(dtype),
         )
+        return Mamba2LayerParams(**from_checkpoint_layout(cfg, published))
 
     layers = tuple(layer(jax.random.fold_in(k_layers, i)) for i in range(n))
     embedding = (0.02 * jax.random.normal(k_embed, (cfg.padded_vocab_size, cfg.d_model))).astype(dtype)
