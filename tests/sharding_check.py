@@ -86,7 +86,7 @@ def main(meshes: list[str]) -> None:
             errors["logits_under_mesh"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
             hlo = jax.jit(mamba2.forward, static_argnums=1).lower(p, CFG, t).compile().as_text()
         if mesh.shape["fsdp"] > 1:
-            heads = f"{CFG.nheads},{2 * CFG.headdim + 1},{CFG.d_model}"
+            heads = f"{CFG.nheads},{2 * CFG.headdim},{CFG.d_model}"
             assert re.search(rf"f32\[(1,)?{heads}\]\S* all-gather", hlo), "no in_proj_heads gather"
         with jax.set_mesh(mesh):  # under a seq axis: the sequence split over it (ssdkit.sequence_parallel)
             logits, cache = mamba2.prefill(p, CFG, t)

@@ -95,7 +95,7 @@ def test_published_layout_regrouping():
             np.testing.assert_array_equal(ours["in_proj_heads"][head, q], w[head * p + q])  # z
             np.testing.assert_array_equal(ours["in_proj_heads"][head, p + q], w[e + head * p + q])  # x
             np.testing.assert_array_equal(ours["conv_x_weight"][:, head * p + q], cw[:, head * p + q])
-        np.testing.assert_array_equal(ours["in_proj_heads"][head, 2 * p], w[2 * e + 2 * g * n + head])  # dt
+        np.testing.assert_array_equal(ours["in_proj_dt"][head], w[2 * e + 2 * g * n + head])  # dt
     for grp in range(g):
         for m in range(n):
             np.testing.assert_array_equal(ours["in_proj_groups"][grp, m], w[2 * e + grp * n + m])  # B

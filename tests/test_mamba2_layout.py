@@ -30,7 +30,10 @@ def _weight_copies(hlo: str, cfg: mamba2.Mamba2Config) -> list[str]:
     Parameters, tuple elements and bitcasts only name an existing buffer; anything else with a weight's
     shape (a copy, a slicing fusion) writes one: per decode step, a full read and write of the weights.
     """
-    mats = [(cfg.nheads, 2 * cfg.headdim + 1, cfg.d_model), (cfg.d_model, cfg.d_inner)]
+    h, p, d = cfg.nheads, cfg.headdim, cfg.d_model
+    # in_proj_heads as stored and in any other arrangement XLA might copy it to (a transpose, the 2-D matrix)
+    mats = [(h, 2 * p, d), (d, h, 2 * p), (2 * p, h, d), (h, d, 2 * p), (h * 2 * p, d), (d, h * 2 * p),
+            (d, cfg.d_inner), (cfg.d_inner, d)]
     shapes = {",".join(map(str, s)) for m in mats for s in (m, (cfg.n_layer, *m))}
     pattern = re.compile(r"=\s*f32\[(" + "|".join(map(re.escape, shapes)) + r")\][{ ]")
     keep = []

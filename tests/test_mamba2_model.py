@@ -164,7 +164,7 @@ def test_sequence_matmul_dtype_policy():
 
     def in_proj_dots(fn, *args):  # the dtype in_proj's weight has where a dot_general reads it
         text = jax.jit(fn).lower(*args).as_text()
-        weight = f"tensor<{CFG.nheads}x{2 * CFG.headdim + 1}x{CFG.d_model}x"
+        weight = f"tensor<{CFG.nheads * 2 * CFG.headdim}x{CFG.d_model}x"  # in_proj_heads, as the 2-D matrix
         return {line.split(weight)[1].split(">")[0] for line in text.splitlines()
                 if "dot_general" in line and weight in line}
 
@@ -181,7 +181,8 @@ def test_init_params_traceable_at_full_scale():
     n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
     assert n == cfg.num_params()
     assert len(shapes.layers) == 64
-    assert shapes.layers[0].in_proj_heads.shape == (80, 129, 2560)  # 80 heads: z, x (64 rows each) and dt
+    assert shapes.layers[0].in_proj_heads.shape == (80, 128, 2560)  # 80 heads: z, x (64 rows each)
+    assert shapes.layers[0].in_proj_dt.shape == (80, 2560)
     assert shapes.layers[0].in_proj_groups.shape == (1, 256, 2560)  # 1 group: B, C (128 rows each)
     assert shapes.layers[-1].conv_x_weight.shape == (4, 5120) and shapes.layers[-1].conv_bc_weight.shape == (4, 256)
 

@@ -104,7 +104,7 @@ def test_decay_mask_follows_mamba_ssm():
                                     stacked=stacked)
         mask = decay_mask(params)
         layer = mask.layers if stacked else mask.layers[0]
-        assert all((layer.in_proj_heads, layer.in_proj_groups, layer.out_proj, layer.conv_x_weight,
+        assert all((layer.in_proj_heads, layer.in_proj_dt, layer.in_proj_groups, layer.out_proj, layer.conv_x_weight,
                     layer.conv_bc_weight))
         assert not any((layer.norm, layer.gate_norm, layer.conv_x_bias, layer.conv_bc_bias, layer.A_log,
                         layer.dt_bias, layer.D))

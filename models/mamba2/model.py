@@ -3,7 +3,8 @@
 Per layer (residual stream kept in float32)::
 
     h            = RMSNorm(residual) · norm                      (compute dtype)
-    z, x, dt     = h @ in_proj_headsᵀ                            per head: (P, P, 1)
+    z, x         = h @ in_proj_headsᵀ                            per head: (P, P)
+    dt           = h @ in_proj_dtᵀ                               per head
     B, C         = h @ in_proj_groupsᵀ                           per group: (N, N)
     x, B, C      = silu(causal_conv1d(x)), silu(causal_conv1d(B, C))   (windows carried in the cache)
     dt           = clamp(softplus(dt + dt_bias), dt_limit)       float32
@@ -72,14 +73,19 @@ def _project(x, w, spec: str, sequence: bool):
 
 
 def _in_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, sequence: bool):
-    """Pre-norm and input projections, in the compute dtype: z, x (.., H, P), dt_raw (.., H) from the
+    """Pre-norm and input projections, in the compute dtype: z, x (.., H, P) and dt_raw (.., H) from the
     per-head rows, bc (.., G·2N) (group-major, B then C per group) from the per-group rows."""
     dtype = lp.in_proj_heads.dtype
     h = ssdkit.rms_norm(residual, lp.norm, eps=cfg.norm_eps).astype(dtype)
-    heads = _project(h, lp.in_proj_heads, "...d,hkd->...hk", sequence).astype(dtype)  # (.., H, 2P+1)
-    groups = _project(h, lp.in_proj_groups, "...d,gkd->...gk", sequence).astype(dtype)  # (.., G, 2N)
+    # Each weight as the 2-D (rows, d_model) matrix it is in memory (a free reshape): XLA's CPU backend then
+    # multiplies it in place, where a 3-D contraction had it transpose the weight on every decode step.
+    d = lp.in_proj_heads.shape[-1]
+    zx = _project(h, lp.in_proj_heads.reshape(-1, d), "...d,ed->...e", sequence).astype(dtype)
+    dt = _project(h, lp.in_proj_dt, "...d,ed->...e", sequence).astype(dtype)  # (.., H)
+    bc = _project(h, lp.in_proj_groups.reshape(-1, d), "...d,ed->...e", sequence).astype(dtype)  # (.., G·2N)
     p = cfg.headdim
-    return heads[..., :p], heads[..., p:2 * p], heads[..., 2 * p], groups.reshape(*groups.shape[:-2], -1)
+    zx = zx.reshape(*zx.shape[:-1], cfg.nheads, 2 * p)
+    return zx[..., :p], zx[..., p:], dt, bc
 
 
 def _conv(cfg: Mamba2Config, lp: Mamba2LayerParams, x, bc, windows, step: bool, **options):

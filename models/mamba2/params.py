@@ -15,7 +15,8 @@ is there only when stacked:
 
     embedding                (V_pad, d_model)
     layers.norm              (L, d_model)           pre-mixer RMSNorm weight
-    layers.in_proj_heads     (L, H, 2P+1, d_model)  per head h: the rows of z_h (P), x_h (P), dt_h (1)
+    layers.in_proj_heads     (L, H, 2P, d_model)    per head h: the rows of z_h (P), then x_h (P)
+    layers.in_proj_dt        (L, H, d_model)        per head h: the row of dt_h
     layers.in_proj_groups    (L, G, 2N, d_model)    per group g: the rows of B_g (N), C_g (N)
     layers.conv_x_weight     (L, K, H·P)            the conv of x, time-major: [k, c] = conv1d.weight[c, 0, k]
     layers.conv_x_bias       (L, H·P)
@@ -57,6 +58,7 @@ class Mamba2LayerParams:
 
     norm: jax.Array
     in_proj_heads: jax.Array
+    in_proj_dt: jax.Array
     in_proj_groups: jax.Array
     conv_x_weight: jax.Array
     conv_x_bias: jax.Array
@@ -85,7 +87,8 @@ def layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
     n, h, p, g, s = cfg.n_layer, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
     return {
         "norm": (n, cfg.d_model),
-        "in_proj_heads": (n, h, 2 * p + 1, cfg.d_model),
+        "in_proj_heads": (n, h, 2 * p, cfg.d_model),
+        "in_proj_dt": (n, h, cfg.d_model),
         "in_proj_groups": (n, g, 2 * s, cfg.d_model),
         "conv_x_weight": (n, cfg.d_conv, cfg.d_inner),
         "conv_x_bias": (n, cfg.d_inner),
@@ -125,11 +128,6 @@ def _bc_concatenated(bc, g: int, n: int):
     return bc.reshape(*lead, g, 2, n).swapaxes(-3, -2).reshape(*lead, 2 * g * n)
 
 
-#: which fields of ours each published field becomes (the others keep their name)
-PUBLISHED_TO_OURS = {"in_proj": ("in_proj_heads", "in_proj_groups"), "conv_weight": ("conv_x_weight", "conv_bc_weight"),
-                     "conv_bias": ("conv_x_bias", "conv_bc_bias")}
-
-
 def split_published(cfg, field: str, arr) -> dict:
     """One layer's published tensor ``field`` (numpy or jax; per-layer shape, conv_weight as (K, conv_dim))
     -> the fields of ours it holds, by pure re-arrangement (no arithmetic)."""
@@ -139,7 +137,7 @@ def split_published(cfg, field: str, arr) -> dict:
         d = arr.shape[-1]
         z, x, b, c, dt = (arr[:e], arr[e:2 * e], arr[2 * e:2 * e + g * n], arr[2 * e + g * n:2 * e + 2 * g * n],
                           arr[2 * e + 2 * g * n:])
-        return {"in_proj_heads": concat([z.reshape(h, p, d), x.reshape(h, p, d), dt.reshape(h, 1, d)], axis=1),
+        return {"in_proj_heads": concat([z.reshape(h, p, d), x.reshape(h, p, d)], axis=1), "in_proj_dt": dt,
                 "in_proj_groups": concat([b.reshape(g, n, d), c.reshape(g, n, d)], axis=1)}
     if field in ("conv_weight", "conv_bias"):  # channels [x | B | C] on the last axis
         part = field.removeprefix("conv_")
@@ -155,7 +153,7 @@ def join_published(cfg, field: str, lp: Mamba2LayerParams):
         d = heads.shape[-1]
         concat = np.concatenate if isinstance(heads, np.ndarray) else jnp.concatenate
         return concat([heads[:, :p].reshape(h * p, d), heads[:, p:2 * p].reshape(h * p, d),
-                       groups[:, :n].reshape(g * n, d), groups[:, n:].reshape(g * n, d), heads[:, 2 * p]], axis=0)
+                       groups[:, :n].reshape(g * n, d), groups[:, n:].reshape(g * n, d), lp.in_proj_dt], axis=0)
     if field in ("conv_weight", "conv_bias"):
         part = field.removeprefix("conv_")
         x, bc = getattr(lp, f"conv_x_{part}"), getattr(lp, f"conv_bc_{part}")
