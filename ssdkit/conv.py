@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssdkit import sequence_parallel
+from ssdkit import spmd
 from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths, SegmentIds
 from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, is_concrete, readable
 
@@ -173,7 +173,7 @@ def causal_conv1d(
 
     Traced under a mesh whose ``seq`` axis has more than one device (``jax.set_mesh``), the sequence is
     split over it, each piece reading the K-1 inputs before it from its neighbour
-    (``ssdkit.sequence_parallel``).
+    (``ssdkit.spmd``).
     """
     k = _check(x, weight, bias, window, seq_form=True)
     batch, seq, chan = np.shape(x)
@@ -185,8 +185,8 @@ def causal_conv1d(
         window = jnp.zeros((batch, k - 1, chan), x.dtype)
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
-    if sequence_parallel.active():  # traced under a mesh with a 'seq' axis: pieces with a (K-1)-input halo
-        return sequence_parallel.causal_conv1d(x, weight, bias, window, lengths, segment_ids)
+    if spmd.conv_active():  # traced under a mesh with a 'seq' axis: pieces with a (K-1)-input halo
+        return spmd.causal_conv1d(x, weight, bias, window, lengths, segment_ids)
     return _conv_seq(x, weight, bias, window, lengths, segment_ids)
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssdkit import sequence_parallel
+from ssdkit import spmd
 from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqValues, State
 from ssdkit.dtypes import accumulation_dtype
 from ssdkit.recurrence import DecayKind, Recurrence
@@ -147,13 +147,14 @@ def ssd_scan(
 
     Cost: O(seq · Q · (N + P)) per head for the dual form plus O(seq / Q) sequential chunk steps.
 
-    Traced under a mesh whose ``seq`` axis has more than one device (``jax.set_mesh``), the sequence is
-    split in contiguous pieces over it, exactly (``ssdkit.sequence_parallel``; seq must divide).
+    Traced under a mesh (``jax.set_mesh``) whose ``seq`` axis has more than one device, the sequence is
+    split in contiguous pieces over it, exactly (seq must divide); whose ``model`` axis divides H, each
+    device scans its own heads (``ssdkit.spmd``).
     """
     spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size)
     spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids)
-    if sequence_parallel.active():  # traced under a mesh with a 'seq' axis: split the sequence over it
-        return sequence_parallel.ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids)
+    if spmd.scan_active(spec.num_heads):  # traced under a mesh with a seq or model axis: split over them
+        return spmd.ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids)
     return _chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids)
 
 

@@ -9,8 +9,9 @@ A mesh always has the four named axes of :data:`MESH_AXES` (size 1 when unused),
   parameter and its optimiser state split across the axis; the compiler gathers a weight where it is used
   (per layer inside the layer scan) and reduce-scatters its gradient.
 * ``seq`` — sequence (context) parallelism: a sequence split in contiguous pieces; the scan and conv of
-  ``ssdkit`` combine the pieces exactly (``ssdkit.sequence_parallel``) when traced under the mesh.
-* ``model`` — tensor parallelism (reserved here; a model's rules decide).
+  ``ssdkit`` combine the pieces exactly (``ssdkit.spmd``) when traced under the mesh.
+* ``model`` — tensor parallelism: a model's rules split heads over it; the scan of ``ssdkit`` runs each
+  device's heads locally (``ssdkit.spmd``).
 
 Batch arrays are split over ``("data", "fsdp")`` (:data:`BATCH_AXES`), their positions over ``seq``.
 :func:`fsdp_spec` is the rule for a
@@ -65,14 +66,15 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, *, devices: Sequence
     return Mesh(np.asarray(devices, dtype=object).reshape(dims), MESH_AXES)
 
 
-def fsdp_spec(shape: Sequence[int], mesh: Mesh, *, leading: int = 0) -> P:
+def fsdp_spec(shape: Sequence[int], mesh: Mesh, *, leading: int = 0, exclude: Sequence[int] = ()) -> P:
     """The ``fsdp`` rule for a weight of ``shape``: its largest axis divisible by the ``fsdp`` size is split
-    (the first such on ties), skipping the first ``leading`` axes (e.g. a stacked layer axis); arrays of
-    fewer than :data:`MIN_SHARDED_SIZE` elements, or with no divisible axis, stay replicated."""
+    (the first such on ties), skipping the first ``leading`` axes (e.g. a stacked layer axis) and the axes in
+    ``exclude`` (e.g. one split over ``model``); arrays of fewer than :data:`MIN_SHARDED_SIZE` elements, or
+    with no divisible axis, stay replicated."""
     n = mesh.shape["fsdp"]
     spec: list[str | None] = [None] * len(shape)
     if n > 1 and math.prod(shape) >= MIN_SHARDED_SIZE:
-        candidates = [i for i in range(leading, len(shape)) if shape[i] % n == 0]
+        candidates = [i for i in range(leading, len(shape)) if shape[i] % n == 0 and i not in exclude]
         if candidates:
             spec[max(candidates, key=lambda i: (shape[i], -i))] = "fsdp"
     return P(*spec)
@@ -85,7 +87,7 @@ def batch_spec(ndim: int) -> P:
 
 def sequence_spec(ndim: int = 2, seq: int | None = None, mesh: Mesh | None = None) -> P:
     """A (batch, seq, ...) array: rows over :data:`BATCH_AXES`, positions in contiguous pieces over ``seq``
-    (sequence parallelism, ``ssdkit.sequence_parallel``). Given ``seq`` and ``mesh``, positions that do not
+    (sequence parallelism, ``ssdkit.spmd``). Given ``seq`` and ``mesh``, positions that do not
     divide into the ``seq`` axis stay whole."""
     axis = "seq" if seq is None or mesh is None or seq % mesh.shape["seq"] == 0 else None
     return P(BATCH_AXES, axis, *([None] * (ndim - 2)))
@@ -124,14 +126,17 @@ def optimizer_specs(optimizer, opt_state, param_specs):
                                  transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
 
 
-def gather_weights(tree):
+def gather_weights(tree, specs=None):
     """FSDP's gather, where a layer uses its weights: while tracing under a mesh (``jax.set_mesh(mesh)``,
     or the train step of :func:`ssdkit.make_train_step` given ``shardings``) whose ``fsdp`` axis has more
-    than one device, ``tree``'s arrays are constrained to be whole on every device, so the compiler
-    all-gathers each weight (one layer's, inside the layer scan) rather than the activations. Anywhere
-    else ``tree`` comes back unchanged."""
+    than one device, ``tree``'s arrays are constrained to ``specs`` (a matching PyTree of ``PartitionSpec``
+    s without ``fsdp``: the tensor-parallel split a weight keeps; default whole on every device), so the
+    compiler all-gathers each weight over ``fsdp`` (one layer's, inside the layer scan) rather than the
+    activations. Anywhere else ``tree`` comes back unchanged."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or dict(mesh.shape).get("fsdp", 1) == 1:
         return tree
-    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, P()), tree)
+    if specs is None:
+        return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, P()), tree)
+    return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, tree, specs)
 

@@ -63,6 +63,7 @@ def main(meshes: list[str]) -> None:
 
     ref_logits = mamba2.forward(params, CFG, tokens)
     ref_prefill = mamba2.prefill(params, CFG, tokens)
+    ref_step = mamba2.decode_step(params, CFG, tokens[:, 0], copy(ref_prefill[1]))
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(params, tokens, seg)
     ref_state, ref_losses = run_steps(training.make_step(CFG, optimizer, remat="layer"),
                                       ssdkit.TrainState.create(copy(params), optimizer), (tokens, seg))
@@ -71,26 +72,45 @@ def main(meshes: list[str]) -> None:
     ref_full = jnp.concatenate([prompt, ref_gen.tokens], axis=1)
     margins = greedy_margins(mamba2.forward(params, CFG, ref_full)[:, 5:-1])
 
-    weight_shapes = {a.shape[1:] for a in jax.tree_util.tree_leaves(params.layers)} | {params.embedding.shape}
     for spec in meshes:
         mesh = sharding.make_mesh(spec)
         p = msh.shard_params(params, mesh)
         t, s = msh.shard_batch((tokens, seg), mesh)
         errors = {"mesh": spec}
-        # parameters are split as the table says: nothing large is replicated under fsdp
+        # parameters are split as the table says: nothing large is replicated under fsdp, heads under model
+        m = mesh.shape["model"]
+        want_heads = P(None, "model" if m > 1 else None, None, "fsdp" if mesh.shape["fsdp"] > 1 else None)
+        assert p.layers.in_proj_heads.sharding.spec == want_heads, p.layers.in_proj_heads.sharding
         if mesh.shape["fsdp"] > 1:
-            assert p.layers.in_proj_heads.sharding.spec == P(None, None, None, "fsdp"), p.layers.in_proj_heads.sharding
             assert p.embedding.sharding.spec == P("fsdp", None), p.embedding.sharding
+        # what an fsdp gather may produce: a layer's weight whole but for its split over model
+        split = msh.layer_model_specs(CFG, mesh, stacked=False)
+        weight_shapes = {params.embedding.shape} | {
+            tuple(d // m if ax == "model" else d for d, ax in zip(a.shape[1:], tuple(sp), strict=True))
+            for a, sp in zip(jax.tree_util.tree_leaves(params.layers),
+                             jax.tree_util.tree_leaves(split, is_leaf=lambda x: isinstance(x, P)), strict=True)}
+        weight_shapes |= {(s[0] * s[1], s[2]) for s in weight_shapes if len(s) == 3}  # as the 2-D matrix multiplied
+        weight_shapes |= {(1, *s) for s in weight_shapes}  # a layer sliced from the stack keeps a unit axis
         errors["logits"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
         with jax.set_mesh(mesh):  # traced under the mesh: gather_weights gathers each layer's weights
             errors["logits_under_mesh"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
             hlo = jax.jit(mamba2.forward, static_argnums=1).lower(p, CFG, t).compile().as_text()
         if mesh.shape["fsdp"] > 1:
-            heads = f"{CFG.nheads},{2 * CFG.headdim},{CFG.d_model}"
+            heads = f"{CFG.nheads // m},{2 * CFG.headdim},{CFG.d_model}"
             assert re.search(rf"f32\[(1,)?{heads}\]\S* all-gather", hlo), "no in_proj_heads gather"
-        with jax.set_mesh(mesh):  # under a seq axis: the sequence split over it (ssdkit.sequence_parallel)
+        with jax.set_mesh(mesh):  # the sequence split over seq, heads over model (ssdkit.spmd)
             logits, cache = mamba2.prefill(p, CFG, t)
+            # one decode step from that cache: under model the state stays split by head (never gathered)
+            token = msh.shard_batch(tokens[:, 0], mesh)
+            hlo = mamba2.model._decode_step.lower(p, CFG, token, cache).compile().as_text()
+            step_logits, step_cache = mamba2.decode_step(p, CFG, token, copy(cache))
         errors["prefill"] = max(rel_err(logits, ref_prefill[0]), rel_err(cache, ref_prefill[1]))
+        errors["decode_step"] = rel_err(step_logits, ref_step[0])
+        if m > 1:
+            assert tuple(step_cache.state.sharding.spec)[2] == "model", step_cache.state.sharding
+        decode_gathers = {tuple(int(d) for d in dims.split(",") if d) for dims in
+                          re.findall(r"= [a-z0-9]+\[([\d,]*)\][^\n]*? all-gather(?:-start)?\(", hlo)}
+        assert decode_gathers <= weight_shapes, decode_gathers
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(p, t, s)
         errors["loss"] = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
         errors["grads"] = rel_err(grads, ref_grads)
@@ -109,11 +129,11 @@ def main(meshes: list[str]) -> None:
         # embedding, never a whole stacked field and never activations; under data alone, nothing.
         gathered = [tuple(int(d) for d in dims.split(",") if d) for dims in
                     re.findall(r"= [a-z0-9]+\[([\d,]*)\][^\n]*? all-gather(?:-start)?\(", hlo)]
-        gathered = [g[1:] if g[:1] == (1,) else g for g in gathered]
         errors["all_gathers"] = [list(g) for g in sorted(set(gathered))]
         # under seq, also each piece's final state and total decay (ssdkit.sequence_parallel), per layer
         n, rows = mesh.shape["seq"], B // sharding.batch_size_multiple(mesh)
-        piece_states = {(n, rows, CFG.nheads, CFG.headdim, CFG.d_state), (n, rows, CFG.nheads)} if n > 1 else set()
+        heads = CFG.nheads // m  # each device's heads
+        piece_states = {(n, rows, heads, CFG.headdim, CFG.d_state), (n, rows, heads)} if n > 1 else set()
         assert set(gathered) <= weight_shapes | piece_states, (gathered, weight_shapes, piece_states)
         assert bool(set(gathered) & weight_shapes) == (mesh.shape["fsdp"] > 1), gathered
         assert piece_states <= set(gathered), gathered
@@ -130,7 +150,7 @@ def main(meshes: list[str]) -> None:
         # float32 sums reordered across devices: logits and loss to ~1e-6, gradients to ~1e-6 of each
         # tensor's largest entry, each tensor after three AdamW steps (eps above) to ~1e-5; bounds 10x that
         assert errors["logits"] < 1e-5 and errors["logits_under_mesh"] < 1e-5 and errors["loss"] < 1e-5, errors
-        assert errors["grads"] < 1e-4 and errors["step_losses"] < 1e-5, errors
+        assert errors["grads"] < 1e-4 and errors["step_losses"] < 1e-5 and errors["decode_step"] < 1e-5, errors
         assert errors["params_after_steps"] < 1e-4, errors
 
 
@@ -184,6 +204,6 @@ def check_generate_command(mesh: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["data=8", "data=4,fsdp=2", "fsdp=8"])
-    check_train_command("data=2,fsdp=2,seq=2")
-    check_generate_command("fsdp=2,seq=4")
+    main(sys.argv[1:] or ["fsdp=2,model=2,seq=2"])
+    check_train_command("data=2,model=2,seq=2")
+    check_generate_command("model=2,seq=4")

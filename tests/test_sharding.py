@@ -42,9 +42,9 @@ def test_fsdp_rule():
     assert sharding.fsdp_spec((3, 99999), fake) == P(None, None)  # nothing divisible
 
 
-@pytest.mark.parametrize("meshes", [["data=2,fsdp=2,seq=2"],  # three axes at once; the others with -m long
-                                    pytest.param(["data=8", "data=4,fsdp=2", "fsdp=8", "seq=8", "fsdp=2,seq=4"],
-                                                 marks=pytest.mark.long)])
+@pytest.mark.parametrize("meshes", [["fsdp=2,model=2,seq=2"],  # three axes at once; the others with -m long
+                                    pytest.param(["data=8", "data=4,fsdp=2", "fsdp=8", "seq=8", "model=8",
+                                                  "data=2,model=4", "data=2,fsdp=2,seq=2"], marks=pytest.mark.long)])
 def test_sharded_programs_equal_one_device(meshes):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -55,15 +55,16 @@ def test_sharded_programs_equal_one_device(meshes):
     assert "generate_command_mesh" in proc.stdout, proc.stdout
 
 
-def test_sequence_parallel_scan_and_conv_equal_one_device():
-    """ssd_scan and causal_conv1d under meshes with a seq axis (tests/sequence_parallel_check.py): values
-    and gradients equal the one-device calls (float64 to 1e-13, float32 to 1e-5 of the largest entry)."""
+def test_scan_and_conv_on_meshes_equal_one_device():
+    """ssd_scan and causal_conv1d under meshes with seq and model axes (tests/spmd_check.py): values and
+    gradients equal the one-device calls (float64 to 1e-13, float32 to 1e-5 of the largest entry)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sequence_parallel_check.py")], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spmd_check.py")], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count('"scan"') == 12 and proc.stdout.count('"conv"') == 4 and '"errors"' in proc.stdout
+    assert proc.stdout.count('"heads"') == 4, proc.stdout
 
 
 def _free_port() -> int:
@@ -114,3 +115,29 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
     got, want = (mamba2.load_checkpoint(tmp_path / k / "model")[0] for k in ("train", "one"))
     assert rel_err(got, want) < 1e-4  # three AdamW steps, float32 sums reordered (tests/sharding_check.py)
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["checkpoints", "log.jsonl", "loss.png", "model"]
+
+
+def test_tensor_parallel_rules():
+    """The model axis splits per-head fields by head, B and C's by group only when the groups divide, and a
+    model axis that does not divide the heads is refused by name."""
+    from models import mamba2
+    from models.mamba2 import sharding as msh
+
+    def fake(**sizes):
+        return type("FakeMesh", (), {"shape": {"data": 1, "fsdp": 1, "model": 1, "seq": 1, **sizes}})()
+
+    for groups, split in ((1, False), (2, True)):
+        cfg = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=64, d_state=16, headdim=16, ngroups=groups)
+        params = jax.eval_shape(lambda cfg=cfg: mamba2.init_params(cfg, jax.random.key(0), stacked=True))
+        specs = msh.param_specs(params, fake(model=2)).layers
+        assert specs.in_proj_heads == P(None, "model", None, None) and specs.out_proj == P(None, None, "model")
+        assert specs.in_proj_dt == P(None, "model", None) and specs.conv_x_weight == P(None, None, "model")
+        assert specs.in_proj_groups == P(None, "model" if split else None, None, None)
+        assert specs.conv_bc_weight == P(None, None, "model" if split else None)
+        both = msh.param_specs(params, fake(model=2, fsdp=4)).layers
+        assert both.in_proj_heads == P(None, "model", None, "fsdp")  # fsdp takes the largest other axis
+        cache = msh.cache_specs(mamba2.init_cache(cfg, 2), fake(model=2), cfg)
+        assert cache.state == P(None, ("data", "fsdp"), "model", None, None)
+        assert cache.conv[1] == P(None, ("data", "fsdp"), None, "model" if split else None)
+    with pytest.raises(ValueError, match="'model' axis of 3 devices does not divide the model's 8 heads"):
+        msh.config_check(cfg, fake(model=3))

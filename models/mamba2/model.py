@@ -28,6 +28,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 import ssdkit
+from models.mamba2 import sharding as mamba2_sharding
 from models.mamba2.config import Mamba2Config
 from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
@@ -129,13 +130,22 @@ def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z, sequence: bool)
     return _project(y, lp.out_proj, "...e,de->...d", sequence)
 
 
+def _gather(cfg: Mamba2Config, lp: Mamba2LayerParams) -> Mamba2LayerParams:
+    """FSDP's per-layer gather (``ssdkit.sharding.gather_weights``), keeping each weight's split by head over
+    the mesh's ``model`` axis (``models.mamba2.sharding``); the identity off a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return lp
+    return gather_weights(lp, mamba2_sharding.layer_model_specs(cfg, mesh, stacked=False))
+
+
 def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache, lengths,
                segment_ids=None):
     """One layer over a sequence, continuing from ``cache``; returns (residual, new cache).
 
     ``segment_ids`` (batch, seq) packs documents: the conv taps and the recurrent state never cross a
     change of id (the cache continues the row's first document)."""
-    lp = gather_weights(lp)  # FSDP on a mesh: this layer's weights, whole (identity otherwise)
+    lp = _gather(cfg, lp)  # FSDP on a mesh: this layer's weights, whole but for their model split
     z, x, dt_raw, bc = _in_proj(cfg, lp, residual, sequence=True)
     x, b, c, windows = _conv(cfg, lp, x, bc, cache.conv, step=False, lengths=lengths, segment_ids=segment_ids)
     valid = None
@@ -151,7 +161,7 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
 
 def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
     """One layer for one token: O(1) conv step and SSD step."""
-    lp = gather_weights(lp)
+    lp = _gather(cfg, lp)
     z, x, dt_raw, bc = _in_proj(cfg, lp, residual, sequence=False)
     x, b, c, windows = _conv(cfg, lp, x, bc, cache.conv, step=True)
     x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw)

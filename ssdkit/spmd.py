@@ -1,0 +1,213 @@
+"""The scan and the conv on a device mesh: a sequence split over the ``seq`` axis, heads over ``model``.
+
+:func:`ssdkit.ssd_scan` and :func:`ssdkit.causal_conv1d` switch to these forms by themselves when traced
+under a mesh (``with jax.set_mesh(mesh)``, or a train step from :func:`ssdkit.make_train_step` with
+``shardings``) whose ``seq`` axis has more than one device, or (the scan) whose ``model`` axis has more
+than one device and divides the number of heads. Every recurrence built on them gets sequence and head
+parallelism with no change. Inside, every mesh axis is manual (``jax.shard_map``): batch rows over the
+batch axes present (``data``, ``fsdp``) when they divide, positions over ``seq``, heads over ``model``,
+the rest replicated.
+
+**Heads (tensor parallelism).** Heads never interact in the recurrence, so device ``j`` of ``model`` runs
+the chunked scan on its H/m heads alone. B and C are split by group when the groups divide by m;
+otherwise every device holds all groups and takes the ones its heads read (with one group, as in the
+published Mamba-2 checkpoints, that is the single group: nothing is copied).
+
+**Sequence (context) parallelism.** The SSD recurrence is linear in its state, so a piece's contribution
+to the state after it does not depend on the state entering it. Device ``i`` of ``seq`` holds positions
+``[i·T', (i+1)·T')`` (T' = seq / devices) and:
+
+1. runs the chunked scan on its piece from a zero state: outputs ``y⁰`` and the piece's own final state
+   ``S_i``, plus its total log-decay ``Λ_i = Σ_t log_a_t`` (per head; per state channel when diagonal);
+2. all-gathers the pairs ``(Λ_j, S_j)`` (one state per device: B'·H'·P·N numbers, independent of T) and
+   folds them in device order, ``E_0 = h0``, ``E_{j+1} = exp(Λ_j) E_j + S_j`` (the inter-chunk recurrence
+   one level up; ``E_i`` is the state entering piece ``i``, ``E_devices`` the final state);
+3. adds the carried term ``y_t += exp(Σ_{piece start <= j <= t} log_a_j) (E_i · c_t)``.
+
+This is exact (the same sums, reassociated; float32 results agree to rounding) and each device keeps
+1/devices of the activations. The short causal convolution needs the K-1 inputs before each piece: a
+halo of K-1 positions passed to the next device (``ppermute``), the carried window going to device 0.
+
+Communication per layer and device: the scan all-gathers ``devices · B' · H' · P · N`` floats of states
+(B' and H' the local rows and heads) and its transpose reduce-scatters them; the conv sends
+``B' · (K-1) · chan`` values to one neighbour. Splitting heads needs no communication in the scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+SEQ_AXIS = "seq"
+HEAD_AXIS = "model"
+_BATCH_AXES = ("data", "fsdp")
+
+
+def _axis_sizes() -> tuple[int, int]:
+    """(devices on ``seq``, devices on ``model``) of the mesh being traced under (1 where absent)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1, 1
+    manual = set(getattr(mesh, "manual_axes", ()))
+
+    def size(axis):
+        return mesh.shape[axis] if axis in mesh.axis_names and axis not in manual else 1
+
+    return size(SEQ_AXIS), size(HEAD_AXIS)
+
+
+def scan_active(num_heads: int) -> bool:
+    """True while tracing under a mesh on which :func:`ssd_scan` splits the sequence or the heads."""
+    n, m = _axis_sizes()
+    return n > 1 or (m > 1 and num_heads % m == 0)
+
+
+def conv_active() -> bool:
+    """True while tracing under a mesh whose ``seq`` axis has more than one device."""
+    return _axis_sizes()[0] > 1
+
+
+def _rows(batch: int):
+    """The batch axes that split ``batch`` rows (None: every device holds every row)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = tuple(a for a in _BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not rows or batch % math.prod(mesh.shape[a] for a in rows):
+        return None
+    return rows
+
+
+def _check_pieces(seq: int, n: int, what: str) -> None:
+    if seq % n:
+        raise ValueError(f"{what}: a sequence of {seq} positions cannot be split in {n} equal pieces over the "
+                         f"mesh's 'seq' axis; pad it to a multiple of {n}")
+
+
+# ------------------------------------------------------------------------------ the scan
+def ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids):
+    """:func:`ssdkit.ssd_scan` (inputs already checked) on the mesh: sequence over ``seq``, heads over
+    ``model``."""
+    from ssdkit.scan import apply_resets
+
+    batch, seq = x.shape[:2]
+    n, m = _axis_sizes()
+    _check_pieces(seq, n, "ssd_scan")
+    m = m if spec.num_heads % m == 0 else 1
+    split_groups = m > 1 and spec.num_groups % m == 0
+    s_ax, h_ax, g_ax = (SEQ_AXIS if n > 1 else None), (HEAD_AXIS if m > 1 else None), \
+        (HEAD_AXIS if split_groups else None)
+    rows = _rows(batch)
+    if segment_ids is not None:  # resets written on the whole sequence (the compiler moves one id per piece)
+        log_a = apply_resets(log_a, segment_ids)
+    args = [x, log_a, b, c]
+    in_specs = [P(rows, s_ax, h_ax, None), P(rows, s_ax, h_ax, *([None] * (log_a.ndim - 3))),
+                P(rows, s_ax, g_ax, None), P(rows, s_ax, g_ax, None)]
+    if initial_state is not None:
+        args.append(initial_state)
+        in_specs.append(P(rows, h_ax, None, None))
+    body = functools.partial(_scan_piece, spec, n, m, split_groups)
+    out_specs = (P(rows, s_ax, h_ax, None), P(rows, h_ax, None, None))
+    return jax.shard_map(body, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=False)(*args)
+
+
+def _local_groups(spec, m: int, split_groups: bool, b, c):
+    """(the recurrence of this device's H/m heads, and the B and C they read)."""
+    h_loc = spec.num_heads // m
+    if m == 1 or split_groups:  # B and C arrive split like the heads
+        return dataclasses.replace(spec, num_heads=h_loc, num_groups=spec.num_groups // m), b, c
+    first = lax.axis_index(HEAD_AXIS) * h_loc  # this device's first head
+    per = spec.heads_per_group
+    if per % h_loc == 0 or h_loc % per == 0:  # the local heads read a run of whole groups
+        count = max(1, h_loc // per)
+        b, c = (lax.dynamic_slice_in_dim(t, first // per, count, axis=2) for t in (b, c))
+        return dataclasses.replace(spec, num_heads=h_loc, num_groups=count), b, c
+    groups = (first + jnp.arange(h_loc)) // per  # heads straddle groups: one group per local head
+    b, c = (jnp.take(t, groups, axis=2) for t in (b, c))
+    return dataclasses.replace(spec, num_heads=h_loc, num_groups=h_loc), b, c
+
+
+def _scan_piece(spec, n, m, split_groups, x, log_a, b, c, initial_state=None):
+    from ssdkit.dtypes import accumulation_dtype
+    from ssdkit.recurrence import DecayKind
+    from ssdkit.scan import _chunked_scan
+
+    local, b, c = _local_groups(spec, m, split_groups, b, c)
+    if n == 1:  # heads split only: the plain scan on this device's heads
+        return _chunked_scan(local, x, log_a, b, c, initial_state, None)
+    state_dtypes = () if initial_state is None else (initial_state.dtype,)
+    acc = accumulation_dtype(x.dtype, log_a.dtype, b.dtype, c.dtype, *state_dtypes)
+    a = log_a.astype(acc)
+    y0, own = _chunked_scan(local, x, a, b, c, None, None)  # this piece from a zero state
+    total = jnp.sum(a, axis=1)  # (batch, H') or (batch, H', N)
+    totals = lax.all_gather(total, SEQ_AXIS)  # (n, ...)
+    owns = lax.all_gather(own.astype(acc), SEQ_AXIS)
+    diagonal = spec.decay is DecayKind.DIAGONAL
+    h = jnp.zeros_like(own, acc) if initial_state is None else initial_state.astype(acc)
+    entering = []
+    for j in range(n):  # E_{j+1} = exp(Λ_j) E_j + S_j, in device order
+        entering.append(h)
+        decay = jnp.exp(totals[j])[:, :, None, :] if diagonal else jnp.exp(totals[j])[:, :, None, None]
+        h = decay * h + owns[j]
+    e = jnp.stack(entering)[lax.axis_index(SEQ_AXIS)]  # (batch, H', P, N): the state entering this piece
+
+    # the carried term: y_t += exp(Σ_{j<=t} a_j) (E · c_t), c read by each head's group
+    decay_in = jnp.exp(jnp.cumsum(a, axis=1))  # (batch, T', H') or (batch, T', H', N)
+    ch = jnp.repeat(c.astype(acc), local.heads_per_group, axis=2)  # (batch, T', H', N)
+    if diagonal:
+        carried = jnp.einsum("bhpn,bthn->bthp", e, ch * decay_in, preferred_element_type=acc)
+    else:
+        carried = jnp.einsum("bhpn,bthn->bthp", e, ch, preferred_element_type=acc) * decay_in[..., None]
+    y = (y0.astype(acc) + carried).astype(x.dtype)
+    final_dtype = acc if initial_state is None else initial_state.dtype
+    return y, h.astype(final_dtype)
+
+
+# ------------------------------------------------------------------------------ the convolution
+def causal_conv1d(x, weight, bias, window, lengths, segment_ids):
+    """:func:`ssdkit.causal_conv1d` (inputs checked, window given) with the sequence split over ``seq``;
+    channels over ``model`` when they divide (a depthwise conv needs nothing across channels)."""
+    batch, seq, chan = x.shape
+    k = weight.shape[0]
+    n, m = _axis_sizes()
+    _check_pieces(seq, n, "causal_conv1d")
+    if seq // n < k - 1:
+        raise ValueError(f"causal_conv1d: pieces of {seq // n} positions over the 'seq' axis are shorter than the "
+                         f"kernel's {k - 1} past inputs; use fewer 'seq' devices or a longer sequence")
+    ch = HEAD_AXIS if m > 1 and chan % m == 0 else None
+    rows = _rows(batch)
+    ids = jnp.zeros((batch, seq), jnp.int32) if segment_ids is None else segment_ids
+    lens = jnp.full((batch,), seq, jnp.int32) if lengths is None else lengths
+    bias_ = jnp.zeros(weight.shape[1:], weight.dtype) if bias is None else bias
+    body = functools.partial(_conv_piece, n, k, segment_ids is not None, lengths is not None)
+    in_specs = (P(rows, SEQ_AXIS, ch), P(None, ch), P(ch), P(rows, None, ch), P(rows), P(rows, SEQ_AXIS))
+    return jax.shard_map(body, in_specs=in_specs, out_specs=(P(rows, SEQ_AXIS, ch), P(rows, None, ch)),
+                         check_vma=False)(x, weight, bias_, window, lens, ids)
+
+
+def _conv_piece(n, k, packed, ragged, x, weight, bias, window, lengths, ids):
+    from ssdkit.conv import _conv_seq
+
+    i = lax.axis_index(SEQ_AXIS)
+    piece = x.shape[1]
+    forward = [(j, j + 1) for j in range(n - 1)]
+    # the K-1 inputs (and their ids) before this piece: the previous piece's last ones, or the carried window
+    halo = lax.ppermute(x[:, piece - (k - 1):], SEQ_AXIS, forward)
+    halo_ids = lax.ppermute(ids[:, piece - (k - 1):], SEQ_AXIS, forward)
+    first = i == 0
+    halo = jnp.where(first, window.astype(x.dtype), halo)
+    halo_ids = jnp.where(first, jnp.broadcast_to(ids[:, :1], halo_ids.shape), halo_ids)  # the window: doc 0
+    ext = jnp.concatenate([halo, x], axis=1)
+    ext_ids = jnp.concatenate([halo_ids, ids], axis=1) if packed else None
+    local = jnp.clip(lengths - i * piece, 0, piece)  # this piece's real positions
+    y, win = _conv_seq(ext, weight, bias, jnp.zeros_like(window, x.dtype), local + (k - 1) if ragged else None,
+                       ext_ids)
+    # the window after the sequence comes from the piece holding each row's last real token (piece 0 when
+    # a row has none: there it is the carried window)
+    owner = jnp.clip((lengths - 1) // piece, 0, n - 1)
+    win = lax.psum(jnp.where((owner == i)[:, None, None], win, jnp.zeros((), win.dtype)), SEQ_AXIS)
+    return y[:, k - 1:], win
