@@ -14,6 +14,8 @@ of errors; a failed check exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 
@@ -31,10 +33,10 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import ssdkit  # noqa: E402
-from models import mamba2, training  # noqa: E402
+from models import cli, mamba2, training  # noqa: E402
 from models.mamba2 import sharding as msh  # noqa: E402
 from ssdkit import sharding  # noqa: E402
-from tests.sharding_check import rel_err, train_run_config  # noqa: E402
+from tests.sharding_check import GENERATE_ARGS, rel_err, train_run_config  # noqa: E402
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=8)
 
@@ -101,6 +103,10 @@ def main() -> None:
     assert errors["logits"] < 1e-5 and errors["step_losses"] < 1e-5 and errors["params_after_steps"] < 1e-4, errors
     training.train(train_run_config(f"{work_dir}/data{process_id}.txt", f"{work_dir}/train", "data=2,fsdp=4"),
                    log=lambda s: None)
+    # `ssdkit generate --mesh` across both processes: process 0 prints the text (the test compares it)
+    with open(f"{work_dir}/generate{process_id}.txt", "w") as out, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(GENERATE_ARGS + ["--mesh", "fsdp=4,model=2"]) == 0
     if process_id == 0:
         print(json.dumps(errors), flush=True)
     jax.distributed.shutdown()

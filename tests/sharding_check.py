@@ -184,6 +184,11 @@ def check_train_command(mesh: str) -> None:
         assert errors["losses"] < 1e-5 and errors["held_out"] < 1e-4 and errors["exported_weights"] < 1e-4, errors
 
 
+#: ``ssdkit generate`` with the shipped model, sampled (a prompt of 18 ids)
+GENERATE_ARGS = ["generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "24", "--temperature", "0.8",
+                 "--top-p", "0.95", "--seed", "1"]
+
+
 def check_generate_command(mesh: str) -> None:
     """``ssdkit generate --mesh`` with the shipped model: the same text as on one device (a prompt of 18 ids,
     right-padded to split over seq=4)."""
@@ -196,8 +201,7 @@ def check_generate_command(mesh: str) -> None:
     for extra in ([], ["--mesh", mesh]):
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
-            assert cli.main(["generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "24", "--temperature",
-                             "0.8", "--top-p", "0.95", "--seed", "1", *extra]) == 0
+            assert cli.main(GENERATE_ARGS + extra) == 0
         texts.append(buf.getvalue())
     print(json.dumps({"generate_command_mesh": mesh, "same_text": texts[0] == texts[1]}), flush=True)
     assert texts[0] == texts[1] and len(texts[0]) > len("def fibonacci(n):\n"), texts

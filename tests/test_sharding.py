@@ -115,6 +115,18 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
     got, want = (mamba2.load_checkpoint(tmp_path / k / "model")[0] for k in ("train", "one"))
     assert rel_err(got, want) < 1e-4  # three AdamW steps, float32 sums reordered (tests/sharding_check.py)
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["checkpoints", "log.jsonl", "loss.png", "model"]
+    # `ssdkit generate --mesh fsdp=4,model=2` across both processes: one process's text, printed once
+    import contextlib
+    import io
+
+    from models import cli
+    from tests.sharding_check import GENERATE_ARGS
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(GENERATE_ARGS) == 0
+    assert (tmp_path / "generate0.txt").read_text() == buf.getvalue() and len(buf.getvalue()) > 20
+    assert (tmp_path / "generate1.txt").read_text() == ""
 
 
 def test_tensor_parallel_rules():
