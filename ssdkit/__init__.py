@@ -5,6 +5,8 @@ Core primitives (one JAX source for CPU, GPU and TPU):
 * :func:`ssd_scan` — chunked prefill (dual form inside chunks, linear scan across chunks);
 * :func:`ssd_step` — O(1) single-step decode update;
 * :func:`ssd_reference` — the sequential oracle;
+* :func:`ssd_verify` / :func:`ssd_commit` / :func:`conv_commit` — verify k steps in one scan, then keep any
+  prefix of them (speculative decoding's rollback, ``ssdkit.speculative``);
 * :class:`Recurrence` — the structural conditions, with input validation.
 """
 
@@ -25,6 +27,7 @@ from ssdkit.norm import gated_rms_norm, rms_norm
 from ssdkit.recurrence import DecayKind, Recurrence
 from ssdkit.reference import ssd_reference
 from ssdkit.scan import preferred_chunk_size, ssd_scan
+from ssdkit.speculative import ScanRecord, conv_commit, ssd_commit, ssd_verify
 from ssdkit.stack import scan_layers, stack, unstack
 from ssdkit.step import ssd_step
 from ssdkit.train import StepMetrics, TrainState, adamw, make_train_step
@@ -37,11 +40,13 @@ __all__ = [
     "LanguageModel",
     "LossMetrics",
     "RecurrentCache",
+    "ScanRecord",
     "Recurrence",
     "accumulation_dtype",
     "adamw",
     "causal_conv1d",
     "causal_conv1d_step",
+    "conv_commit",
     "gated_rms_norm",
     "generate",
     "generate_stream",
@@ -60,8 +65,10 @@ __all__ = [
     "stack",
     "unstack",
     "ssd_reference",
+    "ssd_commit",
     "ssd_scan",
     "ssd_step",
+    "ssd_verify",
 ]
 __version__ = "0.1.0"
 

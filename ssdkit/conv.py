@@ -213,6 +213,12 @@ def causal_conv1d_step(
     return _conv_step(x, weight, bias, window)
 
 
+def window_at(padded, lengths, size: int):
+    """``padded[b, lengths[b] : lengths[b] + size]`` for each row b: the conv window (of ``size`` = K-1
+    inputs) after ``lengths[b]`` inputs of ``padded = concat([window, inputs], axis=1)``."""
+    return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, size, axis=0))(padded, lengths)
+
+
 # One compiled program per shape for eager callers; inside a caller's jit these simply inline.
 @jax.jit
 def _conv_seq(x, weight, bias, window, lengths, segment_ids):
@@ -236,12 +242,8 @@ def _conv_seq(x, weight, bias, window, lengths, segment_ids):
     y = _weighted_sum(taps, weight, bias, acc)
     if lengths is None:
         new_window = padded[:, seq:]
-    else:
-        # The window ends at each row's last real token: padded[b, len_b : len_b + K-1].
-        def take(row, n):
-            return jax.lax.dynamic_slice_in_dim(row, n, k - 1, axis=0)
-
-        new_window = jax.vmap(take)(padded, lengths)
+    else:  # the window ends at each row's last real token
+        new_window = window_at(padded, lengths, k - 1)
     if segment_ids is not None and k > 1:
         # Keep only the last real token's document in the window: a following call continues it exactly.
         batch = segment_ids.shape[0]

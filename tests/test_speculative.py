@@ -1,0 +1,112 @@
+"""Verify-then-commit (ssdkit.speculative) against the step-by-step oracle: for every prefix j of k verified
+steps, the committed state equals j ssd_steps and the committed window j causal_conv1d_steps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ssdkit
+from ssdkit.speculative import ScanRecord, conv_commit, ssd_commit, ssd_verify
+from tests.helpers import assert_close
+
+
+def _inputs(seed, batch, k, heads, head_dim, state, groups, diagonal, dtype):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    tail = (state,) if diagonal else ()
+    x = jax.random.normal(ks[0], (batch, k, heads, head_dim), dtype)
+    log_a = -jax.nn.softplus(jax.random.normal(ks[1], (batch, k, heads, *tail), dtype))
+    b = jax.random.normal(ks[2], (batch, k, groups, state), dtype)
+    c = jax.random.normal(ks[3], (batch, k, groups, state), dtype)
+    s0 = jax.random.normal(ks[4], (batch, heads, head_dim, state), dtype)
+    return s0, x, log_a, b, c
+
+
+def _stepped(s0, x, log_a, b, c):
+    """ssd_step over every position: the outputs (batch, k, H, P) and the state after each step."""
+    ys, states, s = [], [s0], s0
+    for t in range(x.shape[1]):
+        y, s = ssdkit.ssd_step(s, x[:, t], log_a[:, t], b[:, t], c[:, t])
+        ys.append(y)
+        states.append(s)
+    return jnp.stack(ys, 1), states
+
+
+# The same sums in another order: float64 ~1e-16, float32 ~1e-7 of the summed terms' magnitude (k <= 8
+# terms), bounds ~1e4x / 10x. Relative to the terms, not the result: a decayed state can be far smaller than
+# the terms that built it (they cancel), and its rounding error is set by the terms.
+TOL = {jnp.float64: 1e-12, jnp.float32: 1e-6}
+
+
+def _term_scale(s0, x, b):
+    return max(float(jnp.max(jnp.abs(s0))), float(jnp.max(jnp.abs(x)) * jnp.max(jnp.abs(b))))
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), k=st.integers(1, 8), heads=st.sampled_from([1, 2, 4]),
+       head_dim=st.sampled_from([1, 3, 4]), state=st.sampled_from([1, 2, 5]), shared_group=st.booleans(),
+       diagonal=st.booleans(), dtype=st.sampled_from([jnp.float64, jnp.float32]))
+def test_commit_every_prefix_equals_steps(seed, batch, k, heads, head_dim, state, shared_group, diagonal, dtype):
+    groups = 1 if shared_group else heads
+    with jax.enable_x64(dtype == jnp.float64):
+        s0, x, log_a, b, c = _inputs(seed, batch, k, heads, head_dim, state, groups, diagonal, dtype)
+        y, record = ssd_verify(s0, x, log_a, b, c)
+        want_y, states = _stepped(s0, x, log_a, b, c)
+        bound = TOL[dtype] * _term_scale(s0, x, b)
+        assert_close(y, want_y, rtol=0, atol=bound * float(jnp.max(jnp.abs(c))) * state, name="verified outputs")
+        for j in range(k + 1):  # every row the same prefix
+            got = ssd_commit(record, jnp.full((batch,), j, jnp.int32))
+            assert got.dtype == s0.dtype
+            assert_close(got, states[j], rtol=0, atol=bound, name=f"state after {j} of {k}")
+        # each row its own prefix
+        accepted = jnp.asarray(np.random.default_rng(seed).integers(0, k + 1, batch), jnp.int32)
+        got = ssd_commit(record, accepted)
+        for i, j in enumerate(np.asarray(accepted)):
+            assert_close(got[i], states[j][i], rtol=0, atol=bound, name=f"row {i} after {j}")
+
+
+def test_commit_all_equals_the_scan_and_nothing_is_the_state():
+    s0, x, log_a, b, c = _inputs(0, 2, 6, 4, 8, 16, 2, False, jnp.float32)
+    _, record = ssd_verify(s0, x, log_a, b, c)
+    _, final = ssdkit.ssd_scan(x, log_a, b, c, chunk_size=4, initial_state=s0)
+    assert_close(ssd_commit(record, jnp.array([6, 6])), final, rtol=1e-6, name="all k")
+    np.testing.assert_array_equal(ssd_commit(record, jnp.array([0, 0])), s0)  # exp(0) = 1 and + 0: exact
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 4])
+def test_conv_commit_every_prefix_equals_steps(kernel):
+    batch, k, chan = 3, 5, 6
+    ks = jax.random.split(jax.random.key(kernel), 3)
+    window = jax.random.normal(ks[0], (batch, kernel - 1, chan))
+    inputs = jax.random.normal(ks[1], (batch, k, chan))
+    weight = jax.random.normal(ks[2], (kernel, chan))
+    windows, w = [window], window
+    for t in range(k):
+        _, w = ssdkit.causal_conv1d_step(inputs[:, t], weight, None, w)
+        windows.append(w)
+    for j in range(k + 1):
+        np.testing.assert_array_equal(conv_commit(window, inputs, jnp.full((batch,), j)), windows[j])  # data movement
+    accepted = jnp.array([0, 5, 2])
+    got = conv_commit(window, inputs, accepted)
+    for i, j in enumerate(accepted.tolist()):
+        np.testing.assert_array_equal(got[i], windows[j][i])
+
+
+def test_bad_input_is_named():
+    s0, x, log_a, b, c = _inputs(0, 2, 3, 2, 2, 2, 1, False, jnp.float32)
+    _, record = ssd_verify(s0, x, log_a, b, c)
+    with pytest.raises(ValueError, match=r"accepted must lie in 0..3"):
+        ssd_commit(record, jnp.array([0, 4]))
+    with pytest.raises(ValueError, match=r"accepted must have shape \(batch,\) = \(2,\)"):
+        ssd_commit(record, jnp.array([1]))
+    with pytest.raises(TypeError):
+        ssd_commit(record, jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="at least one step"):
+        ssd_verify(s0, x[:, :0], log_a[:, :0], b[:, :0], c[:, :0])
+    with pytest.raises(ValueError, match="window must have shape"):
+        conv_commit(jnp.zeros((2, 3)), jnp.zeros((2, 3, 4)), jnp.array([0, 1]))
+    assert isinstance(record, ScanRecord)
