@@ -76,7 +76,7 @@ def ssd_commit(record: ScanRecord, accepted: Accepted) -> State:
     """
     spec = Recurrence.from_inputs(record.x, record.log_a, record.b, chunk_size=max(np.shape(record.x)[1], 1))
     spec.check_scan_inputs(record.x, record.log_a, record.b, record.b, record.state)
-    _check_accepted(accepted, np.shape(record.x)[0], np.shape(record.x)[1])
+    check_accepted(accepted, np.shape(record.x)[0], np.shape(record.x)[1])
     return _commit(spec, record, jnp.asarray(accepted, jnp.int32))
 
 
@@ -87,12 +87,13 @@ def conv_commit(window: ConvWindow, inputs: Float[Array, "batch k chan"], accept
     if np.ndim(window) != 3 or np.shape(window)[0] != batch or np.shape(window)[2] != np.shape(inputs)[2]:
         raise ValueError(f"window must have shape (batch, K-1, chan) = ({batch}, K-1, {np.shape(inputs)[2]}), "
                          f"got {np.shape(window)}")
-    _check_accepted(accepted, batch, k)
+    check_accepted(accepted, batch, k)
     padded = jnp.concatenate([jnp.asarray(window).astype(inputs.dtype), inputs], axis=1)
     return window_at(padded, jnp.asarray(accepted, jnp.int32), np.shape(window)[1])
 
 
-def _check_accepted(accepted, batch: int, k: int) -> None:
+def check_accepted(accepted, batch: int, k: int) -> None:
+    """Raise unless ``accepted`` is a (batch,) integer array with values in 0..k (checked when concrete)."""
     check_integer("accepted", accepted)
     if np.shape(accepted) != (batch,):
         raise ValueError(f"accepted must have shape (batch,) = ({batch},), got {np.shape(accepted)}")

@@ -225,3 +225,31 @@ def test_bad_inputs():
         mamba2.decode_step(params, CFG, jnp.zeros((3,), jnp.int32), cache)
     with pytest.raises(ValueError, match=r"token must have shape \(batch,\)"):
         mamba2.decode_step(params, CFG, jnp.zeros((2, 1), jnp.int32), cache)
+
+
+def test_verify_then_commit_equals_prefill_of_the_accepted_tokens():
+    """verify: the logits decode_step gives the k tokens one by one; commit(j): the cache prefill gives after
+    the first j of them, for every j in 0..k and for a different j per row."""
+    params = _params(CFG)
+    prompt, drafts = _tokens(CFG, 3, 7), _tokens(CFG, 3, 5, seed=4)
+    _, cache = mamba2.prefill(params, CFG, prompt)
+    logits, record = mamba2.verify(params, CFG, drafts, cache)
+    full = mamba2.forward(params, CFG, jnp.concatenate([prompt, drafts], axis=1))
+    assert_close(logits, full[:, 7:], rtol=1e-4, name="verified logits")
+    k = drafts.shape[1]
+    for accepted in ([0, 0, 0], [1, 1, 1], [k, k, k], [0, 3, k], [2, k, 1]):
+        got = mamba2.commit(record, jnp.asarray(accepted, jnp.int32))
+        for i, j in enumerate(accepted):
+            _, want = mamba2.prefill(params, CFG, jnp.concatenate([prompt[i:i + 1], drafts[i:i + 1, :j]], axis=1))
+            assert_close(got.state[:, i], want.state[:, 0], rtol=1e-4, name=f"row {i} state after {j}")
+            for g, w in zip(got.conv, want.conv, strict=True):
+                assert_close(g[:, i], w[:, 0], rtol=1e-6, name=f"row {i} conv window after {j}")
+    # the committed cache continues like the reference
+    got = mamba2.commit(record, jnp.asarray([0, 3, k], jnp.int32))
+    nxt = _tokens(CFG, 3, 1, seed=8)[:, 0]
+    step, _ = mamba2.decode_step(params, CFG, nxt, got)
+    for i, j in enumerate([0, 3, k]):
+        seq = jnp.concatenate([prompt[i:i + 1], drafts[i:i + 1, :j], nxt[i:i + 1, None]], axis=1)
+        assert_close(step[i], mamba2.forward(params, CFG, seq)[0, -1], rtol=1e-4, name=f"row {i} next logits")
+    with pytest.raises(ValueError, match=r"accepted must lie in 0..5"):
+        mamba2.commit(record, jnp.asarray([0, 6, 1], jnp.int32))

@@ -4,6 +4,8 @@ from models.mamba2.checkpoint import CheckpointError, load_checkpoint, save_chec
 from models.mamba2.config import Mamba2Config
 from models.mamba2.model import (
     Mamba2LM,
+    VerifyRecord,
+    commit,
     decode_step,
     forward,
     generate,
@@ -13,6 +15,7 @@ from models.mamba2.model import (
     prefill,
     recurrence,
     score_window,
+    verify,
 )
 from models.mamba2.params import (
     Mamba2LayerParams,
@@ -33,6 +36,8 @@ __all__ = [
     "Mamba2Params",
     "Pretrained",
     "cast_params",
+    "VerifyRecord",
+    "commit",
     "decode_step",
     "forward",
     "generate",
@@ -44,6 +49,7 @@ __all__ = [
     "loss",
     "load_tokenizer",
     "prefill",
+    "verify",
     "pretrained_path",
     "recurrence",
     "save_checkpoint",

@@ -36,6 +36,7 @@ from ssdkit._typing import Lengths, Logits, Mask, SegmentIds, SeqLogits, StepTok
 from ssdkit.dtypes import check_integer, check_lengths, is_concrete, readable, sequence_matmul_dtype
 from ssdkit.loss import DEFAULT_BLOCK_SIZE
 from ssdkit.sharding import gather_weights
+from ssdkit.speculative import check_accepted
 from ssdkit.stack import is_per_layer, unstack
 
 Hidden = Float[Array, "batch seq d_model"]
@@ -422,6 +423,77 @@ def decode_step(
     _check_tokens(cfg, token, 1, "token")
     _check_cache(cfg, cache, np.shape(token)[0])
     return _decode_step(_decode_layout(params), cfg, token, cache)
+
+
+# ------------------------------------------------------------------------------ verify k tokens, keep j
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerifyRecord:
+    """What :func:`commit` needs of k verified tokens, per layer (stacked on a leading layer axis): the
+    scan's record (the entering state and the k steps' x·dt, log_a, B), the conv windows before the k
+    tokens and the k tokens' conv inputs (x's (L, batch, k, H·P); B and C's (L, batch, k, G·2N))."""
+
+    scan: ssdkit.ScanRecord
+    windows: tuple[jax.Array, jax.Array]
+    conv_inputs: tuple[jax.Array, jax.Array]
+
+
+def _layer_verify(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
+    lp = _gather(cfg, lp)
+    z, x_in, dt_raw, bc_in = _in_proj(cfg, lp, residual, sequence=True)
+    x, b, c, _ = _conv(cfg, lp, x_in, bc_in, cache.conv, step=False)
+    x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw)
+    y, scan = ssdkit.ssd_verify(cache.state, x_dt, log_a, b, c)
+    residual = residual + _out_proj(cfg, lp, x, y, z, sequence=True)
+    x_in = x_in.reshape(*x_in.shape[:-2], cfg.d_inner)
+    return residual, VerifyRecord(scan=scan, windows=cache.conv, conv_inputs=(x_in, bc_in))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _verify(params, cfg, tokens, cache):
+    residual = _embed(params, tokens)
+    residual, record = ssdkit.scan_layers(functools.partial(_layer_verify, cfg), params.layers, residual, cache)
+    logits, _ = _logits(cfg, params, residual, sequence=True)
+    return logits, record
+
+
+def verify(
+    params: Mamba2Params, cfg: Mamba2Config, tokens: Tokens, cache: RecurrentCache
+) -> tuple[SeqLogits, VerifyRecord]:
+    """k proposed tokens per row from ``cache`` in one pass: ``(logits (batch, k, padded_vocab), record)``.
+
+    ``logits[:, t]`` are the logits after ``tokens[:, t]`` (what ``decode_step`` fed the same tokens one by
+    one returns); ``cache`` is not changed. :func:`commit` then keeps any prefix of the k tokens, row by
+    row, without a second pass (``ssdkit.speculative``).
+    """
+    _check_tokens(cfg, tokens, 2)
+    if np.shape(tokens)[1] < 1:
+        raise ValueError(f"tokens must hold at least one token to verify per row, got {np.shape(tokens)}")
+    _check_cache(cfg, cache, np.shape(tokens)[0])
+    return _verify(params, cfg, tokens, cache)
+
+
+@jax.jit
+def _commit(record: VerifyRecord, accepted):
+    layers, batch = record.scan.state.shape[:2]
+
+    def merge(a):  # (L, batch, ...) -> (L·batch, ...): one commit over every layer's rows at once
+        return a.reshape(layers * batch, *a.shape[2:])
+
+    rows = jnp.tile(accepted, layers)
+    scan = jax.tree_util.tree_map(merge, record.scan)
+    state = ssdkit.ssd_commit(scan, rows).reshape(record.scan.state.shape)
+    windows = tuple(ssdkit.conv_commit(merge(w), merge(i), rows).reshape(w.shape)
+                    for w, i in zip(record.windows, record.conv_inputs, strict=True))
+    return RecurrentCache(conv=windows, state=state)
+
+
+def commit(record: VerifyRecord, accepted: Lengths) -> RecurrentCache:
+    """The cache after the first ``accepted[i]`` (0..k) of the verified tokens of each row: equal to the
+    cache :func:`prefill` (or ``decode_step``) gives after those tokens. O(k) per layer, no weights read."""
+    batch, k = np.shape(record.conv_inputs[0])[1:3]
+    check_accepted(accepted, batch, k)
+    return _commit(record, jnp.asarray(accepted, jnp.int32))
 
 
 # ------------------------------------------------------------------------------ generation
