@@ -365,7 +365,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         checkpointer.save(step, state, {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": step})
         export()
 
-    progress = _progress(cfg, start) if primary else _progress(dataclasses.replace(cfg, progress=False), start)
+    progress = _progress(cfg if primary else dataclasses.replace(cfg, progress=False), start)
     if cfg.progress and log is print:  # keep the bar intact
         from tqdm import tqdm
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from ssdkit import spmd
 from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths, SegmentIds
-from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, is_concrete, readable
+from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, check_lengths
 
 
 def _check(x, weight, bias, window, *, seq_form: bool) -> int:
@@ -85,18 +85,6 @@ def _check(x, weight, bias, window, *, seq_form: bool) -> int:
                 f"first, for a kernel of K={k} taps), got {np.shape(window)}"
             )
     return k
-
-
-def _check_conv_lengths(lengths, batch: int, seq: int) -> None:
-    check_integer("lengths", lengths)
-    if np.shape(lengths) != (batch,):
-        raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
-    if is_concrete(lengths) and batch:
-        lv = readable(lengths)
-        if lv.size and (lv.min() < 0 or lv.max() > seq):
-            raise ValueError(
-                f"lengths must lie in 0..{seq} (the number of real tokens of each row of x), got {lv.tolist()}"
-            )
 
 
 def _check_conv_segment_ids(segment_ids, batch: int, seq: int) -> None:
@@ -178,7 +166,7 @@ def causal_conv1d(
     k = _check(x, weight, bias, window, seq_form=True)
     batch, seq, chan = np.shape(x)
     if lengths is not None:
-        _check_conv_lengths(lengths, batch, seq)
+        check_lengths("lengths", lengths, batch, seq, low=0, meaning="the number of real tokens of each row of x")
     if segment_ids is not None:
         _check_conv_segment_ids(segment_ids, batch, seq)
     if window is None:

@@ -78,12 +78,14 @@ def readable(arr) -> np.ndarray:
     return np.asarray(arr)
 
 
-def check_lengths(name: str, lengths, batch: int, seq: int) -> None:
-    """Raise unless ``lengths`` is a (batch,) integer array with values in 1..seq (when concrete)."""
+def check_lengths(name: str, lengths, batch: int, seq: int, *, low: int = 1,
+                  meaning: str = "the padded prompt length") -> None:
+    """Raise unless ``lengths`` is a (batch,) integer array with values in low..seq (when concrete);
+    ``meaning`` says what ``seq`` is, in the message."""
     check_integer(name, lengths)
     if np.shape(lengths) != (batch,):
         raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {np.shape(lengths)}")
     if is_concrete(lengths):
         lv = readable(lengths)
-        if lv.size and (lv.min() < 1 or lv.max() > seq):
-            raise ValueError(f"{name} must lie in 1..{seq} (the padded prompt length), got {lv.tolist()}")
+        if lv.size and (lv.min() < low or lv.max() > seq):
+            raise ValueError(f"{name} must lie in {low}..{seq} ({meaning}), got {lv.tolist()}")

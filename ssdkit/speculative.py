@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Integer
 
 from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqValues, State
 from ssdkit.conv import window_at
-from ssdkit.dtypes import accumulation_dtype, check_integer, is_concrete, readable
+from ssdkit.dtypes import accumulation_dtype, check_lengths
 from ssdkit.recurrence import DecayKind, Recurrence
 from ssdkit.scan import ssd_scan
 
@@ -94,13 +94,7 @@ def conv_commit(window: ConvWindow, inputs: Float[Array, "batch k chan"], accept
 
 def check_accepted(accepted, batch: int, k: int) -> None:
     """Raise unless ``accepted`` is a (batch,) integer array with values in 0..k (checked when concrete)."""
-    check_integer("accepted", accepted)
-    if np.shape(accepted) != (batch,):
-        raise ValueError(f"accepted must have shape (batch,) = ({batch},), got {np.shape(accepted)}")
-    if is_concrete(accepted):
-        a = readable(accepted)
-        if a.size and (a.min() < 0 or a.max() > k):
-            raise ValueError(f"accepted must lie in 0..{k} (the number of verified steps), got {a.tolist()}")
+    check_lengths("accepted", accepted, batch, k, low=0, meaning="the number of verified steps")
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -44,9 +44,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from ssdkit.sharding import BATCH_AXES
+
 SEQ_AXIS = "seq"
 HEAD_AXIS = "model"
-_BATCH_AXES = ("data", "fsdp")
 
 
 def _axis_sizes() -> tuple[int, int]:
@@ -76,7 +77,7 @@ def conv_active() -> bool:
 def _rows(batch: int):
     """The batch axes that split ``batch`` rows (None: every device holds every row)."""
     mesh = jax.sharding.get_abstract_mesh()
-    rows = tuple(a for a in _BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
     if not rows or batch % math.prod(mesh.shape[a] for a in rows):
         return None
     return rows

@@ -97,7 +97,7 @@ def _conv(cfg: Mamba2Config, lp: Mamba2LayerParams, x, bc, windows, step: bool, 
     lead = x.shape[:-2]
 
     def conv(inputs, weight, bias, window):
-        if step:
+        if step:  # one token: no lengths or documents to respect
             return ssdkit.causal_conv1d_step(inputs, weight, bias, window)
         return ssdkit.causal_conv1d(inputs, weight, bias, window=window, **options)
 
@@ -120,6 +120,18 @@ def _ssm_inputs(cfg: Mamba2Config, lp: Mamba2LayerParams, x, dt_raw, valid=None)
     log_a = dt * a
     x_dt = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)
     return x_dt, log_a
+
+
+def _mixer_inputs(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, windows, *, step: bool, lengths=None,
+                  segment_ids=None):
+    """Everything a layer computes before the recurrence, for one token (``step``) or a sequence:
+    ``(z, x, x_dt, log_a, b, c, new conv windows, conv inputs)`` (the conv inputs flat: x's (.., H·P), B
+    and C's (.., G·2N)). Positions past ``lengths`` become identity steps (dt = 0)."""
+    z, x_in, dt_raw, bc_in = _in_proj(cfg, lp, residual, sequence=not step)
+    x, b, c, windows = _conv(cfg, lp, x_in, bc_in, windows, step=step, lengths=lengths, segment_ids=segment_ids)
+    valid = None if lengths is None else jnp.arange(residual.shape[1])[None, :] < lengths[:, None]
+    x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw, valid)
+    return z, x, x_dt, log_a, b, c, windows, (x_in.reshape(*x_in.shape[:-2], cfg.d_inner), bc_in)
 
 
 def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z, sequence: bool):
@@ -147,12 +159,8 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
     ``segment_ids`` (batch, seq) packs documents: the conv taps and the recurrent state never cross a
     change of id (the cache continues the row's first document)."""
     lp = _gather(cfg, lp)  # FSDP on a mesh: this layer's weights, whole but for their model split
-    z, x, dt_raw, bc = _in_proj(cfg, lp, residual, sequence=True)
-    x, b, c, windows = _conv(cfg, lp, x, bc, cache.conv, step=False, lengths=lengths, segment_ids=segment_ids)
-    valid = None
-    if lengths is not None:
-        valid = jnp.arange(residual.shape[1])[None, :] < lengths[:, None]
-    x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw, valid)
+    z, x, x_dt, log_a, b, c, windows, _ = _mixer_inputs(cfg, lp, residual, cache.conv, step=False,
+                                                        lengths=lengths, segment_ids=segment_ids)
     chunk = ssdkit.preferred_chunk_size(cfg.chunk_size)  # the result does not depend on it, the speed does
     y, state = ssdkit.ssd_scan(x_dt, log_a, b, c, chunk_size=chunk, initial_state=cache.state,
                                segment_ids=segment_ids)
@@ -163,9 +171,7 @@ def _layer_seq(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recurr
 def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
     """One layer for one token: O(1) conv step and SSD step."""
     lp = _gather(cfg, lp)
-    z, x, dt_raw, bc = _in_proj(cfg, lp, residual, sequence=False)
-    x, b, c, windows = _conv(cfg, lp, x, bc, cache.conv, step=True)
-    x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw)
+    z, x, x_dt, log_a, b, c, windows, _ = _mixer_inputs(cfg, lp, residual, cache.conv, step=True)
     y, state = ssdkit.ssd_step(cache.state, x_dt, log_a, b, c)
     residual = residual + _out_proj(cfg, lp, x, y, z, sequence=False)
     return residual, RecurrentCache(conv=windows, state=state)
@@ -440,13 +446,10 @@ class VerifyRecord:
 
 def _layer_verify(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: RecurrentCache):
     lp = _gather(cfg, lp)
-    z, x_in, dt_raw, bc_in = _in_proj(cfg, lp, residual, sequence=True)
-    x, b, c, _ = _conv(cfg, lp, x_in, bc_in, cache.conv, step=False)
-    x_dt, log_a = _ssm_inputs(cfg, lp, x, dt_raw)
+    z, x, x_dt, log_a, b, c, _, conv_inputs = _mixer_inputs(cfg, lp, residual, cache.conv, step=False)
     y, scan = ssdkit.ssd_verify(cache.state, x_dt, log_a, b, c)
     residual = residual + _out_proj(cfg, lp, x, y, z, sequence=True)
-    x_in = x_in.reshape(*x_in.shape[:-2], cfg.d_inner)
-    return residual, VerifyRecord(scan=scan, windows=cache.conv, conv_inputs=(x_in, bc_in))
+    return residual, VerifyRecord(scan=scan, windows=cache.conv, conv_inputs=conv_inputs)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

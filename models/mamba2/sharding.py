@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from models.mamba2.config import Mamba2Config
-from models.mamba2.params import Mamba2LayerParams, Mamba2Params
+from models.mamba2.params import Mamba2LayerParams, Mamba2Params, layer_shapes
 from ssdkit import RecurrentCache
 from ssdkit.sharding import batch_spec, fsdp_spec, optimizer_specs, place, sequence_spec
 from ssdkit.stack import is_per_layer
@@ -62,17 +62,16 @@ def _model_axis(ngroups: int, field: str, m: int) -> int | None:
     return rule[0]
 
 
-def layer_model_specs(cfg: Mamba2Config, mesh, *, stacked: bool) -> Mamba2LayerParams:
-    """Specs of one layer's (or the stacked layers') fields with only their ``model`` split: what FSDP's
-    gather leaves of them (``ssdkit.sharding.gather_weights``)."""
-    lead = 1 if stacked else 0
-    ndim = {"norm": 1, "in_proj_heads": 3, "in_proj_dt": 2, "in_proj_groups": 3, "conv_x_weight": 2, "conv_x_bias": 1,
-            "conv_bc_weight": 2, "conv_bc_bias": 1, "dt_bias": 1, "A_log": 1, "D": 1, "gate_norm": 1, "out_proj": 2}
+def _layer_specs(shapes: dict[str, tuple[int, ...]], ngroups: int, mesh, lead: int, fsdp: bool) -> Mamba2LayerParams:
+    """Each field's spec from its shape (``lead`` leading layer axes): split over ``model`` by the table,
+    and (``fsdp``) over ``fsdp`` on its largest other divisible axis."""
     m = _model_size(mesh)
 
     def spec(field):
-        parts: list = [None] * (lead + ndim[field])
-        axis = _model_axis(cfg.ngroups, field, m)
+        axis = _model_axis(ngroups, field, m)
+        taken = () if axis is None else (lead + axis,)
+        parts = list(fsdp_spec(shapes[field], mesh, leading=lead, exclude=taken)) if fsdp else \
+            [None] * len(shapes[field])
         if axis is not None:
             parts[lead + axis] = "model"
         return P(*parts)
@@ -80,24 +79,21 @@ def layer_model_specs(cfg: Mamba2Config, mesh, *, stacked: bool) -> Mamba2LayerP
     return Mamba2LayerParams(**{f: spec(f) for f in _MODEL_AXIS})
 
 
+def layer_model_specs(cfg: Mamba2Config, mesh, *, stacked: bool) -> Mamba2LayerParams:
+    """Specs of one layer's (or the stacked layers') fields with only their ``model`` split: what FSDP's
+    gather leaves of them (``ssdkit.sharding.gather_weights``)."""
+    shapes = {k: v if stacked else v[1:] for k, v in layer_shapes(cfg).items()}
+    return _layer_specs(shapes, cfg.ngroups, mesh, 1 if stacked else 0, fsdp=False)
+
+
 def param_specs(params: Mamba2Params, mesh: Mesh) -> Mamba2Params:
     """A :class:`Mamba2Params` of ``PartitionSpec`` s for ``params`` (either layer layout) on ``mesh``."""
     stacked = not is_per_layer(params.layers)
     lead = 1 if stacked else 0
-    m = _model_size(mesh)
     ngroups = (params.layers if stacked else params.layers[0]).in_proj_groups.shape[lead]
 
     def layer_specs(lp: Mamba2LayerParams) -> Mamba2LayerParams:
-        out = {}
-        for field in _MODEL_AXIS:
-            shape = getattr(lp, field).shape
-            axis = _model_axis(ngroups, field, m)
-            taken = () if axis is None else (lead + axis,)
-            parts = list(fsdp_spec(shape, mesh, leading=lead, exclude=taken))
-            if axis is not None:
-                parts[lead + axis] = "model"
-            out[field] = P(*parts)
-        return Mamba2LayerParams(**out)
+        return _layer_specs({f: getattr(lp, f).shape for f in _MODEL_AXIS}, ngroups, mesh, lead, fsdp=True)
 
     layers = layer_specs(params.layers) if stacked else tuple(layer_specs(lp) for lp in params.layers)
     return Mamba2Params(
