@@ -7,17 +7,21 @@ Core primitives (one JAX source for CPU, GPU and TPU):
 * :func:`ssd_reference` — the sequential oracle;
 * :func:`ssd_verify` / :func:`ssd_commit` / :func:`conv_commit` — verify k steps in one scan, then keep any
   prefix of them (speculative decoding's rollback, ``ssdkit.speculative``);
+* :func:`generate` — the compiled generation loop, plain or speculative (:class:`Speculative` with
+  :class:`PromptLookup` or :class:`DraftModel` drafts, ``ssdkit.speculative_loop``);
 * :class:`Recurrence` — the structural conditions, with input validation.
 """
 
 from ssdkit.cache import RecurrentCache
 from ssdkit.conv import causal_conv1d, causal_conv1d_step
+from ssdkit.drafts import DraftModel, PromptLookup, Speculative, SpeculativeModel
 from ssdkit.dtypes import accumulation_dtype, sequence_matmul_dtype
 from ssdkit.generate import (
     GenerationResult,
     Greedy,
     LanguageModel,
     Sample,
+    SpeculationStats,
     generate,
     generate_stream,
     make_sampler,
@@ -35,10 +39,12 @@ from ssdkit.train import StepMetrics, TrainState, adamw, make_train_step
 __all__ = [
     "CrossEntropySums",
     "DecayKind",
+    "DraftModel",
     "GenerationResult",
     "Greedy",
     "LanguageModel",
     "LossMetrics",
+    "PromptLookup",
     "RecurrentCache",
     "ScanRecord",
     "Recurrence",
@@ -57,6 +63,9 @@ __all__ = [
     "preferred_chunk_size",
     "rms_norm",
     "Sample",
+    "Speculative",
+    "SpeculationStats",
+    "SpeculativeModel",
     "StepMetrics",
     "TrainCheckpointer",
     "TrainState",

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ssdkit._typing import Lengths, Logits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths
@@ -97,7 +97,9 @@ class Sample:
         if self.top_p is not None:
             object.__setattr__(self, "top_p", float(self.top_p))
 
-    def __call__(self, logits: Logits, key: jax.Array) -> StepTokens:
+    def filtered_logits(self, logits: Float[Array, "*batch vocab"]) -> Float[Array, "*batch vocab"]:
+        """Float32 logits divided by the temperature, -inf outside the top-k / top-p cuts; any leading axes.
+        Their softmax is the distribution :meth:`__call__` draws from."""
         logits = logits.astype(jnp.float32) / jnp.float32(self.temperature)
         vocab = logits.shape[-1]
         if self.top_k is not None and self.top_k < vocab:
@@ -110,7 +112,10 @@ class Sample:
             kept = jnp.sum(mass_before < self.top_p, axis=-1, keepdims=True)  # >= 1
             cutoff = jnp.take_along_axis(desc, kept - 1, axis=-1)
             logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return logits
+
+    def __call__(self, logits: Logits, key: jax.Array) -> StepTokens:
+        return jax.random.categorical(key, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
 
 
 def _is_real(value) -> bool:
@@ -140,6 +145,30 @@ def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: floa
 # ------------------------------------------------------------------------------ results and loop state
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class SpeculationStats:
+    """What the speculative loop did (in :class:`~ssdkit.GenerationResult`.speculation).
+
+    Attributes:
+        passes: target model passes after the prefill (plain decode steps plus verifies).
+        verifies: those of the passes that checked drafts.
+        drafted: (batch,) draft tokens checked per row.
+        accepted: (batch,) of them accepted.
+    """
+
+    passes: Int[Array, ""]
+    verifies: Int[Array, ""]
+    drafted: Lengths
+    accepted: Lengths
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens over all rows (0 when nothing was drafted)."""
+        drafted = int(jnp.sum(self.drafted))
+        return float(jnp.sum(self.accepted)) / drafted if drafted else 0.0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """The output of :func:`generate`.
 
@@ -147,10 +176,12 @@ class GenerationResult:
         tokens: (batch, max_new_tokens) int32 generated ids; positions after a row's EOS (and after
             the loop ended) hold ``pad_token_id``.
         lengths: (batch,) int32 number of generated tokens of each row, its EOS included.
+        speculation: what speculative decoding did (None for plain decoding).
     """
 
     tokens: Int[Array, "batch new"]
     lengths: Lengths
+    speculation: SpeculationStats | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -333,6 +364,8 @@ def generate(
     eos_token_id: int | None = None,
     prompt_lengths: Lengths | None = None,
     pad_token_id: int = 0,
+    speculative: Any = None,
+    draft_params: Any = None,
 ) -> GenerationResult:
     """Prefill ``prompt`` and generate up to ``max_new_tokens`` tokens per row in one compiled device call.
 
@@ -346,14 +379,32 @@ def generate(
         eos_token_id: a row is done after emitting it (it counts in the row's length). None: never.
         prompt_lengths: (batch,) integer lengths in 1..seq of the right-padded prompt rows.
         pad_token_id: written after a row's EOS.
+        speculative: a :class:`~ssdkit.Speculative` to decode speculatively (static; the model then needs
+            ``verify`` and ``commit``, see ``ssdkit.speculative_loop``): the same tokens as plain greedy
+            decoding, or the same distribution as plain sampling, in fewer passes of the weights.
+        draft_params: the parameters of a :class:`~ssdkit.DraftModel` (only with one).
 
     Returns:
-        :class:`GenerationResult` with ``tokens`` (batch, max_new_tokens) int32 and ``lengths`` (batch,).
+        :class:`GenerationResult` with ``tokens`` (batch, max_new_tokens) int32, ``lengths`` (batch,) and,
+        when speculative, ``speculation`` (:class:`SpeculationStats`).
     """
     max_new_tokens, eos, pad = _validate(
         model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
     )
     prompt, lengths = _as_inputs(prompt, prompt_lengths)
+    if speculative is not None:
+        from ssdkit.speculative_loop import check_speculative, generate_speculative, measure_round_costs
+
+        check_speculative(model, sampler, speculative, draft_params)
+        if speculative.adaptive and speculative.round_costs is None:
+            costs = measure_round_costs(model, params, prompt, speculative, sampler=sampler, draft_params=draft_params)
+            speculative = dataclasses.replace(speculative, round_costs=costs)
+        return generate_speculative(
+            model, params, draft_params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler,
+            eos_token_id=eos, pad_token_id=pad, speculative=speculative,
+        )
+    if draft_params is not None:
+        raise ValueError("draft_params is for speculative decoding with a DraftModel; pass speculative= too")
     return _generate(
         model, params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler, eos_token_id=eos,
         pad_token_id=pad,

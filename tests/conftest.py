@@ -50,7 +50,7 @@ def pytest_unconfigure(config):
 #: vectorisation choices fails on every machine, not only on the ones without AVX-512.
 NUMERICS_MODULES = frozenset({
     "test_scan", "test_conv", "test_norm", "test_cache", "test_generate", "test_mamba2_parity", "test_evaluation",
-    "test_pretrained", "test_speculative",
+    "test_pretrained", "test_speculative", "test_speculative_generation",
 })
 
 

@@ -476,12 +476,16 @@ def verify(
     return _verify(params, cfg, tokens, cache)
 
 
-@jax.jit
-def _commit(record: VerifyRecord, accepted):
-    layers, batch = record.scan.state.shape[:2]
+def _commit_layers(record, accepted) -> RecurrentCache | tuple[RecurrentCache, ...]:
+    """Commit a stacked record (every layer's rows in one merged commit) or a per-layer tuple of them."""
+    if isinstance(record, (tuple, list)):  # per-layer weights give per-layer records, and a per-layer cache
+        return tuple(_commit_layers(r, accepted) for r in record)
+    stacked = record.scan.state.ndim == 5
+    layers = record.scan.state.shape[0] if stacked else 1
+    batch = record.scan.state.shape[1 if stacked else 0]
 
     def merge(a):  # (L, batch, ...) -> (L·batch, ...): one commit over every layer's rows at once
-        return a.reshape(layers * batch, *a.shape[2:])
+        return a.reshape(layers * batch, *a.shape[2:]) if stacked else a
 
     rows = jnp.tile(accepted, layers)
     scan = jax.tree_util.tree_map(merge, record.scan)
@@ -491,10 +495,14 @@ def _commit(record: VerifyRecord, accepted):
     return RecurrentCache(conv=windows, state=state)
 
 
+_commit = jax.jit(_commit_layers)
+
+
 def commit(record: VerifyRecord, accepted: Lengths) -> RecurrentCache:
     """The cache after the first ``accepted[i]`` (0..k) of the verified tokens of each row: equal to the
     cache :func:`prefill` (or ``decode_step``) gives after those tokens. O(k) per layer, no weights read."""
-    batch, k = np.shape(record.conv_inputs[0])[1:3]
+    first = record[0] if isinstance(record, (tuple, list)) else record
+    batch, k = np.shape(first.conv_inputs[0])[-3:-1]
     check_accepted(accepted, batch, k)
     return _commit(record, jnp.asarray(accepted, jnp.int32))
 
@@ -514,6 +522,12 @@ class Mamba2LM:
 
     def decode(self, params, token, cache):
         return _decode(params, self.cfg, token, cache)
+
+    def verify(self, params, tokens, cache):
+        return _verify(params, self.cfg, tokens, cache)
+
+    def commit(self, record, accepted):
+        return _commit_layers(record, accepted)
 
 
 def _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key):
