@@ -252,10 +252,11 @@ def speculative_loop(
 
 
 _ROUND_COSTS: dict[Any, tuple[float, ...]] = {}
+_GREEDY = Greedy()
 
 
 def measure_round_costs(
-    model, params, prompt, speculative: Speculative, *, sampler=Greedy(), draft_params=None, rounds: int = 16,
+    model, params, prompt, speculative: Speculative, *, sampler=_GREEDY, draft_params=None, rounds: int = 16,
     repeats: int = 5,
 ) -> tuple[float, ...]:
     """Time a round of each of ``speculative.draft_lengths`` drafts on this machine, in plain decode steps.

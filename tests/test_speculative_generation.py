@@ -24,7 +24,7 @@ from jax.scipy.special import gammaincc
 
 import ssdkit
 from models import mamba2
-from ssdkit import DraftModel, Greedy, PromptLookup, Sample, Speculative
+from ssdkit import DraftModel, PromptLookup, Sample, Speculative
 from ssdkit.speculative_loop import measure_round_costs, speculative_loop
 from tests.helpers import assert_same_greedy_tokens, greedy_margins
 from tests.test_generate import _count_eqns
@@ -259,7 +259,8 @@ def test_bad_requests_are_refused():
                         key=jax.random.key(0), speculative=Speculative(adaptive=False))
     other = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=40, d_state=8, headdim=16, chunk_size=8)
     with pytest.raises(ValueError, match="the target's vocabulary"):
-        ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=4, draft_params=mamba2.init_params(other, jax.random.key(0)),
+        ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=4,
+                        draft_params=mamba2.init_params(other, jax.random.key(0)),
                         speculative=Speculative(DraftModel(mamba2.Mamba2LM(other)), adaptive=False))
     for bad in (dict(draft_tokens=0), dict(draft_tokens=2.5), dict(round_costs=(1.0, 2.0)),
                 dict(round_costs=(1.0, 2.0, -1.0, 3.0, 4.0)), dict(draft="lookup")):
