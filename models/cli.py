@@ -2,6 +2,7 @@
 
     ssdkit generate [--model DIR|PRESET|default] [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
+                    [--speculative lookup|MODEL_DIR [--draft-tokens K]]
     ssdkit eval     [--model DIR|default] --text FILE|DIR|python-stdlib:held-out [--tokenizer FILE]
                     [--window 2048] [--batch 8] [--json F]
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
@@ -143,6 +144,12 @@ def cmd_generate(args) -> int:
         on_mesh = jax.set_mesh(mesh)
         print(f"[ssdkit] mesh {dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr)
     eos = text.eod_id(tokenizer) if tokenizer is not None else None
+    if args.speculative is not None:
+        if args.mesh is not None:
+            raise CliError("--speculative runs on one device; drop --mesh")
+        return _generate_speculative(args, params, cfg, prompt, tokenizer, eos)
+    if args.draft_tokens is not None:
+        raise CliError("--draft-tokens goes with --speculative lookup|MODEL_DIR")
     t0 = time.perf_counter()
     stream = mamba2.generate_stream(
         params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -166,6 +173,58 @@ def cmd_generate(args) -> int:
     steady = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
     print(f"[ssdkit] {len(stamps)} tokens; first after {stamps[0]:.2f} s (prefill + compile); "
           f"{steady:.1f} tokens/s from the third token on", file=sys.stderr)
+    return 0
+
+
+def _generate_speculative(args, params, cfg, prompt, tokenizer, eos) -> int:
+    """``generate --speculative``: one compiled call, then the text, the acceptance rate and tokens/s."""
+    import jax
+
+    import ssdkit
+    from models import mamba2, text
+
+    k = 8 if args.draft_tokens is None else args.draft_tokens
+    if not 1 <= k <= 64:
+        raise CliError(f"--draft-tokens must be in 1..64, got {k}")
+    draft_params = None
+    if args.speculative == "lookup":
+        draft = ssdkit.PromptLookup()
+    else:
+        draft_params, draft_cfg, _, _ = _load_model(args.speculative, args.dtype, args.seed)
+        if draft_cfg.padded_vocab_size != cfg.padded_vocab_size:
+            raise CliError(f"--speculative {args.speculative}: its vocabulary ({draft_cfg.padded_vocab_size} padded "
+                           f"ids) differs from the model's ({cfg.padded_vocab_size}); a draft model needs the same")
+        draft = ssdkit.DraftModel(mamba2.Mamba2LM(draft_cfg))
+
+    def run():
+        res = mamba2.generate(
+            params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, eos_token_id=eos, key=jax.random.key(args.seed),
+            speculative=ssdkit.Speculative(draft, draft_tokens=k), draft_params=draft_params,
+        )
+        jax.block_until_ready(res.tokens)
+        return res
+
+    t0 = time.perf_counter()
+    res = run()  # compiles (and measures the round costs) once
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = run()  # the same call again, compiled: its time is the generation's
+    seconds = time.perf_counter() - t0
+    n = int(res.lengths[0])
+    ids = [int(t) for t in res.tokens[0, :n]]
+    if tokenizer is not None:
+        decoder = text.StreamDecoder(tokenizer)
+        body = "".join(decoder.push(t) for t in ids)
+    else:
+        body = "".join(f"{t} " for t in ids)
+    sys.stdout.write((args.prompt or "") + body + "\n")
+    stats = res.speculation
+    print(f"[ssdkit] {n} tokens; speculative ({args.speculative}, up to {k} drafts a round): "
+          f"{stats.acceptance_rate:.0%} of {int(stats.drafted[0])} drafted tokens accepted, "
+          f"{n / (int(stats.passes) + 1):.2f} tokens per weight pass ({int(stats.passes) + 1} passes, prefill "
+          f"included); {n / seconds:.1f} tokens/s with the prefill ({seconds * 1e3:.0f} ms; the first call, "
+          f"compiling, took {first:.1f} s)", file=sys.stderr)
     return 0
 
 
@@ -355,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (state stays float32)")
+    g.add_argument("--speculative", default=None, metavar="lookup|MODEL_DIR",
+                   help="decode speculatively: drafts from prompt lookup (n-grams of the prompt and the text so "
+                   "far) or from a smaller draft model with the same vocabulary; same tokens as greedy, same "
+                   "distribution as sampling (docs/pattern.md)")
+    g.add_argument("--draft-tokens", type=int, default=None, help="with --speculative: most drafts a round (8)")
     g.add_argument("--mesh", default=None, help="shard over the devices, e.g. fsdp=8 or fsdp=4,seq=2 "
                    "(docs/scaling.md)")
     _add_distributed_flag(g)

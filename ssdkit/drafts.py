@@ -118,16 +118,18 @@ class Speculative:
             always drafts K (and decodes plainly only when lookup finds nothing).
         round_costs: the cost of a round of each of :attr:`draft_lengths` drafts, in plain decode steps
             (the first is 1). None (the default): :func:`ssdkit.generate` measures them once per model,
-            parameter shapes, batch and sampler in the process (``ssdkit.speculative_loop.measure_round_costs``,
-            a few seconds of compiling and timing) and keeps them; give them to skip that.
+            parameter shapes, batch and sampler in the process (a few seconds of compiling and timing,
+            ``ssdkit.speculative_loop.measure_round_costs``) and keeps them; give them to skip that.
 
-    While plain decoding pays better, the loop still speculates with one token now and then (often enough
-    to spend about 2% of the time on it) to notice when drafts turn good.
-
-    The adaptive rule: with α the running acceptance rate of a drafted token (decayed counts,
-    prior 1/2), a round of k drafts is expected to emit Σ_{i=0..min(k, c)} α^i tokens (c: the tokens the
-    source could propose) at a cost of ``round_costs[k]``; the round takes the k (0 included, a plain
-    decode step) with the most tokens per cost, averaged over the rows still generating.
+    The adaptive rule: α, the chance that a drafted token holds, is estimated from decayed counts (a
+    weight of 0.9 per round, prior 1/2): the drafts verified, and in plain rounds, for free, whether the
+    source's guess at the token the target produced would have held (lookup's first proposal; the draft
+    model's prediction, which it makes anyway while following the text). A round of k drafts is expected
+    to emit Σ_{i=0..min(k, c)} α^i tokens (c: the tokens the source could propose) at a cost of
+    ``round_costs[k]``; the round takes the k (0 included, a plain decode step) with the most tokens per
+    cost, averaged over the rows still generating. With a draft model every round also advances the
+    draft (a plain round by one decode step of it), so drafts that never hold still cost one draft step
+    per token: pick a draft much smaller than the target.
     """
 
     draft: PromptLookup | DraftModel = PromptLookup()

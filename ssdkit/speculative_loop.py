@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -54,12 +53,27 @@ class _SpecState:
     history: Any  # (batch, prompt + room) prompt then emitted tokens (prompt lookup; else None)
     accepted_ema: Float[Array, ""]  # decayed counts of accepted and rejected drafts (the adaptive rule)
     rejected_ema: Float[Array, ""]
-    idle: Int[Array, ""]  # rounds since drafts were last checked
     stats: SpeculationStats
 
 
-_DECAY = 0.8  # weight of the past in the acceptance counts
-_PROBE_SHARE = 0.02  # of the time spent probing with one draft while plain decoding pays better
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _RoundOut:
+    """What a round gives back (every branch of the round's ``lax.switch`` the same shapes)."""
+
+    emitted: Int[Array, "batch width"]  # the n accepted drafts, then the target's own token; later: filler
+    produced: Lengths  # n + 1
+    cache: Any
+    draft_cache: Any
+    drafted: Lengths  # drafts verified this round (0 in a plain round)
+    accepted: Lengths  # n
+    # Evidence on how often a first draft would hold (the adaptive rule): verified drafts' outcomes, or in a
+    # plain round the chance the draft source's next-token guess would have been accepted (free to compute).
+    evidence: Float[Array, " batch"]  # accepted drafts (or that chance)
+    trials: Float[Array, " batch"]  # rejections plus accepted drafts: the counts of a geometric law
+
+
+_DECAY = 0.9  # per round: the weight of the past in the acceptance counts
 
 
 def _leading_true(mask) -> Int[Array, " batch"]:
@@ -105,7 +119,7 @@ def _choose(spec: Speculative, s: _SpecState, count) -> Int[Array, ""]:
     can = jnp.any(active & (count > 0))
     if not spec.adaptive:
         return jnp.where(can, len(lengths) - 1, 0).astype(jnp.int32)
-    alpha = (s.accepted_ema + 1.0) / (s.accepted_ema + s.rejected_ema + 2.0)
+    alpha = (s.accepted_ema + 1.0) / (s.accepted_ema + s.rejected_ema + 2.0)  # prior 1/2, worth 2 drafts
     rows = jnp.maximum(jnp.sum(active), 1)
     gains = []
     for k, cost in zip(lengths, spec.round_costs, strict=True):
@@ -113,24 +127,29 @@ def _choose(spec: Speculative, s: _SpecState, count) -> Int[Array, ""]:
         expected = jnp.sum(jnp.where(active, (1 - alpha ** (drafts + 1)) / (1 - alpha), 0.0)) / rows
         gains.append(expected / cost)
     choice = jnp.argmax(jnp.stack(gains)).astype(jnp.int32)
-    # Probe with one draft often enough to spend about _PROBE_SHARE of the time on it.
-    probe_every = max(1, math.ceil((spec.round_costs[1] - 1.0) / _PROBE_SHARE))
-    probe = (choice == 0) & can & (s.idle >= probe_every)
-    return jnp.where(can, jnp.where(probe, 1, choice), 0).astype(jnp.int32)
+    return jnp.where(can, choice, 0).astype(jnp.int32)
 
 
-def _round(k, model, params, draft, draft_params, sampler, last, cache, draft_cache, proposals, count, keys):
-    """One round with k drafts (k = 0: a plain decode step). ``proposals`` / ``count``: prompt lookup's
-    (None for a draft model). Returns (emitted (batch, k + 1): n accepted drafts then the target's token,
-    produced n + 1, cache, draft cache, drafted, accepted n)."""
+def _round(k, model, params, draft, draft_params, sampler, last, cache, draft_cache, proposals, count, keys,
+           width) -> _RoundOut:
+    """One round with k drafts (k = 0: a plain decode step); ``emitted`` padded to ``width`` columns.
+    ``proposals`` / ``count``: prompt lookup's (None for a draft model)."""
     batch = last.shape[0]
     if k == 0:
         logits, cache = model.decode(params, last, cache)
         token = _sample(sampler, logits, keys[1], 0, batch)
-        if draft is not None:
-            _, draft_cache = draft.decode(draft_params, last, draft_cache)
+        if draft is not None:  # the draft follows the text; its guess at this token is the evidence
+            guess_logits, draft_cache = draft.decode(draft_params, last, draft_cache)
+            chance, valid = _first_draft_chance(sampler, logits, token, guess_logits=guess_logits)
+        else:
+            chance, valid = _first_draft_chance(sampler, logits, token, guess=proposals[:, 0])
+            valid &= count > 0
         zeros = jnp.zeros((batch,), jnp.int32)
-        return token[:, None], jnp.ones((batch,), jnp.int32), cache, draft_cache, zeros, zeros
+        return _RoundOut(
+            emitted=jnp.pad(token[:, None], ((0, 0), (0, width - 1))), produced=jnp.ones((batch,), jnp.int32),
+            cache=cache, draft_cache=draft_cache, drafted=zeros, accepted=zeros,
+            evidence=jnp.where(valid, chance, 0.0), trials=valid.astype(jnp.float32),
+        )
     log_q = None
     if draft is None:
         drafts, drafted = proposals[:, :k], jnp.minimum(count, k)
@@ -144,10 +163,31 @@ def _round(k, model, params, draft, draft_params, sampler, last, cache, draft_ca
     if draft is not None:
         _, draft_record = draft.verify(draft_params, fed, draft_cache)
         draft_cache = draft.commit(draft_record, n + 1)
-    columns = jnp.arange(k + 1)[None, :]  # the n accepted drafts, then the target's own token
-    emitted = jnp.where(columns < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), 0)
+    columns = jnp.arange(width)[None, :]  # the n accepted drafts, then the target's own token
+    emitted = jnp.where(columns < n[:, None], jnp.pad(drafts, ((0, 0), (0, width - k))), 0)
     emitted = jnp.where(columns == n[:, None], fix[:, None], emitted)
-    return emitted, n + 1, cache, draft_cache, drafted, n
+    rejected = (n < drafted).astype(jnp.float32)
+    return _RoundOut(
+        emitted=emitted, produced=n + 1, cache=cache, draft_cache=draft_cache, drafted=drafted, accepted=n,
+        evidence=n.astype(jnp.float32), trials=n.astype(jnp.float32) + rejected,
+    )
+
+
+def _first_draft_chance(sampler, logits, token, *, guess=None, guess_logits=None):
+    """The chance that a draft of the token the target just produced would have been accepted, per row:
+    for greedy whether the guess equals it; for sampling the acceptance probability of a drawn draft,
+    p(guess) for a fixed guess, Σ_v min(p_v, q_v) for a draft distribution q. Returns (chance, valid)."""
+    batch = token.shape[0]
+    valid = jnp.ones((batch,), bool)
+    if isinstance(sampler, Greedy):
+        if guess is None:
+            guess = jnp.argmax(guess_logits.astype(jnp.float32), axis=-1)
+        return (guess == token).astype(jnp.float32), valid
+    p = jax.nn.softmax(sampler.filtered_logits(logits), axis=-1)
+    if guess is not None:
+        return jnp.take_along_axis(p, guess[:, None].astype(jnp.int32), axis=1)[:, 0], valid
+    q = jax.nn.softmax(sampler.filtered_logits(guess_logits), axis=-1)
+    return jnp.sum(jnp.minimum(p, q), axis=-1), valid
 
 
 def speculative_loop(
@@ -184,7 +224,7 @@ def speculative_loop(
     init = _SpecState(
         round=jnp.int32(0), last=token, out=out, lengths=jnp.ones((batch,), jnp.int32), done=done, cache=cache,
         draft_cache=draft_cache, history=history, accepted_ema=jnp.float32(0), rejected_ema=jnp.float32(0),
-        idle=jnp.int32(0), stats=SpeculationStats(jnp.int32(0), jnp.int32(0), zeros, zeros),
+        stats=SpeculationStats(jnp.int32(0), jnp.int32(0), zeros, zeros),
     )
     loop_key = None if key is None else jax.random.fold_in(key, 1)
 
@@ -200,13 +240,11 @@ def speculative_loop(
             proposals, count = None, jnp.full((batch,), big_k, jnp.int32)
         choice = _choose(spec, s, count)
 
-        def branch(k):
-            emitted, *rest = _round(k, model, params, draft, draft_params, sampler, s.last, s.cache, s.draft_cache,
-                                    proposals, count, keys)
-            return jnp.pad(emitted, ((0, 0), (0, big_k - k))), *rest  # one shape for every branch
-
-        branches = [functools.partial(branch, k) for k in spec.draft_lengths]
-        emitted, produced, cache, draft_cache, drafted, accepted = lax.switch(choice, branches)
+        branches = [functools.partial(_round, k, model, params, draft, draft_params, sampler, s.last, s.cache,
+                                      s.draft_cache, proposals, count, keys, big_k + 1)
+                    for k in spec.draft_lengths]
+        r = lax.switch(choice, branches)
+        emitted, produced = r.emitted, r.produced
 
         # Keep each row's tokens up to its EOS and the buffer's end; finished rows keep nothing.
         columns = jnp.arange(big_k + 1)[None, :]
@@ -220,10 +258,7 @@ def speculative_loop(
         if eos_token_id is not None:
             finished |= jnp.any((emitted == eos_token_id) & (columns < kept[:, None]), axis=1)
         speculated = choice > 0
-        live = ~s.done & (drafted > 0)
-        accepted_n = jnp.sum(jnp.where(live, accepted, 0)).astype(jnp.float32)
-        rejected_n = jnp.sum(live & (accepted < drafted)).astype(jnp.float32)
-        decay = jnp.where(speculated, _DECAY, 1.0)
+        live = ~s.done
         stats = s.stats
         return _SpecState(
             round=s.round + 1,
@@ -231,17 +266,16 @@ def speculative_loop(
             out=_write(s.out, emitted, s.lengths),
             lengths=new_lengths,
             done=s.done | finished,
-            cache=cache,
-            draft_cache=draft_cache,
+            cache=r.cache,
+            draft_cache=r.draft_cache,
             history=None if s.history is None else _write(s.history, emitted, prompt_lengths + s.lengths),
-            accepted_ema=decay * s.accepted_ema + accepted_n,
-            rejected_ema=decay * s.rejected_ema + rejected_n,
-            idle=jnp.where(speculated, 0, s.idle + 1),
+            accepted_ema=_DECAY * s.accepted_ema + jnp.sum(jnp.where(live, r.evidence, 0.0)),
+            rejected_ema=_DECAY * s.rejected_ema + jnp.sum(jnp.where(live, r.trials - r.evidence, 0.0)),
             stats=SpeculationStats(
                 passes=stats.passes + 1,
                 verifies=stats.verifies + speculated.astype(jnp.int32),
-                drafted=stats.drafted + jnp.where(s.done, 0, drafted),
-                accepted=stats.accepted + jnp.where(s.done, 0, accepted),
+                drafted=stats.drafted + jnp.where(live, r.drafted, 0),
+                accepted=stats.accepted + jnp.where(live, r.accepted, 0),
             ),
         )
 
@@ -289,10 +323,9 @@ def measure_round_costs(
         def many(params, draft_params, cache, draft_cache):
             def one(_, carry):
                 last, cache, draft_cache = carry
-                emitted, _, cache, draft_cache, _, _ = _round(
-                    k, model, params, draft, draft_params, sampler, last, cache, draft_cache,
-                    None if draft is not None else proposals, count, keys)
-                return emitted[:, 0], cache, draft_cache
+                r = _round(k, model, params, draft, draft_params, sampler, last, cache, draft_cache,
+                           None if draft is not None else proposals, count, keys, big_k + 1)
+                return r.emitted[:, 0], r.cache, r.draft_cache
 
             return lax.fori_loop(0, rounds, one, (prompt[:, -1], cache, draft_cache))
 

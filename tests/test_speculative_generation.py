@@ -167,17 +167,28 @@ def test_sampling_has_the_target_distribution(sampler, speculative, draft_params
 
 def test_adaptive_length_stops_drafting_when_drafts_fail():
     """Drafts that never hold (a draft model of other weights, greedy) and a verify as dear as 3 steps:
-    the loop soon decodes plainly, probing with one draft about every (3 - 1) / 2% = 100 rounds."""
+    after at most a few rounds the loop decodes plainly, and its evidence (the draft's guesses at each
+    token, made anyway) keeps it there."""
     prompt = _prompts(1, 16, seed=2)
     spec = Speculative(DraftModel(DRAFT), draft_tokens=4, round_costs=(1.0, 3.0, 3.5, 4.0))
     res = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=300, speculative=spec,
                           draft_params=_params(DRAFT_CFG, seed=11, scale=0.1))
     stats = res.speculation
-    assert stats.acceptance_rate < 0.2
-    assert int(stats.verifies) <= 1 + 2 * (int(stats.passes) // 100 + 1), stats  # the first round, then probes
+    assert int(stats.verifies) <= 3, stats
     plain = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=300)
     margins, tie = _greedy_margins(prompt, [16], plain.tokens, plain.lengths)
     assert_same_greedy_tokens(res.tokens, plain.tokens, margins, tie=tie)
+
+
+def test_adaptive_length_drafts_long_when_drafts_hold():
+    """The target drafting for itself: every draft holds, so after a few rounds every round drafts K."""
+    prompt = _prompts(1, 16, seed=2)
+    spec = Speculative(DraftModel(MODEL), draft_tokens=8, round_costs=COSTS)
+    res = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=200, speculative=spec, draft_params=PARAMS)
+    stats = res.speculation
+    assert stats.acceptance_rate > 0.9, stats
+    assert int(stats.passes) < 200 / 5, stats  # most rounds emit 9 tokens
+    assert int(stats.drafted[0]) >= 6 * int(stats.verifies), stats
 
 
 def test_eos_and_short_buffers():

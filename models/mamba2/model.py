@@ -553,17 +553,23 @@ def generate(
     eos_token_id: int | None = None,
     lengths: Lengths | None = None,
     key: jax.Array | None = None,
+    speculative: ssdkit.Speculative | None = None,
+    draft_params: Mamba2Params | None = None,
 ) -> ssdkit.GenerationResult:
     """Generate up to ``max_new_tokens`` per row in one compiled device call.
 
     Returns ``GenerationResult(tokens (batch, max_new_tokens) int32, lengths (batch,))``; a row stops
     after ``eos_token_id`` (counted in its length), later positions hold the pad id 0. Temperature 0 is
     greedy; otherwise sampling with optional top-k / top-p from ``key`` (default ``jax.random.key(0)``).
+    ``speculative`` decodes speculatively (``ssdkit.Speculative``: prompt lookup, or a draft Mamba-2 as
+    ``DraftModel(Mamba2LM(draft_cfg))`` with ``draft_params``); the result then has ``speculation`` stats.
     """
     sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
+    if draft_params is not None and isinstance(draft_params, Mamba2Params):
+        draft_params = _decode_layout(draft_params)
     return ssdkit.generate(
         Mamba2LM(cfg), _decode_layout(params), prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
-        eos_token_id=eos_token_id, prompt_lengths=lengths,
+        eos_token_id=eos_token_id, prompt_lengths=lengths, speculative=speculative, draft_params=draft_params,
     )
 
 

@@ -1,0 +1,156 @@
+"""Plain against speculative greedy decoding, side by side in one run (tokens/s, acceptance, tokens per pass).
+
+Two workloads:
+
+* ``shipped`` — the shipped byte-level model completing held-out Python standard-library files (the
+  corpus split the model was not trained on) from their first ``--prompt-tokens`` tokens; drafts from
+  prompt lookup. Settings: plain, speculative with the adaptive draft length (the default), and a fixed
+  draft of K tokens every round.
+* ``130m`` — Mamba-2 130M-shaped random weights (batch 1, a short random prompt). Random weights make
+  no text, so drafts come from models whose agreement is known: the target's own first ``--skip-layers``
+  layers and its head ("layer skip"), and the target itself ("self", every draft holds: the ceiling of
+  the mechanism, a draft model as costly as the target).
+
+Each row's time is one ``generate`` call of ``--new-tokens`` tokens minus one of a single token (the
+prompt's prefill and the call overhead cancel), medians over ``--rounds`` rounds that alternate the
+settings. Greedy outputs are compared with plain decoding's (they may part at a near tie). Speed
+figures depend on the machine: read ``lscpu`` first, and run nothing else meanwhile.
+
+    python benchmarks/speculative.py shipped --files 8 --new-tokens 256
+    python benchmarks/speculative.py 130m --new-tokens 64 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ssdkit
+from models import corpus, mamba2
+from models.mamba2.model import _decode_layout
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn().tokens)
+    return time.perf_counter() - start
+
+
+def _compare(model, params, prompt, settings: dict, new_tokens: int, rounds: int) -> dict:
+    """For each named (speculative, draft_params) setting: decode seconds per token, stats, equality."""
+    def call(setting, n):
+        spec, draft_params = setting
+        return ssdkit.generate(model, params, prompt, max_new_tokens=n, speculative=spec, draft_params=draft_params)
+
+    plain = call((None, None), new_tokens)
+    results = {name: {"times": []} for name in settings}
+    for name, setting in settings.items():  # compile (and measure round costs) outside the timing
+        res = call(setting, new_tokens)
+        call(setting, 1)
+        results[name]["result"] = res
+    for _ in range(rounds):
+        for name, setting in settings.items():
+            total = _timed(lambda s=setting: call(s, new_tokens))
+            single = _timed(lambda s=setting: call(s, 1))
+            results[name]["times"].append((total - single) / (new_tokens - 1))
+    out = {}
+    for name, r in results.items():
+        res = r["result"]
+        stats = res.speculation
+        n = int(res.lengths[0])
+        out[name] = dict(
+            ms_per_token=1e3 * statistics.median(r["times"]),
+            acceptance=None if stats is None else stats.acceptance_rate,
+            tokens_per_pass=None if stats is None else (n - 1) / max(int(stats.passes), 1),
+            same_as_plain=bool(np.array_equal(res.tokens, plain.tokens)),
+            first_difference=None if np.array_equal(res.tokens, plain.tokens)
+            else int(np.flatnonzero(np.asarray(res.tokens[0] != plain.tokens[0]))[0]),
+        )
+    return out
+
+
+def _print(title: str, rows: dict) -> None:
+    base = rows["plain"]["ms_per_token"]
+    print(f"\n{title}")
+    print(f"{'setting':<24} {'ms/token':>9} {'tokens/s':>9} {'vs plain':>9} {'accepted':>9} {'tok/pass':>9}  same")
+    for name, r in rows.items():
+        acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+        tpp = "1.00" if r["tokens_per_pass"] is None else f"{r['tokens_per_pass']:.2f}"
+        same = "yes" if r["same_as_plain"] else f"to token {r['first_difference']}"
+        print(f"{name:<24} {r['ms_per_token']:9.3f} {1e3 / r['ms_per_token']:9.1f} {base / r['ms_per_token']:8.2f}x "
+              f"{acc:>9} {tpp:>9}  {same}")
+
+
+def shipped(args) -> None:
+    pre = mamba2.load_pretrained()
+    model, params = mamba2.Mamba2LM(pre.cfg), _decode_layout(pre.params)
+    corp, part = corpus.resolve("python-stdlib:held-out")
+    paths = [p for p in corp.paths(part) if p.stat().st_size > 4 * args.prompt_tokens][: args.files]
+    k = args.draft_tokens
+    settings = {
+        "plain": (None, None),
+        f"lookup, adaptive ≤{k}": (ssdkit.Speculative(draft_tokens=k), None),
+        f"lookup, always {k}": (ssdkit.Speculative(draft_tokens=k, adaptive=False), None),
+    }
+    totals = {name: [] for name in settings}
+    for path in paths:
+        ids = pre.tokenizer.encode(path.read_text(errors="replace")).ids[: args.prompt_tokens]
+        prompt = jnp.asarray([ids], jnp.int32)  # one prompt length: one compilation for every file
+        rows = _compare(model, params, prompt, settings, args.new_tokens, args.rounds)
+        _print(f"{path.name}: {prompt.shape[1]}-token prompt, {args.new_tokens} new tokens", rows)
+        for name, r in rows.items():
+            totals[name].append(r)
+    print(f"\nover {len(paths)} files (geometric mean of the speed ratio, mean acceptance and tokens per pass):")
+    for name, rs in totals.items():
+        ratio = np.exp(np.mean([np.log(totals["plain"][i]["ms_per_token"] / r["ms_per_token"])
+                                for i, r in enumerate(rs)]))
+        acc = [r["acceptance"] for r in rs if r["acceptance"] is not None]
+        tpp = [r["tokens_per_pass"] or 1.0 for r in rs]
+        same = sum(r["same_as_plain"] for r in rs)
+        print(f"  {name:<24} {ratio:.2f}x plain  accepted {np.mean(acc) if acc else 0:.0%}  "
+              f"{np.mean(tpp):.2f} tokens/pass  identical to plain in {same}/{len(rs)}")
+
+
+def shaped_130m(args) -> None:
+    cfg = mamba2.Mamba2Config.preset("130m")
+    params = jax.jit(mamba2.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    params = _decode_layout(params)
+    skip_cfg = dataclasses.replace(cfg, n_layer=args.skip_layers)
+    skip = dataclasses.replace(params, layers=params.layers[: args.skip_layers])
+    model = mamba2.Mamba2LM(cfg)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64)), jnp.int32)
+    k = args.draft_tokens
+    settings = {
+        "plain": (None, None),
+        f"layer skip {args.skip_layers}, adaptive": (
+            ssdkit.Speculative(ssdkit.DraftModel(mamba2.Mamba2LM(skip_cfg)), draft_tokens=k), skip),
+        f"layer skip {args.skip_layers}, always {k}": (
+            ssdkit.Speculative(ssdkit.DraftModel(mamba2.Mamba2LM(skip_cfg)), draft_tokens=k, adaptive=False), skip),
+        f"self, always {k}": (ssdkit.Speculative(ssdkit.DraftModel(model), draft_tokens=k, adaptive=False), params),
+        f"lookup, adaptive ≤{k}": (ssdkit.Speculative(draft_tokens=k), None),
+    }
+    rows = _compare(model, params, prompt, settings, args.new_tokens, args.rounds)
+    _print(f"Mamba-2 130M-shaped random weights, 64-token prompt, {args.new_tokens} new tokens", rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", choices=("shipped", "130m"))
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--draft-tokens", type=int, default=8)
+    parser.add_argument("--skip-layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    (shipped if args.workload == "shipped" else shaped_130m)(args)
+
+
+if __name__ == "__main__":
+    main()
