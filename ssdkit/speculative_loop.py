@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int
 
@@ -49,11 +50,29 @@ class _SpecState:
     lengths: Lengths  # tokens emitted per row (EOS included)
     done: Any  # (batch,) bool: EOS emitted or the buffer full
     cache: Any  # target cache after every emitted token but `last`
-    draft_cache: Any  # the draft model's, likewise (None for prompt lookup)
+    draft: Any  # _DraftState (None for prompt lookup)
     history: Any  # (batch, prompt + room) prompt then emitted tokens (prompt lookup; else None)
     accepted_ema: Float[Array, ""]  # decayed counts of accepted and rejected drafts (the adaptive rule)
     rejected_ema: Float[Array, ""]
     stats: SpeculationStats
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _DraftState:
+    """A draft model's cache and the tokens it has not been fed yet.
+
+    Plain rounds do not run the draft: they queue the token (``pending``, with the target's probability
+    of the token that followed it, ``pending_p``), and the queue is fed in one ``verify`` + ``commit``
+    when full or before the next drafting round. That costs about one draft decode step per queue
+    instead of one per token, and the verify's logits say, for free, how often the draft would have
+    guessed right (the adaptive rule's evidence).
+    """
+
+    cache: Any  # after every emitted token but `last` and the pending ones
+    pending: Int[Array, "batch width"]
+    pending_n: Lengths
+    pending_p: Float[Array, "batch width"]  # target probability of the token after each pending one
 
 
 @jax.tree_util.register_dataclass
@@ -64,7 +83,7 @@ class _RoundOut:
     emitted: Int[Array, "batch width"]  # the n accepted drafts, then the target's own token; later: filler
     produced: Lengths  # n + 1
     cache: Any
-    draft_cache: Any
+    draft: Any  # _DraftState or None
     drafted: Lengths  # drafts verified this round (0 in a plain round)
     accepted: Lengths  # n
     # Evidence on how often a first draft would hold (the adaptive rule): verified drafts' outcomes, or in a
@@ -74,6 +93,7 @@ class _RoundOut:
 
 
 _DECAY = 0.9  # per round: the weight of the past in the acceptance counts
+_MARGIN = 1.1  # a round of drafts must promise this many times plain decoding's tokens per cost
 
 
 def _leading_true(mask) -> Int[Array, " batch"]:
@@ -126,68 +146,107 @@ def _choose(spec: Speculative, s: _SpecState, count) -> Int[Array, ""]:
         drafts = jnp.minimum(count, k)  # (batch,)
         expected = jnp.sum(jnp.where(active, (1 - alpha ** (drafts + 1)) / (1 - alpha), 0.0)) / rows
         gains.append(expected / cost)
-    choice = jnp.argmax(jnp.stack(gains)).astype(jnp.int32)
+    gains = jnp.stack(gains)
+    choice = jnp.argmax(gains).astype(jnp.int32)
+    # Speculate only for a clear gain: measured round costs vary by some 10-30% from run to run.
+    choice = jnp.where(gains[choice] > _MARGIN * gains[0], choice, 0)
     return jnp.where(can, choice, 0).astype(jnp.int32)
 
 
-def _round(k, model, params, draft, draft_params, sampler, last, cache, draft_cache, proposals, count, keys,
+def _round(k, model, params, draft, draft_params, sampler, last, cache, draft_state, proposals, count, keys,
            width) -> _RoundOut:
     """One round with k drafts (k = 0: a plain decode step); ``emitted`` padded to ``width`` columns.
     ``proposals`` / ``count``: prompt lookup's (None for a draft model)."""
     batch = last.shape[0]
+    zeros = jnp.zeros((batch,), jnp.int32)
     if k == 0:
         logits, cache = model.decode(params, last, cache)
         token = _sample(sampler, logits, keys[1], 0, batch)
-        if draft is not None:  # the draft follows the text; its guess at this token is the evidence
-            guess_logits, draft_cache = draft.decode(draft_params, last, draft_cache)
-            chance, valid = _first_draft_chance(sampler, logits, token, guess_logits=guess_logits)
-        else:
-            chance, valid = _first_draft_chance(sampler, logits, token, guess=proposals[:, 0])
-            valid &= count > 0
-        zeros = jnp.zeros((batch,), jnp.int32)
+        if draft is not None:  # queue `last` for the draft; feed the queue when it is full
+            p_token = _probability(sampler, logits, token)
+            d = draft_state
+            d = dataclasses.replace(d, pending=_write(d.pending, last[:, None], d.pending_n),
+                                    pending_p=_write(d.pending_p, p_token[:, None], d.pending_n),
+                                    pending_n=d.pending_n + 1)
+            full = jnp.any(d.pending_n >= d.pending.shape[1])
+            draft_state, evidence, trials = lax.cond(
+                full, functools.partial(_feed_draft, draft, draft_params, sampler, token), _nothing_fed, d)
+        else:  # lookup: would its first proposal have held?
+            chance = _first_draft_chance(sampler, logits, token, proposals[:, 0])
+            trials = (count > 0).astype(jnp.float32)
+            evidence = jnp.where(count > 0, chance, 0.0)
         return _RoundOut(
             emitted=jnp.pad(token[:, None], ((0, 0), (0, width - 1))), produced=jnp.ones((batch,), jnp.int32),
-            cache=cache, draft_cache=draft_cache, drafted=zeros, accepted=zeros,
-            evidence=jnp.where(valid, chance, 0.0), trials=valid.astype(jnp.float32),
+            cache=cache, draft=draft_state, drafted=zeros, accepted=zeros, evidence=evidence, trials=trials,
         )
     log_q = None
+    evidence = trials = jnp.zeros((batch,), jnp.float32)
     if draft is None:
         drafts, drafted = proposals[:, :k], jnp.minimum(count, k)
     else:
-        drafts, log_q = draft_with_model(draft, draft_params, draft_cache, last, k, sampler, keys[0])
+        draft_state, evidence, trials = lax.cond(
+            jnp.any(draft_state.pending_n > 0), functools.partial(_feed_draft, draft, draft_params, sampler, last),
+            _nothing_fed, draft_state)
+        drafts, log_q = draft_with_model(draft, draft_params, draft_state.cache, last, k, sampler, keys[0])
         drafted = jnp.full((batch,), k, jnp.int32)
     fed = jnp.concatenate([last[:, None], drafts], axis=1)  # (batch, k + 1)
     logits, record = model.verify(params, fed, cache)
     n, fix = _accept(sampler, logits, drafts, drafted, log_q, keys[1])
     cache = model.commit(record, n + 1)
     if draft is not None:
-        _, draft_record = draft.verify(draft_params, fed, draft_cache)
-        draft_cache = draft.commit(draft_record, n + 1)
+        _, draft_record = draft.verify(draft_params, fed, draft_state.cache)
+        draft_state = dataclasses.replace(draft_state, cache=draft.commit(draft_record, n + 1))
     columns = jnp.arange(width)[None, :]  # the n accepted drafts, then the target's own token
     emitted = jnp.where(columns < n[:, None], jnp.pad(drafts, ((0, 0), (0, width - k))), 0)
     emitted = jnp.where(columns == n[:, None], fix[:, None], emitted)
     rejected = (n < drafted).astype(jnp.float32)
     return _RoundOut(
-        emitted=emitted, produced=n + 1, cache=cache, draft_cache=draft_cache, drafted=drafted, accepted=n,
-        evidence=n.astype(jnp.float32), trials=n.astype(jnp.float32) + rejected,
+        emitted=emitted, produced=n + 1, cache=cache, draft=draft_state, drafted=drafted, accepted=n,
+        evidence=evidence + n.astype(jnp.float32), trials=trials + n.astype(jnp.float32) + rejected,
     )
 
 
-def _first_draft_chance(sampler, logits, token, *, guess=None, guess_logits=None):
-    """The chance that a draft of the token the target just produced would have been accepted, per row:
-    for greedy whether the guess equals it; for sampling the acceptance probability of a drawn draft,
-    p(guess) for a fixed guess, Σ_v min(p_v, q_v) for a draft distribution q. Returns (chance, valid)."""
-    batch = token.shape[0]
-    valid = jnp.ones((batch,), bool)
+def _feed_draft(draft, draft_params, sampler, following, d: _DraftState):
+    """Feed the draft its pending tokens (``following``: the token after the last of them); returns the
+    emptied state and, per row, evidence / trials: how many of the tokens it would have guessed."""
+    logits, record = draft.verify(draft_params, d.pending, d.cache)
+    cache = draft.commit(record, d.pending_n)
+    width = d.pending.shape[1]
+    columns = jnp.arange(width)[None, :]
+    last_pending = columns == (d.pending_n - 1)[:, None]
+    actual = jnp.where(last_pending, following[:, None], jnp.roll(d.pending, -1, axis=1))  # what followed
     if isinstance(sampler, Greedy):
-        if guess is None:
-            guess = jnp.argmax(guess_logits.astype(jnp.float32), axis=-1)
-        return (guess == token).astype(jnp.float32), valid
+        chance = (jnp.argmax(logits.astype(jnp.float32), axis=-1) == actual).astype(jnp.float32)
+    else:  # E over the target's draws t of min(1, q(t) / p(t)) is Σ_v min(p_v, q_v), the acceptance chance
+        log_q = jax.nn.log_softmax(sampler.filtered_logits(logits), axis=-1)
+        q = jnp.exp(jnp.take_along_axis(log_q, actual[..., None], axis=-1)[..., 0])
+        chance = jnp.minimum(1.0, q / jnp.maximum(d.pending_p, 1e-30))
+    valid = columns < d.pending_n[:, None]
+    emptied = _DraftState(cache=cache, pending=d.pending, pending_n=jnp.zeros_like(d.pending_n),
+                          pending_p=d.pending_p)
+    return emptied, jnp.sum(jnp.where(valid, chance, 0.0), axis=1), d.pending_n.astype(jnp.float32)
+
+
+def _nothing_fed(d: _DraftState):
+    none = jnp.zeros(d.pending_n.shape, jnp.float32)
+    return d, none, none
+
+
+def _probability(sampler, logits, token):
+    """The target's probability of ``token`` under the sampler (1 for greedy: not needed there)."""
+    if isinstance(sampler, Greedy):
+        return jnp.ones(token.shape, jnp.float32)
+    log_p = jax.nn.log_softmax(sampler.filtered_logits(logits), axis=-1)
+    return jnp.exp(jnp.take_along_axis(log_p, token[:, None], axis=1)[:, 0])
+
+
+def _first_draft_chance(sampler, logits, token, guess):
+    """The chance that ``guess`` (batch,), drafted for the token the target just produced, would have been
+    accepted: for greedy whether it equals the token, for sampling p(guess)."""
+    if isinstance(sampler, Greedy):
+        return (guess == token).astype(jnp.float32)
     p = jax.nn.softmax(sampler.filtered_logits(logits), axis=-1)
-    if guess is not None:
-        return jnp.take_along_axis(p, guess[:, None].astype(jnp.int32), axis=1)[:, 0], valid
-    q = jax.nn.softmax(sampler.filtered_logits(guess_logits), axis=-1)
-    return jnp.sum(jnp.minimum(p, q), axis=-1), valid
+    return jnp.take_along_axis(p, guess[:, None].astype(jnp.int32), axis=1)[:, 0]
 
 
 def speculative_loop(
@@ -204,7 +263,7 @@ def speculative_loop(
     prompt_lengths = jnp.full((batch,), prompt_len, jnp.int32) if lengths is None else lengths
 
     token, logits, cache = _prefill_and_sample(model, params, prompt, lengths, key, sampler)
-    draft_cache = None
+    draft_state = None
     if draft is not None:
         draft_logits, draft_cache = (draft.prefill(draft_params, prompt) if lengths is None
                                      else draft.prefill(draft_params, prompt, lengths=lengths))
@@ -213,6 +272,7 @@ def speculative_loop(
                 f"the draft model's logits have shape {draft_logits.shape}, the target's {logits.shape}: a draft "
                 f"model needs the target's vocabulary (the same logits width)"
             )
+        draft_state = _empty_draft_state(draft_cache, batch, big_k + 1)
     history = None
     if lookup:
         history = jnp.concatenate([prompt, jnp.zeros((batch, room), jnp.int32)], axis=1)
@@ -223,7 +283,7 @@ def speculative_loop(
     zeros = jnp.zeros((batch,), jnp.int32)
     init = _SpecState(
         round=jnp.int32(0), last=token, out=out, lengths=jnp.ones((batch,), jnp.int32), done=done, cache=cache,
-        draft_cache=draft_cache, history=history, accepted_ema=jnp.float32(0), rejected_ema=jnp.float32(0),
+        draft=draft_state, history=history, accepted_ema=jnp.float32(0), rejected_ema=jnp.float32(0),
         stats=SpeculationStats(jnp.int32(0), jnp.int32(0), zeros, zeros),
     )
     loop_key = None if key is None else jax.random.fold_in(key, 1)
@@ -241,7 +301,7 @@ def speculative_loop(
         choice = _choose(spec, s, count)
 
         branches = [functools.partial(_round, k, model, params, draft, draft_params, sampler, s.last, s.cache,
-                                      s.draft_cache, proposals, count, keys, big_k + 1)
+                                      s.draft, proposals, count, keys, big_k + 1)
                     for k in spec.draft_lengths]
         r = lax.switch(choice, branches)
         emitted, produced = r.emitted, r.produced
@@ -267,7 +327,7 @@ def speculative_loop(
             lengths=new_lengths,
             done=s.done | finished,
             cache=r.cache,
-            draft_cache=r.draft_cache,
+            draft=r.draft,
             history=None if s.history is None else _write(s.history, emitted, prompt_lengths + s.lengths),
             accepted_ema=_DECAY * s.accepted_ema + jnp.sum(jnp.where(live, r.evidence, 0.0)),
             rejected_ema=_DECAY * s.rejected_ema + jnp.sum(jnp.where(live, r.trials - r.evidence, 0.0)),
@@ -290,16 +350,16 @@ _GREEDY = Greedy()
 
 
 def measure_round_costs(
-    model, params, prompt, speculative: Speculative, *, sampler=_GREEDY, draft_params=None, rounds: int = 16,
-    repeats: int = 5,
+    model, params, prompt, speculative: Speculative, *, sampler=_GREEDY, draft_params=None, rounds: int = 32,
+    repeats: int = 7,
 ) -> tuple[float, ...]:
     """Time a round of each of ``speculative.draft_lengths`` drafts on this machine, in plain decode steps.
 
-    Each round kind (the code the loop runs: decode, or draft + verify + accept + commit) is compiled
-    on its own as a ``fori_loop`` of ``rounds`` rounds from the cache after ``prompt`` (batch as given)
-    and timed, the median of ``repeats``; the results are divided by the plain decode step's and rounded
-    to 2 digits. Kept per model, sampler, draft, batch and parameter shapes for the process, so
-    :func:`ssdkit.generate` measures once.
+    One program runs ``rounds`` rounds of a kind chosen at run time (the code the loop runs, behind the
+    same ``lax.switch``: decode, or draft + verify + accept + commit) from the cache after ``prompt``
+    (batch as given). Each repeat times every kind in turn; a kind's cost is the median over repeats of
+    its time divided by the plain round's of the same repeat, rounded to 2 digits. Kept per model,
+    sampler, draft, batch and parameter shapes for the process, so :func:`ssdkit.generate` measures once.
     """
     import time
 
@@ -319,27 +379,33 @@ def measure_round_costs(
     count = jnp.full((batch,), big_k, jnp.int32)
     keys = (None, None) if isinstance(sampler, Greedy) else tuple(jax.random.split(jax.random.key(0)))
 
-    def timed(k):
-        def many(params, draft_params, cache, draft_cache):
-            def one(_, carry):
-                last, cache, draft_cache = carry
-                r = _round(k, model, params, draft, draft_params, sampler, last, cache, draft_cache,
-                           None if draft is not None else proposals, count, keys, big_k + 1)
-                return r.emitted[:, 0], r.cache, r.draft_cache
+    branches = lambda *args: [functools.partial(_round, k, model, *args) for k in speculative.draft_lengths]  # noqa: E731
 
-            return lax.fori_loop(0, rounds, one, (prompt[:, -1], cache, draft_cache))
+    @jax.jit
+    def many(choice, params, draft_params, cache, draft_cache):
+        """``rounds`` rounds of the chosen kind, switched on like the loop does (one compilation for all)."""
+        def one(_, carry):
+            last, cache, draft_state = carry
+            r = lax.switch(choice, branches(params, draft, draft_params, sampler, last, cache, draft_state,
+                                            None if draft is not None else proposals, count, keys, big_k + 1))
+            return r.emitted[:, 0], r.cache, r.draft
 
-        run = jax.jit(many)
-        jax.block_until_ready(run(params, draft_params, cache, draft_cache))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(run(params, draft_params, cache, draft_cache))
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
+        draft_state = None if draft is None else _empty_draft_state(draft_cache, batch, big_k + 1)
+        return lax.fori_loop(0, rounds, one, (prompt[:, -1], cache, draft_state))
 
-    seconds = [timed(k) for k in speculative.draft_lengths]
-    costs = tuple(max(round(t / seconds[0], 2), 0.01) for t in seconds)
+    def timed(choice):
+        start = time.perf_counter()
+        jax.block_until_ready(many(jnp.int32(choice), params, draft_params, cache, draft_cache))
+        return time.perf_counter() - start
+
+    kinds = range(len(speculative.draft_lengths))
+    for choice in kinds:  # compile, warm up
+        timed(choice)
+    ratios = []  # each kind against the plain round timed next to it: drift hits both alike
+    for _ in range(repeats):
+        seconds = [timed(choice) for choice in kinds]
+        ratios.append([t / seconds[0] for t in seconds])
+    costs = tuple(max(round(float(np.median([r[i] for r in ratios])), 2), 0.01) for i in kinds)
     _ROUND_COSTS[key_] = costs
     return costs
 
@@ -371,6 +437,11 @@ def check_speculative(model, sampler, speculative, draft_params) -> None:
             raise ValueError("a DraftModel needs its parameters: pass draft_params=")
     elif draft_params is not None:
         raise ValueError("draft_params is only for Speculative(draft=DraftModel(...)); prompt lookup has no model")
+
+
+def _empty_draft_state(cache, batch: int, width: int) -> _DraftState:
+    return _DraftState(cache=cache, pending=jnp.zeros((batch, width), jnp.int32),
+                       pending_n=jnp.zeros((batch,), jnp.int32), pending_p=jnp.ones((batch, width), jnp.float32))
 
 
 def _write(buffer, values, at):

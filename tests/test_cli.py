@@ -53,6 +53,26 @@ def test_generate_with_text_prompt(ckpt_with_tokenizer, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def test_generate_speculative(ckpt, tmp_path, capsys):
+    """--speculative lookup and --speculative DIR (the checkpoint drafting for itself): plain greedy's tokens
+    (one compiled program each, so equal barring a near tie: none at these 12 steps), and the report."""
+    args = ["generate", "--model", str(ckpt), "--prompt-ids", "1,2,3,4,1,2,3,4,1,2", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out.split()
+    for draft in ("lookup", str(ckpt)):
+        assert main([*args, "--speculative", draft, "--draft-tokens", "2"]) == 0
+        out = capsys.readouterr()
+        assert out.out.split() == plain
+        assert "drafted tokens accepted" in out.err and "tokens per weight pass" in out.err
+    other = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=70, d_state=8, headdim=16, chunk_size=8)
+    mamba2.save_checkpoint(mamba2.init_params(other, jax.random.key(1)), other, tmp_path / "other")
+    for extra, message in ((["--speculative", str(tmp_path / "other")], "differs from the model's"),
+                           (["--draft-tokens", "3"], "goes with --speculative"),
+                           (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens must be in")):
+        assert main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/dir", "--prompt-ids", "1"], "no such directory, and not a preset"),
     (["--model", "{ckpt}", "--prompt", "hello"], "needs a tokenizer.json"),
