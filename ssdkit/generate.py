@@ -31,7 +31,7 @@ import functools
 import math
 import numbers
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ssdkit._typing import Lengths, Logits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths
+
+if TYPE_CHECKING:  # ssdkit.drafts imports this module
+    from ssdkit.drafts import Speculative
 
 _INT32 = np.iinfo(np.int32)
 
@@ -364,7 +367,7 @@ def generate(
     eos_token_id: int | None = None,
     prompt_lengths: Lengths | None = None,
     pad_token_id: int = 0,
-    speculative: Any = None,
+    speculative: Speculative | None = None,
     draft_params: Any = None,
 ) -> GenerationResult:
     """Prefill ``prompt`` and generate up to ``max_new_tokens`` tokens per row in one compiled device call.

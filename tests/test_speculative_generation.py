@@ -188,11 +188,11 @@ def test_adaptive_length_drafts_long_when_drafts_hold(sampler):
     prompt = _prompts(1, 16, seed=2)
     costs = (1.0, 1.5, 1.7, 2.0, 2.5)
     spec = Speculative(DraftModel(MODEL), draft_tokens=8, round_costs=costs)
-    res = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=200, speculative=spec, draft_params=PARAMS,
+    res = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=120, speculative=spec, draft_params=PARAMS,
                           sampler=sampler, key=jax.random.key(3))
     stats = res.speculation
     assert stats.acceptance_rate > 0.9, stats  # p = q up to rounding: a sampled draft holds too
-    assert int(stats.passes) < 200 / 5, stats  # most rounds emit 9 tokens
+    assert int(stats.passes) < 120 / 4, stats  # most rounds emit 9 tokens
     assert int(stats.drafted[0]) >= 6 * int(stats.verifies), stats
     assert int(stats.passes) > int(stats.verifies) >= 1  # plain rounds first, then drafting rounds
 
@@ -200,7 +200,7 @@ def test_adaptive_length_drafts_long_when_drafts_hold(sampler):
 def test_eos_and_short_buffers():
     """A row stops at its EOS even inside a round of accepted drafts; the buffer never overflows."""
     prompt = _prompts(2, 20, seed=4)
-    for max_new in (1, 2, 7):
+    for max_new in (1, 6):  # a buffer shorter than one round's 9 tokens
         plain = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=max_new, eos_token_id=5)
         spec = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=max_new, eos_token_id=5,
                                speculative=Speculative(draft_tokens=8, adaptive=False))
