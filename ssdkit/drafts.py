@@ -5,8 +5,8 @@ each round proposes up to ``draft_tokens`` tokens per row, the target model chec
 (``verify``) and keeps the longest prefix it agrees with plus one token of its own (``commit``). Two
 sources of proposals:
 
-* :class:`PromptLookup` — no extra model: the continuation of the most recent earlier occurrence of the
-  row's last n tokens in its prompt and generated text (n from ``max_ngram`` down to ``min_ngram``). Code,
+* :class:`PromptLookup` — no extra model: the continuation of an earlier occurrence of the row's last n
+  tokens in its prompt and generated text (n from ``max_ngram`` down to ``min_ngram``). Code,
   quoting and edits repeat themselves; random text does not, and then nothing is proposed.
 * :class:`DraftModel` — any ssdkit model with ``prefill`` / ``decode`` / ``verify`` / ``commit`` and the
   target's vocabulary (e.g. a small Mamba-2 for a large one). It drafts with k decode steps from its own
@@ -37,7 +37,7 @@ class SpeculativeModel(LanguageModel, Protocol):
         ...
 
     def commit(self, record: Any, accepted: Lengths) -> Any:
-        """The cache after the first ``accepted[b]`` (1..k) of the verified tokens of each row."""
+        """The cache after the first ``accepted[b]`` (0..k) of the verified tokens of each row."""
         ...
 
 
