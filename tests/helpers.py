@@ -13,6 +13,8 @@ very same logits.
 
 from __future__ import annotations
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -108,3 +110,13 @@ def assert_same_greedy_tokens(actual, expected, margins, *, tie: float, name: st
                 f"decision margin {m[row, t]:.3e} exceeds the rounding tie bound {tie:.3e}: not a near tie\n"
                 f"actual   {a[row].tolist()}\nexpected {e[row].tolist()}"
             )
+
+
+def count_jaxpr_eqns(jaxpr) -> int:
+    """Equations in a jaxpr, those of nested jaxprs (loop bodies, branches) included: a program's size."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += count_jaxpr_eqns(sub)
+    return total

@@ -22,7 +22,7 @@ from jax import lax
 
 from ssdkit import GenerationResult, Greedy, LanguageModel, Sample, generate, generate_stream, make_sampler
 from ssdkit.generate import _generate, _generation_loop
-from tests.helpers import assert_same_greedy_tokens, greedy_margins
+from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
 VOCAB, DIM = 32, 16
 
@@ -255,20 +255,11 @@ def test_max_new_tokens_one_runs_no_decode():
     np.testing.assert_array_equal(res.lengths, [1, 1, 1])  # a count, whatever the tokens
 
 
-def _count_eqns(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        total += 1
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += _count_eqns(sub)
-    return total
-
-
 def test_traced_program_does_not_grow_with_max_new_tokens():
     def n_eqns(max_new):
         fn = functools.partial(_generation_loop, MODEL, max_new_tokens=max_new, sampler=Sample(0.8, 5, 0.9),
                                eos_token_id=3, pad_token_id=0)
-        return _count_eqns(jax.make_jaxpr(fn)(PARAMS, _prompt(), None, jax.random.key(0)).jaxpr)
+        return count_jaxpr_eqns(jax.make_jaxpr(fn)(PARAMS, _prompt(), None, jax.random.key(0)).jaxpr)
 
     assert n_eqns(8) == n_eqns(256)
 

@@ -26,8 +26,7 @@ import ssdkit
 from models import mamba2
 from ssdkit import DraftModel, Greedy, PromptLookup, Sample, Speculative
 from ssdkit.speculative_loop import measure_round_costs, speculative_loop
-from tests.helpers import assert_same_greedy_tokens, greedy_margins
-from tests.test_generate import _count_eqns
+from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=24, pad_vocab_size_multiple=8, d_state=8, headdim=16,
                           chunk_size=8, tie_embeddings=False)
@@ -236,7 +235,7 @@ def test_traced_program_does_not_grow_with_max_new_tokens():
         fn = functools.partial(speculative_loop, MODEL, max_new_tokens=max_new, sampler=Sample(0.9, top_k=5),
                                eos_token_id=3, pad_token_id=0,
                                speculative=Speculative(DraftModel(DRAFT), draft_tokens=4, round_costs=COSTS[:4]))
-        return _count_eqns(jax.make_jaxpr(fn)(PARAMS, LAYER_SKIP, _prompts(2, 9), None, jax.random.key(0)).jaxpr)
+        return count_jaxpr_eqns(jax.make_jaxpr(fn)(PARAMS, LAYER_SKIP, _prompts(2, 9), None, jax.random.key(0)).jaxpr)
 
     assert n_eqns(8) == n_eqns(300)
 
