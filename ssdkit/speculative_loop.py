@@ -245,8 +245,7 @@ def _first_draft_chance(sampler, logits, token, guess):
     accepted: for greedy whether it equals the token, for sampling p(guess)."""
     if isinstance(sampler, Greedy):
         return (guess == token).astype(jnp.float32)
-    p = jax.nn.softmax(sampler.filtered_logits(logits), axis=-1)
-    return jnp.take_along_axis(p, guess[:, None].astype(jnp.int32), axis=1)[:, 0]
+    return _probability(sampler, logits, guess.astype(jnp.int32))
 
 
 def speculative_loop(
