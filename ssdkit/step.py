@@ -1,11 +1,14 @@
 """The O(1) single-step update of the recurrence (decode).
 
 The state is the one large operand (batch·H·P·N floats per layer), so the step is written to touch it
-the least: one fused elementwise pass writes the new state, and the readout (a batched matrix-vector
-product) reads that new state. Both work on the state in the readout's canonical shape
-(batch·G, (H/G)·P, N); in any other shape XLA fuses a second copy of the update into the readout's
-operand, the old state then has two readers, and a decode loop copies every layer's state each step
-(measured for 130M at batch 16 on CPU: 153 -> 125 ms per step).
+the least: one fused elementwise pass overwrites the state in place, and the readout (a batched
+matrix-vector product) reads the new state through a free reshape. XLA's CPU backend lets a fusion
+write into its operand's buffer only when the operand reaches the output through elementwise operations,
+so the update is computed in the state's own (batch, H, P, N) shape and only the readout's operand is
+reshaped to its canonical (batch·G, (H/G)·P, N). With the update computed in the readout's shape, the
+fusion wrote a fresh buffer and a decode loop then copied every layer's state into its carry each step
+(measured for 130M float32 on a 2-core AMD EPYC, one alternating run: batch 1 20.1 -> 19.2 ms a step,
+batch 16 79.7 -> 61.8 ms).
 """
 
 from __future__ import annotations
@@ -43,15 +46,14 @@ def _step(spec: Recurrence, state, x, log_a, b, c):
     batch = x.shape[0]
     h, p, n, g, r = spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
     acc = accumulation_dtype(state.dtype, x.dtype, log_a.dtype, b.dtype, c.dtype)
-    z = batch * g
-    # XLA drops a unit batch axis from the readout; keep the state in exactly the readout's operand shape.
-    lead = (z,) if z > 1 else ()
-    s = state.astype(acc).reshape(*lead, r * p, n)
     k = 1 if spec.decay is DecayKind.SCALAR else n  # one decay per head, or per head and state channel
-    decay = jnp.exp(log_a.astype(acc)).reshape(*lead, r, 1, k)
-    decay = jnp.broadcast_to(decay, (*lead, r, p, k)).reshape(*lead, r * p, k)
-    xg = x.astype(acc).reshape(*lead, r * p, 1)
-    bg = b.astype(acc).reshape(*lead, 1, n)
-    s = decay * s + xg * bg
-    y = jnp.einsum("...kn,...n->...k", s, c.astype(acc).reshape(*lead, n), preferred_element_type=acc)
-    return y.reshape(batch, h, p).astype(x.dtype), s.reshape(batch, h, p, n).astype(state.dtype)
+    # The update in the state's own shape, so that its fusion overwrites the state in place.
+    decay = jnp.exp(log_a.astype(acc)).reshape(batch, h, 1, k)
+    b_heads = b.astype(acc) if g == 1 else jnp.repeat(b.astype(acc), r, axis=1)  # (batch, 1 or H, N)
+    s = decay * state.astype(acc) + x.astype(acc)[..., None] * b_heads[:, :, None, :]
+    # The readout on the canonical (batch·G, R·P, N) view; XLA drops a unit batch axis, so none is kept.
+    z = batch * g
+    lead = (z,) if z > 1 else ()
+    y = jnp.einsum("...kn,...n->...k", s.reshape(*lead, r * p, n), c.astype(acc).reshape(*lead, n),
+                   preferred_element_type=acc)
+    return y.reshape(batch, h, p).astype(x.dtype), s.astype(state.dtype)

@@ -1,7 +1,8 @@
-"""Weight layouts: per layer by default, stacked on request; decode never copies weights per step.
+"""Weight layouts: per layer by default, stacked on request; decode never copies weights or states per step.
 
-The structural claim (XLA's CPU backend copies a layer's weights out of stacked arrays on every decode step;
-per-layer weights are read in place) is checked on the compiled HLO, not by timing.
+The structural claims (XLA's CPU backend copies a layer's weights out of stacked arrays on every decode step;
+per-layer weights are read in place; ``ssd_step`` updates each layer's state in place) are checked on the
+compiled HLO, not by timing.
 """
 
 from __future__ import annotations
@@ -43,15 +44,21 @@ def _weight_copies(hlo: str, cfg: mamba2.Mamba2Config) -> list[str]:
     return keep
 
 
-def _decode_programs(params, cfg):
+def _state_copies(hlo: str, cfg: mamba2.Mamba2Config, batch: int) -> list[str]:
+    """``copy`` instructions of a compiled program with a layer state's (batch, H, P, N) shape."""
+    shape = f"f32[{batch},{cfg.nheads},{cfg.headdim},{cfg.d_state}]"
+    return [line.strip() for line in hlo.splitlines() if re.search(re.escape(shape) + r"\S* copy\(", line)]
+
+
+def _decode_programs(params, cfg, batch: int = 1):
     """Compiled HLO of the three decode programs the API runs: decode_step, generate, generate_stream's step."""
-    token, cache = jnp.zeros((1,), jnp.int32), mamba2.init_cache(cfg, 1)
+    token, cache = jnp.zeros((batch,), jnp.int32), mamba2.init_cache(cfg, batch)
     model, greedy = mamba2.Mamba2LM(cfg), ssdkit.Greedy()
     step = _decode_step.lower(params, cfg, token, cache)
-    gen = _generate.lower(model, params, jnp.zeros((1, 5), jnp.int32), None, None, max_new_tokens=4,
+    gen = _generate.lower(model, params, jnp.zeros((batch, 5), jnp.int32), None, None, max_new_tokens=4,
                           sampler=greedy, eos_token_id=None, pad_token_id=0)
-    per_layer_cache = model.prefill(params, jnp.zeros((1, 5), jnp.int32))[1]
-    stream = _stream_next.lower(model, params, token, jnp.zeros((1,), bool), per_layer_cache, None,
+    per_layer_cache = model.prefill(params, jnp.zeros((batch, 5), jnp.int32))[1]
+    stream = _stream_next.lower(model, params, token, jnp.zeros((batch,), bool), per_layer_cache, None,
                                 jnp.int32(1), sampler=greedy, eos_token_id=None, pad_token_id=0)
     return {name: lowered.compile().as_text() for name, lowered in
             (("decode_step", step), ("generate", gen), ("generate_stream", stream))}
@@ -79,6 +86,16 @@ def test_api_decode_programs_read_weights_in_place(stacked):
     params = mamba2.init_params(CFG, jax.random.key(0), stacked=stacked)
     for name, hlo in _decode_programs(_decode_layout(params), CFG).items():
         assert _weight_copies(hlo, CFG) == [], name
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_api_decode_programs_update_states_in_place(batch):
+    """No program decode runs copies a layer's state: each step's update overwrites it in place. (When the
+    update was computed in the readout's reshaped view, XLA gave it a fresh buffer and the generate loop
+    copied every layer's state into its carry each step.)"""
+    params = _decode_layout(mamba2.init_params(CFG, jax.random.key(0)))
+    for name, hlo in _decode_programs(params, CFG, batch).items():
+        assert _state_copies(hlo, CFG, batch) == [], name
 
 
 def test_stacked_layout_without_conversion_copies_weights_every_step():
