@@ -179,7 +179,7 @@ def draft_with_model(
         token, cache = carry
         logits, cache = draft.decode(params, token, cache)
         if greedy:
-            nxt, logq = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32), None
+            nxt, logq = sampler(logits), None
         else:
             logq = jax.nn.log_softmax(sampler.filtered_logits(logits), axis=-1)
             nxt = jax.random.categorical(jax.random.fold_in(key, t), logq, axis=-1).astype(jnp.int32)

@@ -110,7 +110,7 @@ def _accept(sampler, logits, drafts, count, log_q, key):
     batch, k = drafts.shape
     valid = jnp.arange(k)[None, :] < count[:, None]
     if isinstance(sampler, Greedy):
-        target = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # (batch, k + 1)
+        target = sampler(logits)  # (batch, k + 1)
         n = _leading_true((drafts == target[:, :k]) & valid)
         return n, jnp.take_along_axis(target, n[:, None], axis=1)[:, 0]
     key_accept, key_fix = jax.random.split(key)
@@ -216,7 +216,7 @@ def _feed_draft(draft, draft_params, sampler, following, d: _DraftState):
     last_pending = columns == (d.pending_n - 1)[:, None]
     actual = jnp.where(last_pending, following[:, None], jnp.roll(d.pending, -1, axis=1))  # what followed
     if isinstance(sampler, Greedy):
-        chance = (jnp.argmax(logits.astype(jnp.float32), axis=-1) == actual).astype(jnp.float32)
+        chance = (sampler(logits) == actual).astype(jnp.float32)
     else:  # E over the target's draws t of min(1, q(t) / p(t)) is Σ_v min(p_v, q_v), the acceptance chance
         log_q = jax.nn.log_softmax(sampler.filtered_logits(logits), axis=-1)
         q = jnp.exp(jnp.take_along_axis(log_q, actual[..., None], axis=-1)[..., 0])

@@ -18,10 +18,12 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 from ssdkit import GenerationResult, Greedy, LanguageModel, Sample, generate, generate_stream, make_sampler
-from ssdkit.generate import _generate, _generation_loop
+from ssdkit.generate import _generate, _generation_loop, argmax_last
 from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
 VOCAB, DIM = 32, 16
@@ -335,6 +337,21 @@ LOGITS = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50)) * 2, jnp.
 def _support(sampler, logits, n=400):
     draws = jax.vmap(lambda k: sampler(logits, k))(jax.random.split(jax.random.key(7), n))
     return [set(np.asarray(draws[:, row]).tolist()) for row in range(logits.shape[0])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), n=st.integers(1, 70), levels=st.integers(1, 5), seed=st.integers(0, 2**16),
+       specials=st.lists(st.sampled_from(["nan", "inf", "-inf"]), max_size=3))
+def test_argmax_last_equals_jnp_argmax(rows, n, levels, seed, specials):
+    """Greedy's argmax (a max, then a min over the indices reaching it) against ``jnp.argmax``: exact,
+    including ties (values from a few levels), infinities and NaNs (argmax takes the first NaN)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, (rows, n)).astype(np.float32)
+    for special in specials:
+        x[rng.integers(rows), rng.integers(n)] = float(special)
+    got = jax.jit(argmax_last)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))
 
 
 def test_degenerate_samplers_equal_greedy():
