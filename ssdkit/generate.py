@@ -41,6 +41,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ssdkit._typing import Lengths, Logits, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths
+from ssdkit.xla_options import inference_jit
 
 if TYPE_CHECKING:  # ssdkit.drafts imports this module
     from ssdkit.drafts import Speculative
@@ -304,7 +305,9 @@ def _generation_loop(
     return lax.while_loop(cond, body, init)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id"))
+@functools.partial(
+    inference_jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id")
+)
 def _generate(model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id):
     final = _generation_loop(
         model, params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler,
@@ -426,7 +429,7 @@ def generate(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"))
+@functools.partial(inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"))
 def _stream_first(model, params, prompt, lengths, key, *, sampler, eos_token_id, pad_token_id):
     token, _, cache = _prefill_and_sample(model, params, prompt, lengths, key, sampler)
     written, done = _emit(jnp.zeros(token.shape, bool), token, eos_token_id, pad_token_id)
@@ -434,7 +437,7 @@ def _stream_first(model, params, prompt, lengths, key, *, sampler, eos_token_id,
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"), donate_argnames=("cache",)
+    inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"), donate_argnames=("cache",)
 )
 def _stream_next(model, params, token, done, cache, key, step, *, sampler, eos_token_id, pad_token_id):
     logits, cache = model.decode(params, token, cache)

@@ -39,6 +39,7 @@ from jaxtyping import Array, Float, Int
 from ssdkit._typing import Lengths
 from ssdkit.drafts import DraftModel, PromptLookup, Speculative, draft_with_model
 from ssdkit.generate import GenerationResult, Greedy, SpeculationStats, _prefill_and_sample, _sample
+from ssdkit.xla_options import inference_jit
 
 
 @jax.tree_util.register_dataclass
@@ -380,7 +381,7 @@ def measure_round_costs(
 
     branches = lambda *args: [functools.partial(_round, k, model, *args) for k in speculative.draft_lengths]  # noqa: E731
 
-    @jax.jit
+    @inference_jit  # compiled as the loop is: the costs are of the programs it runs
     def many(choice, params, draft_params, cache, draft_cache):
         """``rounds`` rounds of the chosen kind, switched on like the loop does (one compilation for all)."""
         def one(_, carry):
@@ -449,7 +450,8 @@ def _write(buffer, values, at):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id", "speculative")
+    inference_jit,
+    static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id", "speculative"),
 )
 def generate_speculative(
     model, params, draft_params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id,

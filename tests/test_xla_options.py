@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from ssdkit import xla_options
 
@@ -27,3 +29,28 @@ def test_the_users_xla_flags_win(monkeypatch):
 
 def test_an_unknown_option_is_dropped():
     assert not xla_options._accepted((("xla_cpu_no_such_option", "1"),), "cpu")
+
+
+def test_cpu_inference_options_and_the_users_flags(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla_options.inference_compiler_options("cpu") == dict(xla_options.CPU_INFERENCE)
+    assert xla_options.inference_compiler_options("gpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+    assert xla_options.inference_compiler_options("cpu") == {}
+
+
+def test_inference_jit_passes_its_options_at_the_top_level_only(monkeypatch):
+    """An option this jaxlib rejects shows where the options go: a top-level call compiles with them (and
+    fails); the same function called inside another jit is a plain nested jit (JAX takes compiler options
+    only at the top level), so it compiles."""
+    monkeypatch.setattr(xla_options, "inference_compiler_options", lambda: {"xla_cpu_no_such_option": "1"})
+    twice = xla_options.inference_jit(lambda x: 2 * x)
+    x = jnp.arange(3.0)
+    np.testing.assert_array_equal(jax.jit(lambda v: twice(v) + 1)(x), 2 * x + 1)
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        twice(x)
+    # attributes are the jitted function's (the decode-programs HLO tests lower through them)
+    static = xla_options.inference_jit(lambda x, n: x * n, static_argnames=("n",))
+    monkeypatch.setattr(xla_options, "inference_compiler_options", lambda: {})
+    assert "multiply" in static.lower(x, n=3).as_text()
+    assert static.__name__ == "<lambda>"

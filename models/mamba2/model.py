@@ -38,6 +38,7 @@ from ssdkit.loss import DEFAULT_BLOCK_SIZE
 from ssdkit.sharding import gather_weights
 from ssdkit.speculative import check_accepted
 from ssdkit.stack import is_per_layer, unstack
+from ssdkit.xla_options import inference_jit
 
 Hidden = Float[Array, "batch seq d_model"]
 
@@ -265,7 +266,7 @@ def _check_cache(cfg: Mamba2Config, cache: RecurrentCache, batch: int) -> None:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "return_hidden"))
+@functools.partial(inference_jit, static_argnames=("cfg", "return_hidden"))
 def _forward(params, cfg, tokens, return_hidden):
     hidden = _hidden(params, cfg, tokens, None)
     w = _head_weight(params)
@@ -326,7 +327,7 @@ def loss(
     return metrics.loss, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(inference_jit, static_argnames=("cfg",))
 def _prefill(params, cfg, tokens, lengths, cache):
     batch, seq = tokens.shape
     if cache is None:
@@ -365,7 +366,7 @@ def prefill(
     return _prefill(params, cfg, tokens, lengths, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(inference_jit, static_argnames=("cfg",))
 def _score_window(params, cfg, tokens, targets, weights, segment_ids, reset, cache):
     keep = ~reset
     cache = jax.tree_util.tree_map(lambda a: a * keep.reshape(1, -1, *([1] * (a.ndim - 2))).astype(a.dtype), cache)
@@ -416,7 +417,7 @@ def _decode(params, cfg, token, cache):
     return logits, cache
 
 
-_decode_step = jax.jit(_decode, static_argnames=("cfg",), donate_argnames=("cache",))
+_decode_step = inference_jit(_decode, static_argnames=("cfg",), donate_argnames=("cache",))
 
 
 def decode_step(
@@ -452,7 +453,7 @@ def _layer_verify(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Rec
     return residual, VerifyRecord(scan=scan, windows=cache.conv, conv_inputs=conv_inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(inference_jit, static_argnames=("cfg",))
 def _verify(params, cfg, tokens, cache):
     residual = _embed(params, tokens)
     residual, record = ssdkit.scan_layers(functools.partial(_layer_verify, cfg), params.layers, residual, cache)
@@ -495,7 +496,7 @@ def _commit_layers(record, accepted) -> RecurrentCache | tuple[RecurrentCache, .
     return RecurrentCache(conv=windows, state=state)
 
 
-_commit = jax.jit(_commit_layers)
+_commit = inference_jit(_commit_layers)
 
 
 def commit(record: VerifyRecord, accepted: Lengths) -> RecurrentCache:
