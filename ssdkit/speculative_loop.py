@@ -2,7 +2,11 @@
 
 One ``lax.while_loop`` (no host round trip; the traced program does not grow with ``max_new_tokens``).
 Its carry holds each row's last emitted token (not yet fed to the model), the cache after every earlier
-token, the output buffer and, for prompt lookup, the row's text. A round:
+token, the output buffer, for prompt lookup the row's text, and the plan for the next round (its k and
+proposals). Plain rounds (k = 0) run in an inner ``while_loop`` of their own, as plain decoding does:
+behind a conditional, XLA copies every layer's state each iteration (it cannot update a conditional's
+operand in place), which on 130M cost 10-20% of a plain step. Only the other rounds (and feeding a draft
+model's queue) sit behind the ``lax.switch``. A round:
 
 1. proposes up to k tokens per row (:class:`~ssdkit.PromptLookup` or a :class:`~ssdkit.DraftModel`),
    with k chosen per round from the compiled lengths (``Speculative.draft_lengths``; k = 0 is a plain
@@ -56,6 +60,10 @@ class _SpecState:
     accepted_ema: Float[Array, ""]  # decayed counts of accepted and rejected drafts (the adaptive rule)
     rejected_ema: Float[Array, ""]
     stats: SpeculationStats
+    # the next round's plan: index into Speculative.draft_lengths, and prompt lookup's proposals
+    choice: Int[Array, ""]
+    proposals: Any  # (batch, K) (prompt lookup; else None)
+    count: Lengths  # real proposals per row (K for a draft model)
 
 
 @jax.tree_util.register_dataclass
@@ -91,6 +99,13 @@ class _RoundOut:
     # plain round the chance the draft source's next-token guess would have been accepted (free to compute).
     evidence: Float[Array, " batch"]  # accepted drafts (or that chance)
     trials: Float[Array, " batch"]  # rejections plus accepted drafts: the counts of a geometric law
+
+
+def _queue_width(big_k: int) -> int:
+    """Tokens a draft model's queue holds: fed in one verify when full, so the draft follows plain rounds
+    at the cost of one weight pass per this many tokens (4 × (K + 1): with 9, a 20-layer 130M draft that
+    never held cost 15% of a plain step per token)."""
+    return 4 * (big_k + 1)
 
 
 _DECAY = 0.9  # per round: the weight of the past in the acceptance counts
@@ -163,15 +178,13 @@ def _round(k, model, params, draft, draft_params, sampler, last, cache, draft_st
     if k == 0:
         logits, cache = model.decode(params, last, cache)
         token = _sample(sampler, logits, keys[1], 0, batch)
-        if draft is not None:  # queue `last` for the draft; feed the queue when it is full
+        if draft is not None:  # queue `last` for the draft (the loop feeds the queue when it is full)
             p_token = _probability(sampler, logits, token)
             d = draft_state
-            d = dataclasses.replace(d, pending=_write(d.pending, last[:, None], d.pending_n),
-                                    pending_p=_write(d.pending_p, p_token[:, None], d.pending_n),
-                                    pending_n=d.pending_n + 1)
-            full = jnp.any(d.pending_n >= d.pending.shape[1])
-            draft_state, evidence, trials = lax.cond(
-                full, functools.partial(_feed_draft, draft, draft_params, sampler, token), _nothing_fed, d)
+            draft_state = dataclasses.replace(d, pending=_write(d.pending, last[:, None], d.pending_n),
+                                              pending_p=_write(d.pending_p, p_token[:, None], d.pending_n),
+                                              pending_n=d.pending_n + 1)
+            evidence = trials = jnp.zeros((batch,), jnp.float32)  # counted when the queue is fed
         else:  # lookup: would its first proposal have held?
             chance = _first_draft_chance(sampler, logits, token, proposals[:, 0])
             trials = (count > 0).astype(jnp.float32)
@@ -272,7 +285,7 @@ def speculative_loop(
                 f"the draft model's logits have shape {draft_logits.shape}, the target's {logits.shape}: a draft "
                 f"model needs the target's vocabulary (the same logits width)"
             )
-        draft_state = _empty_draft_state(draft_cache, batch, big_k + 1)
+        draft_state = _empty_draft_state(draft_cache, batch, _queue_width(big_k))
     history = None
     if lookup:
         history = jnp.concatenate([prompt, jnp.zeros((batch, room), jnp.int32)], axis=1)
@@ -280,30 +293,30 @@ def speculative_loop(
     out = jnp.full((batch, room), pad_token_id, jnp.int32).at[:, 0].set(token)
     done = jnp.zeros((batch,), bool) if eos_token_id is None else token == eos_token_id
     done |= max_new_tokens <= 1
-    zeros = jnp.zeros((batch,), jnp.int32)
-    init = _SpecState(
-        round=jnp.int32(0), last=token, out=out, lengths=jnp.ones((batch,), jnp.int32), done=done, cache=cache,
-        draft=draft_state, history=history, accepted_ema=jnp.float32(0), rejected_ema=jnp.float32(0),
-        stats=SpeculationStats(jnp.int32(0), jnp.int32(0), zeros, zeros),
-    )
-    loop_key = None if key is None else jax.random.fold_in(key, 1)
 
-    def cond(s: _SpecState):
-        return ~jnp.all(s.done)
-
-    def body(s: _SpecState) -> _SpecState:
-        round_key = None if loop_key is None else jax.random.fold_in(loop_key, s.round)
-        keys = (None, None) if round_key is None else tuple(jax.random.split(round_key))
+    def plan(s: _SpecState) -> _SpecState:
+        """Decide the next round: prompt lookup's proposals and the draft length (``_choose``)."""
         if lookup:
             proposals, count = spec.draft.propose(s.history, prompt_lengths + s.lengths, big_k)
         else:
             proposals, count = None, jnp.full((batch,), big_k, jnp.int32)
-        choice = _choose(spec, s, count)
+        return dataclasses.replace(s, choice=_choose(spec, s, count), proposals=proposals, count=count)
 
-        branches = [functools.partial(_round, k, model, params, draft, draft_params, sampler, s.last, s.cache,
-                                      s.draft, proposals, count, keys, big_k + 1)
-                    for k in spec.draft_lengths]
-        r = lax.switch(choice, branches)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    init = plan(_SpecState(
+        round=jnp.int32(0), last=token, out=out, lengths=jnp.ones((batch,), jnp.int32), done=done, cache=cache,
+        draft=draft_state, history=history, accepted_ema=jnp.float32(0), rejected_ema=jnp.float32(0),
+        stats=SpeculationStats(jnp.int32(0), jnp.int32(0), zeros, zeros), choice=jnp.int32(0), proposals=None,
+        count=zeros,
+    ))
+    loop_key = None if key is None else jax.random.fold_in(key, 1)
+
+    def run_round(k: int, s: _SpecState) -> _SpecState:
+        """Round ``k`` (a plain step for 0), its tokens written, its evidence counted, the next one planned."""
+        round_key = None if loop_key is None else jax.random.fold_in(loop_key, s.round)
+        keys = (None, None) if round_key is None else tuple(jax.random.split(round_key))
+        r = _round(k, model, params, draft, draft_params, sampler, s.last, s.cache, s.draft, s.proposals, s.count,
+                   keys, big_k + 1)
         emitted, produced = r.emitted, r.produced
 
         # Keep each row's tokens up to its EOS and the buffer's end; finished rows keep nothing.
@@ -317,10 +330,10 @@ def speculative_loop(
         finished = new_lengths >= max_new_tokens
         if eos_token_id is not None:
             finished |= jnp.any((emitted == eos_token_id) & (columns < kept[:, None]), axis=1)
-        speculated = choice > 0
         live = ~s.done
         stats = s.stats
-        return _SpecState(
+        return plan(dataclasses.replace(
+            s,
             round=s.round + 1,
             last=jnp.take_along_axis(emitted, (produced - 1)[:, None], axis=1)[:, 0],
             out=_write(s.out, emitted, s.lengths),
@@ -333,11 +346,36 @@ def speculative_loop(
             rejected_ema=_DECAY * s.rejected_ema + jnp.sum(jnp.where(live, r.trials - r.evidence, 0.0)),
             stats=SpeculationStats(
                 passes=stats.passes + 1,
-                verifies=stats.verifies + speculated.astype(jnp.int32),
+                verifies=stats.verifies + int(k > 0),
                 drafted=stats.drafted + jnp.where(live, r.drafted, 0),
                 accepted=stats.accepted + jnp.where(live, r.accepted, 0),
             ),
-        )
+        ))
+
+    def feed(s: _SpecState) -> _SpecState:
+        """Feed the draft model its full queue (one verify + commit); what it would have guessed is evidence."""
+        d, evidence, trials = _feed_draft(draft, draft_params, sampler, s.last, s.draft)
+        live = ~s.done
+        return plan(dataclasses.replace(
+            s, draft=d, accepted_ema=s.accepted_ema + jnp.sum(jnp.where(live, evidence, 0.0)),
+            rejected_ema=s.rejected_ema + jnp.sum(jnp.where(live, trials - evidence, 0.0))))
+
+    def plain_runs(s: _SpecState) -> Any:
+        go = ~jnp.all(s.done) & (s.choice == 0)
+        if draft is not None:
+            go &= ~jnp.any(s.draft.pending_n >= s.draft.pending.shape[1])
+        return go
+
+    def cond(s: _SpecState):
+        return ~jnp.all(s.done)
+
+    def body(s: _SpecState) -> _SpecState:
+        s = lax.while_loop(plain_runs, functools.partial(run_round, 0), s)
+        # Out of the plain run: all rows done, a full draft queue, or a round of drafts planned.
+        branches = [lambda s: s, feed if draft is not None else (lambda s: s)]
+        branches += [functools.partial(run_round, k) for k in spec.draft_lengths[1:]]
+        index = jnp.where(jnp.all(s.done), 0, jnp.where(s.choice == 0, 1, s.choice + 1))
+        return lax.switch(index, branches, s)
 
     final = lax.while_loop(cond, body, init)
     columns = jnp.arange(max_new_tokens)[None, :]
@@ -355,11 +393,12 @@ def measure_round_costs(
 ) -> tuple[float, ...]:
     """Time a round of each of ``speculative.draft_lengths`` drafts on this machine, in plain decode steps.
 
-    One program runs ``rounds`` rounds of a kind chosen at run time (the code the loop runs, behind the
-    same ``lax.switch``: decode, or draft + verify + accept + commit) from the cache after ``prompt``
-    (batch as given). Each repeat times every kind in turn; a kind's cost is the median over repeats of
-    its time divided by the plain round's of the same repeat, rounded to 2 digits. Kept per model,
-    sampler, draft, batch and parameter shapes for the process, so :func:`ssdkit.generate` measures once.
+    The code the loop runs, from the cache after ``prompt`` (batch as given): plain rounds in a while loop
+    of their own (a draft model's queue fed when full), and one program for the rounds with drafts (draft
+    + verify + accept + commit) behind the loop's ``lax.switch``, the kind chosen at run time. Each repeat
+    times every kind in turn (``rounds`` rounds); a kind's cost is the median over repeats of its time per
+    round divided by the plain round's of the same repeat, rounded to 2 digits. Kept per model, sampler,
+    draft, batch and parameter shapes for the process, so :func:`ssdkit.generate` measures once.
     """
     import time
 
@@ -379,24 +418,48 @@ def measure_round_costs(
     count = jnp.full((batch,), big_k, jnp.int32)
     keys = (None, None) if isinstance(sampler, Greedy) else tuple(jax.random.split(jax.random.key(0)))
 
-    branches = lambda *args: [functools.partial(_round, k, model, *args) for k in speculative.draft_lengths]  # noqa: E731
+    args = (draft, draft_params, sampler)
+    width, queue = big_k + 1, _queue_width(big_k)
+    lookup_args = (None if draft is not None else proposals, count, keys, width)
 
     @inference_jit  # compiled as the loop is: the costs are of the programs it runs
-    def many(choice, params, draft_params, cache, draft_cache):
-        """``rounds`` rounds of the chosen kind, switched on like the loop does (one compilation for all)."""
-        def one(_, carry):
+    def plain(params, draft_params, cache, draft_cache):
+        """``rounds`` plain rounds as the loop runs them: in a while loop of their own, a draft model's queue
+        fed (outside the loop's switch) whenever it is full."""
+        def one(carry):
             last, cache, draft_state = carry
-            r = lax.switch(choice, branches(params, draft, draft_params, sampler, last, cache, draft_state,
-                                            None if draft is not None else proposals, count, keys, big_k + 1))
+            r = _round(0, model, params, draft, draft_params, sampler, last, cache, draft_state, *lookup_args)
             return r.emitted[:, 0], r.cache, r.draft
 
-        draft_state = None if draft is None else _empty_draft_state(draft_cache, batch, big_k + 1)
+        def group(_, carry):  # `queue` rounds fill the queue; then it is fed
+            carry = lax.fori_loop(0, queue, lambda _, c: one(c), carry)
+            if draft is None:
+                return carry
+            last, cache, draft_state = carry
+            return last, cache, _feed_draft(draft, draft_params, sampler, last, draft_state)[0]
+
+        draft_state = None if draft is None else _empty_draft_state(draft_cache, batch, queue)
+        return lax.fori_loop(0, max(rounds // queue, 1), group, (prompt[:, -1], cache, draft_state))
+
+    @inference_jit
+    def drafting(choice, params, draft_params, cache, draft_cache):
+        """``rounds`` rounds of the chosen k > 0, behind a ``lax.switch`` as in the loop (one compilation)."""
+        def one(_, carry):
+            last, cache, draft_state = carry
+            r = lax.switch(choice - 1, [functools.partial(_round, k, model, params, *args, last, cache, draft_state,
+                                                          *lookup_args) for k in speculative.draft_lengths[1:]])
+            return r.emitted[:, 0], r.cache, r.draft
+
+        draft_state = None if draft is None else _empty_draft_state(draft_cache, batch, queue)
         return lax.fori_loop(0, rounds, one, (prompt[:, -1], cache, draft_state))
 
     def timed(choice):
         start = time.perf_counter()
-        jax.block_until_ready(many(jnp.int32(choice), params, draft_params, cache, draft_cache))
-        return time.perf_counter() - start
+        if choice == 0:
+            jax.block_until_ready(plain(params, draft_params, cache, draft_cache))
+            return (time.perf_counter() - start) / (max(rounds // queue, 1) * queue)
+        jax.block_until_ready(drafting(jnp.int32(choice), params, draft_params, cache, draft_cache))
+        return (time.perf_counter() - start) / rounds
 
     kinds = range(len(speculative.draft_lengths))
     for choice in kinds:  # compile, warm up
