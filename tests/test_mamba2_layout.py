@@ -20,6 +20,7 @@ import ssdkit
 from models import mamba2
 from models.mamba2.model import _PER_LAYER_COPIES, _decode_layout, _decode_step
 from ssdkit.generate import _generate, _stream_next
+from ssdkit.speculative_loop import generate_speculative
 from tests.helpers import assert_same_up_to_rounding
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=3, vocab_size=100, d_state=16, headdim=16, chunk_size=8)
@@ -160,3 +161,23 @@ def test_generate_from_stacked_params_runs_the_per_layer_program():
     a = mamba2.generate(per_layer, CFG, prompt, max_new_tokens=12)
     b = mamba2.generate(stacked, CFG, prompt, max_new_tokens=12)
     np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_speculative_plain_rounds_update_states_in_place():
+    """The speculative loop runs its plain rounds in a while loop of their own: a loop body that holds the
+    LM head's product (a decode step) and copies no layer state. (Behind the rounds' ``lax.switch`` XLA
+    copied every layer's state each plain round, and no loop body held a decode step: checked on the old
+    loop.) Prompt lookup: with a draft model, the draft's own k-step loop would satisfy this check too."""
+    params = _decode_layout(mamba2.init_params(CFG, jax.random.key(0)))
+    spec = ssdkit.Speculative(ssdkit.PromptLookup(), draft_tokens=4, round_costs=(1.0, 2.0, 2.5, 3.0))
+    hlo = generate_speculative.lower(
+        mamba2.Mamba2LM(CFG), params, None, jnp.zeros((1, 9), jnp.int32), None, None, max_new_tokens=20,
+        sampler=ssdkit.Greedy(), eos_token_id=None, pad_token_id=0, speculative=spec,
+    ).compile().as_text()
+    computations = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^(%\S+) .*?^}", hlo)}
+    head = f"f32[1,{CFG.padded_vocab_size}]"
+    plain_bodies = [name for name in set(re.findall(r"body=(%[\w.\-]+)", hlo))
+                    if re.search(re.escape(head) + r"\S* dot\(", computations.get(name, ""))]
+    assert plain_bodies, "no while loop runs a decode step directly"
+    for name in plain_bodies:
+        assert _state_copies(computations[name], CFG, 1) == [], name
