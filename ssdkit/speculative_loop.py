@@ -418,17 +418,17 @@ def measure_round_costs(
     count = jnp.full((batch,), big_k, jnp.int32)
     keys = (None, None) if isinstance(sampler, Greedy) else tuple(jax.random.split(jax.random.key(0)))
 
-    args = (draft, draft_params, sampler)
-    width, queue = big_k + 1, _queue_width(big_k)
-    lookup_args = (None if draft is not None else proposals, count, keys, width)
+    queue = _queue_width(big_k)
+    plain_rounds = max(rounds // queue, 1) * queue  # whole queues: a draft model's is fed after each
+    round_args = (None if draft is not None else proposals, count, keys, big_k + 1)  # after the cache, draft state
 
     @inference_jit  # compiled as the loop is: the costs are of the programs it runs
     def plain(params, draft_params, cache, draft_cache):
-        """``rounds`` plain rounds as the loop runs them: in a while loop of their own, a draft model's queue
-        fed (outside the loop's switch) whenever it is full."""
+        """``plain_rounds`` plain rounds as the loop runs them: in a while loop of their own, a draft model's
+        queue fed (outside the loop's switch) whenever it is full."""
         def one(carry):
             last, cache, draft_state = carry
-            r = _round(0, model, params, draft, draft_params, sampler, last, cache, draft_state, *lookup_args)
+            r = _round(0, model, params, draft, draft_params, sampler, last, cache, draft_state, *round_args)
             return r.emitted[:, 0], r.cache, r.draft
 
         def group(_, carry):  # `queue` rounds fill the queue; then it is fed
@@ -439,15 +439,16 @@ def measure_round_costs(
             return last, cache, _feed_draft(draft, draft_params, sampler, last, draft_state)[0]
 
         draft_state = None if draft is None else _empty_draft_state(draft_cache, batch, queue)
-        return lax.fori_loop(0, max(rounds // queue, 1), group, (prompt[:, -1], cache, draft_state))
+        return lax.fori_loop(0, plain_rounds // queue, group, (prompt[:, -1], cache, draft_state))
 
     @inference_jit
     def drafting(choice, params, draft_params, cache, draft_cache):
         """``rounds`` rounds of the chosen k > 0, behind a ``lax.switch`` as in the loop (one compilation)."""
         def one(_, carry):
             last, cache, draft_state = carry
-            r = lax.switch(choice - 1, [functools.partial(_round, k, model, params, *args, last, cache, draft_state,
-                                                          *lookup_args) for k in speculative.draft_lengths[1:]])
+            r = lax.switch(choice - 1, [functools.partial(_round, k, model, params, draft, draft_params, sampler, last,
+                                                          cache, draft_state, *round_args)
+                                        for k in speculative.draft_lengths[1:]])
             return r.emitted[:, 0], r.cache, r.draft
 
         draft_state = None if draft is None else _empty_draft_state(draft_cache, batch, queue)
@@ -457,7 +458,7 @@ def measure_round_costs(
         start = time.perf_counter()
         if choice == 0:
             jax.block_until_ready(plain(params, draft_params, cache, draft_cache))
-            return (time.perf_counter() - start) / (max(rounds // queue, 1) * queue)
+            return (time.perf_counter() - start) / plain_rounds
         jax.block_until_ready(drafting(jnp.int32(choice), params, draft_params, cache, draft_cache))
         return (time.perf_counter() - start) / rounds
 
