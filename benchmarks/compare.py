@@ -23,7 +23,7 @@ the two calls back to back (this removes the prompt and the call overhead).
 ``--dtype`` sets ssdkit's weight dtype; transformers and mamba2-jax get their weights in the same dtype,
 llama.cpp the GGUF type ``--gguf-type`` (default ``f32`` for float32, ``f16`` for bfloat16).
 
-**Training** (``--train``): the training step of ``ssdkit train`` (``models.training.make_step`` with its
+**Training** (``--train``): the training step of ``ssdkit train`` (``ssdkit.models.training.make_step`` with its
 default ``--remat layer``: loss, gradient, global-norm clipping at 1.0 and AdamW with lr 3e-4, betas (0.9,
 0.95), weight decay 0.1 on the matrices only) against the same step in transformers
 (``Mamba2ForCausalLM(labels=...)`` in train mode, ``loss.backward()``, ``clip_grad_norm_(1.0)``,
@@ -62,10 +62,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import ssdkit
-from models import mamba2
-from models.bench import load_params, model_config
-from models.mamba2 import cost
 from ssdkit.bench import RooflinePoint, measure_ceilings, plot_roofline, time_calls
+from ssdkit.models import mamba2
+from ssdkit.models.bench import load_params, model_config
+from ssdkit.models.mamba2 import cost
 
 PEERS = ("transformers", "mamba2-jax", "llama.cpp")
 #: Bytes per weight of GGUF types (q8_0: blocks of 32 int8 weights and one float16 scale), for the roofline.
@@ -265,8 +265,8 @@ class SsdKitTrain:
     name = "ssdkit"
 
     def __init__(self, params, cfg, batch: int, seq: int, remat: str):
-        from models import training
-        from models.bench import train_batch, train_optimizer
+        from ssdkit.models import training
+        from ssdkit.models.bench import train_batch, train_optimizer
 
         optimizer = train_optimizer()
         self.step_fn = training.make_step(cfg, optimizer, remat=remat)
@@ -286,7 +286,7 @@ class TransformersTrain:
         import torch
         import transformers
 
-        from models.bench import train_batch
+        from ssdkit.models.bench import train_batch
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -561,7 +561,7 @@ def main() -> None:
 
 def roofline_point(cfg: mamba2.Mamba2Config, impl, workload: str, tokens_per_s: float) -> RooflinePoint:
     """One workload of one implementation on the roofline. Every implementation is credited with the same
-    analytic work (models.mamba2.cost, ssdkit's chunked count; mamba2-jax's logits at every position and
+    analytic work (ssdkit.models.mamba2.cost, ssdkit's chunked count; mamba2-jax's logits at every position and
     llama.cpp's step-by-step scan are not counted differently) and its own bytes per weight."""
     if workload.startswith("prefill"):
         seq = int(workload.split()[1])

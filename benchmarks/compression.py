@@ -4,7 +4,7 @@
 
 Each file is compressed on its own (``xz -9e`` = Python's ``lzma`` with preset ``9 | PRESET_EXTREME`` in
 the .xz container; ``gzip -9`` = ``zlib`` level 9 in the gzip container): total compressed bits ÷ total
-bytes. The model's figure is ``ssdkit eval``'s (``models.evaluation``): every byte and the end of each file
+bytes. The model's figure is ``ssdkit eval``'s (``ssdkit.models.evaluation``): every byte and the end of each file
 charged, i.e. the code length an arithmetic coder driven by the model would reach (within a few bits per
 file).
 """
@@ -33,8 +33,8 @@ def compressed_bits(files: list[Path]) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    from models import evaluation, text
-    from models.cli import _load_model
+    from ssdkit.models import evaluation, text
+    from ssdkit.models.cli import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     files = evaluation.text_files(args.text)
-    params, cfg, path, _ = _load_model(args.model, "float32", 0)
+    params, cfg, path, _ = load_model(args.model, "float32", 0)
     tokenizer, _ = text.load(path)
     docs = evaluation.read_documents(files, tokenizer)
     result = evaluation.evaluate(params, cfg, docs, window=args.window, batch=args.batch)

@@ -4,7 +4,7 @@ never run), and the measured cost of sharding on host devices.
     python benchmarks/scaling.py memory [--model 2.7b] [--meshes fsdp=8,...] [--batch 8] [--seq-len 2048]
     python benchmarks/scaling.py time [--meshes data=8,fsdp=8,seq=8] [--repeats 5]
 
-``memory`` lowers and compiles ``ssdkit train``'s step (``models.training.make_step``: bfloat16 compute
+``memory`` lowers and compiles ``ssdkit train``'s step (``ssdkit.models.training.make_step``: bfloat16 compute
 over float32 master weights, AdamW, ``remat="layer"``) for abstract arrays placed on each mesh, and prints
 what XLA's buffer assignment gives one device: arguments (the train state's shard and the batch's), outputs
 (aliased to the donated arguments), and temporaries (activations, gathered weights, gradients). No array
@@ -62,9 +62,9 @@ def memory(args) -> None:
     from jax.sharding import NamedSharding
 
     import ssdkit
-    from models import mamba2, training
-    from models.mamba2 import sharding as msh
     from ssdkit import sharding
+    from ssdkit.models import mamba2, training
+    from ssdkit.models.mamba2 import sharding as msh
 
     cfg = mamba2.Mamba2Config.preset(args.model)
     optimizer = ssdkit.adamw(1e-4, total_steps=1000, warmup_steps=10)
@@ -103,9 +103,9 @@ def timing(args) -> None:
     from jax.sharding import NamedSharding
 
     import ssdkit
-    from models import mamba2, training
-    from models.mamba2 import sharding as msh
     from ssdkit import sharding
+    from ssdkit.models import mamba2, training
+    from ssdkit.models.mamba2 import sharding as msh
 
     cfg = mamba2.Mamba2Config(d_model=256, n_layer=4, vocab_size=512, d_state=64, headdim=64, chunk_size=64)
     batch, seq = 8, 1024

@@ -50,8 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ssdkit
-from models import corpus, mamba2
-from models.mamba2.model import _decode_layout
+from ssdkit.models import corpus, mamba2
 
 #: An outside implementation's sample: (seconds per new token, drafts accepted or None).
 External = Callable[[], tuple[float, float | None]]
@@ -154,7 +153,7 @@ def _print(title: str, rows: dict) -> None:
 
 def shipped(args) -> None:
     pre = mamba2.load_pretrained()
-    model, params = mamba2.Mamba2LM(pre.cfg), _decode_layout(pre.params)
+    model, params = mamba2.Mamba2LM(pre.cfg), mamba2.unstack_layers(pre.params)
     corp, part = corpus.resolve("python-stdlib:held-out")
     paths = [p for p in corp.paths(part) if p.stat().st_size > 4 * args.prompt_tokens][: args.files]
     k = args.draft_tokens
@@ -184,7 +183,7 @@ def deep_target(args) -> None:
     target on most tokens: ε sets the acceptance.
     """
     pre = mamba2.load_pretrained()
-    draft_cfg, draft_params = pre.cfg, _decode_layout(pre.params)
+    draft_cfg, draft_params = pre.cfg, mamba2.unstack_layers(pre.params)
     layers = tuple(draft_params.layers)
     extra = tuple(dataclasses.replace(layers[i % len(layers)],
                                       out_proj=layers[i % len(layers)].out_proj * args.epsilon)
@@ -229,7 +228,7 @@ def _summary(totals: dict) -> None:
 def shaped_130m(args) -> None:
     cfg = mamba2.Mamba2Config.preset("130m")
     params = jax.jit(mamba2.init_params, static_argnums=0)(cfg, jax.random.key(0))
-    params = _decode_layout(params)
+    params = mamba2.unstack_layers(params)
     skip_cfg = dataclasses.replace(cfg, n_layer=args.skip_layers)
     skip = dataclasses.replace(params, layers=params.layers[: args.skip_layers])
     model = mamba2.Mamba2LM(cfg)

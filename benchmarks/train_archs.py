@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ssdkit(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "models.cli", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "ssdkit.models.cli", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
 def _log(run: Path) -> list[dict]:

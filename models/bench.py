@@ -2,14 +2,14 @@
 
 For each weight dtype it measures the machine's ceilings in the same run (``ssdkit.bench``), then:
 
-* prefill at each length: tokens/s, achieved FLOP/s (analytic count, ``models.mamba2.cost``), MFU
+* prefill at each length: tokens/s, achieved FLOP/s (analytic count, ``ssdkit.models.mamba2.cost``), MFU
   against the measured GEMM peak, compile time, XLA's planned scratch memory;
 * decode at each batch size, through the compiled on-device generation loop: tokens/s, bytes moved per
   step (weights + cache), bandwidth use against the measured streaming bandwidth, compile time.
 
-With ``--train`` it measures the training step of ``ssdkit train`` instead (``models.training.make_step``:
+With ``--train`` it measures the training step of ``ssdkit train`` instead (``ssdkit.models.training.make_step``:
 the blockwise loss, its gradient and the default AdamW update, float32 master weights): tokens/s,
-achieved FLOP/s and MFU (``models.mamba2.cost.train_flops``), compile time and XLA's planned peak memory
+achieved FLOP/s and MFU (``ssdkit.models.mamba2.cost.train_flops``), compile time and XLA's planned peak memory
 of the step (train state + batch + scratch).
 
 Warm-up is excluded; the median of repeated runs is reported with min and max.
@@ -28,8 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import ssdkit
-from models import mamba2
-from models.mamba2 import cost
 from ssdkit.bench import (
     Ceilings,
     RooflinePoint,
@@ -40,6 +38,8 @@ from ssdkit.bench import (
     temp_bytes,
     time_calls,
 )
+from ssdkit.models import mamba2
+from ssdkit.models.mamba2 import cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Result:
     bandwidth_util: float | None  # decode only, against the measured streaming read bandwidth
     compile_s: float
     scratch_bytes: int | None  # XLA's planned temporary memory of the compiled program
-    intensity: float  # FLOPs per byte of compulsory traffic (models.mamba2.cost), for the roofline
+    intensity: float  # FLOPs per byte of compulsory traffic (ssdkit.models.mamba2.cost), for the roofline
 
 
 def _log(msg: str) -> None:
@@ -67,7 +67,7 @@ def _log(msg: str) -> None:
 
 def bench_prefill(params, cfg, ceil: Ceilings, *, batch: int, seq: int, repeats: int) -> Result:
     tokens = jax.random.randint(jax.random.key(seq), (batch, seq), 0, cfg.vocab_size, jnp.int32)
-    fn = mamba2.model._prefill
+    fn = mamba2.model.prefill_program
     compile_s, compiled = compile_seconds(fn, params, cfg, tokens, None, None)
     t = time_calls(lambda: compiled(params, tokens, None, None), repeats=repeats)
     flops = cost.prefill_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
@@ -139,7 +139,7 @@ class TrainResult:
     seconds_median: float  # one step
     seconds_min: float
     seconds_max: float
-    flops_per_s: float  # models.mamba2.cost.train_flops / step time
+    flops_per_s: float  # ssdkit.models.mamba2.cost.train_flops / step time
     mfu: float  # against the measured GEMM peak at the compute dtype
     compile_s: float
     state_bytes: int  # parameters + optimiser state
@@ -160,7 +160,7 @@ def train_optimizer():
 def bench_train(params, cfg, ceil: Ceilings, *, batch: int, seq: int, remat: str = "none",
                 compute_dtype: str = "float32", repeats: int = 3) -> TrainResult:
     """Time ``ssdkit train``'s step (float32 master ``params``; they are copied, not consumed)."""
-    from models import training
+    from ssdkit.models import training
 
     optimizer = train_optimizer()
     step = training.make_step(cfg, optimizer, remat=remat, compute_dtype=compute_dtype)

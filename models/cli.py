@@ -54,13 +54,13 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _load_model(spec: str | None, dtype_name: str, seed: int):
+def load_model(spec: str | None, dtype_name: str, seed: int):
     """(params, cfg, checkpoint folder or None, random weights?) for ``--model``: a checkpoint folder, a
     preset (random weights), or None / "default" for the shipped model."""
     import jax
     import jax.numpy as jnp
 
-    from models import mamba2
+    from ssdkit.models import mamba2
 
     dtype = getattr(jnp, dtype_name)
     if spec is None or spec == "default":
@@ -91,7 +91,7 @@ def cmd_generate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from models import mamba2, text
+    from ssdkit.models import mamba2, text
 
     if args.prompt is None and args.prompt_ids is None:
         raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
@@ -105,7 +105,7 @@ def cmd_generate(args) -> int:
         raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
     _initialize_distributed(args)
     _enable_compilation_cache()
-    params, cfg, path, random_init = _load_model(args.model, args.dtype, args.seed)
+    params, cfg, path, random_init = load_model(args.model, args.dtype, args.seed)
 
     tokenizer = None
     if path is not None:
@@ -128,8 +128,8 @@ def cmd_generate(args) -> int:
 
     prompt, lengths, on_mesh = jnp.asarray([ids], jnp.int32), None, contextlib.nullcontext()
     if args.mesh is not None:  # weights split over the mesh; the prompt split over its seq axis
-        from models.mamba2 import sharding as mamba2_sharding
         from ssdkit import sharding
+        from ssdkit.models.mamba2 import sharding as mamba2_sharding
 
         try:
             mesh = sharding.make_mesh(args.mesh)
@@ -181,7 +181,7 @@ def _generate_speculative(args, params, cfg, prompt, tokenizer, eos) -> int:
     import jax
 
     import ssdkit
-    from models import mamba2, text
+    from ssdkit.models import mamba2, text
 
     k = 8 if args.draft_tokens is None else args.draft_tokens
     if not 1 <= k <= 64:
@@ -190,7 +190,7 @@ def _generate_speculative(args, params, cfg, prompt, tokenizer, eos) -> int:
     if args.speculative == "lookup":
         draft = ssdkit.PromptLookup()
     else:
-        draft_params, draft_cfg, _, _ = _load_model(args.speculative, args.dtype, args.seed)
+        draft_params, draft_cfg, _, _ = load_model(args.speculative, args.dtype, args.seed)
         if draft_cfg.padded_vocab_size != cfg.padded_vocab_size:
             raise CliError(f"--speculative {args.speculative}: its vocabulary ({draft_cfg.padded_vocab_size} padded "
                            f"ids) differs from the model's ({cfg.padded_vocab_size}); a draft model needs the same")
@@ -249,7 +249,7 @@ def _initialize_distributed(args) -> None:
 def cmd_eval(args) -> int:
     import json
 
-    from models import evaluation, mamba2, text
+    from ssdkit.models import evaluation, mamba2, text
 
     if args.window < 1 or args.batch < 1:
         raise CliError(f"--window and --batch must be >= 1, got {args.window} and {args.batch}")
@@ -258,7 +258,7 @@ def cmd_eval(args) -> int:
     except ValueError as err:
         raise CliError(str(err)) from None
     _enable_compilation_cache()
-    params, cfg, path, random_init = _load_model(args.model, args.dtype, 0)
+    params, cfg, path, random_init = load_model(args.model, args.dtype, 0)
     try:
         if args.tokenizer is not None:
             tokenizer, _ = text.load(args.tokenizer)
@@ -302,8 +302,8 @@ def cmd_demo(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from models.toy import GLA, Retention, ToyConfig, ToyLM
     from ssdkit import Greedy, generate
+    from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
 
     _enable_compilation_cache()
     for name, mixer, conv in (("retention (scalar decay)", Retention(), 1), ("GLA (diagonal decay)", GLA(), 4)):
@@ -334,13 +334,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from models import bench
+    from ssdkit.models import bench
 
     bad = [d for d in args.dtype.split(",") if d not in DTYPES]
     if bad:
         raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
     if args.train:
-        from ssdkit.stack import REMAT_POLICIES
+        from ssdkit.core.layers import REMAT_POLICIES
 
         if bad := [r for r in args.remat.split(",") if r not in REMAT_POLICIES]:
             raise CliError(f"--remat {bad[0]!r} is not one of {', '.join(REMAT_POLICIES)}")
@@ -354,7 +354,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from models import training
+    from ssdkit.models import training
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainRunConfig)
              if getattr(args, f.name, None) is not None}
@@ -377,7 +377,7 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
     """One flag per TrainRunConfig field (``--seq-len`` for ``seq_len``); unset flags keep the config
     file's value, then the field's default."""
 
-    from models.training import TrainRunConfig
+    from ssdkit.models.training import TrainRunConfig
 
     t.add_argument("--config", default=None, help="a .toml or .json file with the same option names")
     for f in dataclasses.fields(TrainRunConfig):

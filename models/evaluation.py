@@ -1,6 +1,6 @@
 """``ssdkit eval``: cross-entropy, perplexity and bits per byte of a model over text of any length.
 
-Each file is one document (``models.text.encode_document``: the tokenizer's ids, then
+Each file is one document (``ssdkit.models.text.encode_document``: the tokenizer's ids, then
 ``<|endoftext|>`` when it has one). Documents are laid end to end in ``batch`` rows (each row takes the
 next document when it runs short), and every row is read in fixed windows of ``window`` tokens with the
 recurrent state and the conv window carried from one window to the next (``mamba2.score_window``). For a
@@ -25,9 +25,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from models import corpus, mamba2, text
-from models.mamba2.model import compute_dtype
-from models.text import Document
+from ssdkit.models import corpus, mamba2, text
+from ssdkit.models.mamba2.model import compute_dtype
+from ssdkit.models.text import Document
 
 
 @dataclasses.dataclass(frozen=True)

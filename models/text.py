@@ -1,5 +1,5 @@
 """Text ↔ token ids for training, evaluation and generation, for either kind of tokenizer ssdkit uses:
-``ssdkit.data.ByteTokenizer`` (UTF-8 bytes + ``<|endoftext|>``) or a Hugging Face ``tokenizers.Tokenizer``
+``ssdkit.training.data.ByteTokenizer`` (UTF-8 bytes + ``<|endoftext|>``) or a Hugging Face ``tokenizers.Tokenizer``
 (a checkpoint's ``tokenizer.json``).
 
 A *document* (one file) is ``encode(text)`` followed by the end-of-document token when the tokenizer
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssdkit.data import ByteTokenizer
+from ssdkit.training.data import ByteTokenizer
 
 EOD_TOKEN = ByteTokenizer.eod_token
 
@@ -22,7 +22,7 @@ EOD_TOKEN = ByteTokenizer.eod_token
 def load(spec: str | Path | None):
     """``(tokenizer, tokenizer.json path or None)``: None gives the byte tokenizer; else a
     ``tokenizer.json`` file or a directory holding one."""
-    from models import mamba2
+    from ssdkit.models import mamba2
 
     if spec is None:
         return ByteTokenizer(), None

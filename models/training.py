@@ -2,10 +2,10 @@
 
 Data → documents (one per file of a folder; a single file or a ``.npy`` stream is one document, split
 at ``doc_separator`` if given) → held-out split by document (or the stream's tail when there is only
-one) → packed rows of ``seq_len`` with ``segment_ids`` (``ssdkit.data``) → batches by step
+one) → packed rows of ``seq_len`` with ``segment_ids`` (``ssdkit.training.data``) → batches by step
 (deterministic from the seed, so resuming reads what an uninterrupted run would). Each step is
 ``ssdkit.make_train_step`` over ``mamba2.loss``; every ``eval_every`` steps the held-out loss and bits per
-byte; every ``save_every`` steps the full train state (``ssdkit.checkpointing``) and the weights in
+byte; every ``save_every`` steps the full train state (``ssdkit.training.checkpoints``) and the weights in
 transformers' format (``out/model``).
 """
 
@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import ssdkit
-from models import corpus, mamba2, text
-from models.corpus import CorpusManifest
-from models.text import Document
-from models.toy import GLA, Retention, ToyConfig, ToyLM
-from ssdkit.data import ByteTokenizer, PackedRows, RowSampler, pack_documents, split_documents
-from ssdkit.stack import REMAT_POLICIES
-from ssdkit.train import warmup_cosine
+from ssdkit.core.layers import REMAT_POLICIES
+from ssdkit.models import corpus, mamba2, text
+from ssdkit.models.corpus import CorpusManifest
+from ssdkit.models.text import Document
+from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
+from ssdkit.training.data import ByteTokenizer, PackedRows, RowSampler, pack_documents, split_documents
+from ssdkit.training.step import warmup_cosine
 
 MODEL_FLAGS = ("d_model", "n_layer", "d_state", "headdim", "chunk_size", "expand", "ngroups")
 ARCHS = ("mamba2", "retention", "gla")
@@ -45,7 +45,7 @@ class TrainRunConfig:
     out: str = "runs/mamba2"
     tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None: UTF-8 bytes
     doc_separator: str | None = None  # split a single text file into documents at this string
-    arch: str = "mamba2"  # mamba2, or a toy recurrence for comparisons: retention, gla (models.toy)
+    arch: str = "mamba2"  # mamba2, or a toy recurrence for comparisons: retention, gla (ssdkit.models.toy)
     model: str | None = None  # a preset ("130m", ...); None: a small model from the flags below
     init_from: str | None = None  # a checkpoint directory to continue from (weights and config)
     d_model: int = 128
@@ -126,7 +126,7 @@ class TrainRunConfig:
 
             parse_mesh(self.mesh)
         if self.arch != "mamba2" and self.mesh is not None:
-            raise ValueError(f"--mesh trains Mamba-2 (models.mamba2.sharding): not arch={self.arch}")
+            raise ValueError(f"--mesh trains Mamba-2 (ssdkit.models.mamba2.sharding): not arch={self.arch}")
         if self.arch != "mamba2" and (self.model is not None or self.init_from is not None):
             raise ValueError(f"--model and --init-from are Mamba-2 checkpoints: not for arch={self.arch}")
         if self.batch_size % self.micro_batches:
@@ -161,7 +161,7 @@ def _texts(path: Path, doc_separator: str | None) -> list[str]:
 def load_documents(cfg: TrainRunConfig, tokenizer) -> tuple[list[Document], list[Document], CorpusManifest | None]:
     """The corpus as (training documents, held-out documents, the named corpus's manifest or None).
 
-    A named corpus (``models.corpus``, e.g. ``python-stdlib``) is split by its own rule (a hash of each
+    A named corpus (``ssdkit.models.corpus``, e.g. ``python-stdlib``) is split by its own rule (a hash of each
     file's path, ``held_out`` of them); a folder or a file split at ``doc_separator`` by a seeded
     permutation of its documents; a single document (a text or a ``.npy`` stream) by its tail."""
     named = corpus.resolve(cfg.data, cfg.held_out) if cfg.held_out > 0 and not Path(cfg.data).exists() else None
@@ -274,7 +274,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
     On several processes (after ``jax.distributed.initialize``, with ``cfg.mesh`` over all their devices)
     every process runs this same call on the same data; checkpoints are written by all of them (each its
     own shards), files and messages by process 0 alone."""
-    from ssdkit.checkpointing import TrainCheckpointer
+    from ssdkit.training.checkpoints import TrainCheckpointer
 
     primary = jax.process_index() == 0
     if not primary:
@@ -296,11 +296,11 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
                                           min_ratio=cfg.min_lr_ratio)
     state = ssdkit.TrainState.create(params, optimizer)
     shardings, put_batch = None, jnp.asarray
-    if cfg.mesh is not None:  # parameters, optimiser state and batches on the mesh (models.mamba2.sharding)
+    if cfg.mesh is not None:  # parameters, optimiser state and batches on the mesh (ssdkit.models.mamba2.sharding)
         from jax.sharding import NamedSharding
 
-        from models.mamba2 import sharding as mamba2_sharding
         from ssdkit import sharding
+        from ssdkit.models.mamba2 import sharding as mamba2_sharding
 
         mesh = sharding.make_mesh(cfg.mesh)
         mamba2_sharding.config_check(mcfg, mesh)

@@ -5,7 +5,7 @@
 Copies the run's exported model (config.json, model.safetensors, tokenizer.json, training.json) and its
 loss curve, then measures and records in ``evaluation.json``:
 
-* held-out bits per byte over every held-out file (``models.evaluation``), next to ``xz -9e`` and
+* held-out bits per byte over every held-out file (``ssdkit.models.evaluation``), next to ``xz -9e`` and
   ``gzip -9`` on the same files (each file compressed alone);
 * the same figure on a fixed sample of small held-out files, with their sha256, which the tests recompute;
 * greedy completions of a few prompts, with their token ids, and sampled ones (README's settings).
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import numpy as np
     from compression import compressed_bits
 
-    from models import corpus, evaluation, mamba2, text
+    from ssdkit.models import corpus, evaluation, mamba2, text
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
@@ -122,7 +122,8 @@ def model_card(name: str, record: dict, ev: dict, run: Path, shipped) -> str:
         f"{shipped.cfg.n_layer} layers, {shipped.cfg.nheads} heads of {shipped.cfg.headdim}, d_state "
         f"{shipped.cfg.d_state}; vocabulary 256 bytes + `<|endoftext|>` = 256, padded to "
         f"{shipped.cfg.padded_vocab_size}) trained with `ssdkit train` on the Python standard library's own "
-        f"sources. Loaded by `models.mamba2.load_pretrained()`; the default of `ssdkit generate` and `ssdkit eval`.",
+        f"sources. Loaded by `ssdkit.models.mamba2.load_pretrained()`; the default of `ssdkit generate` and "
+        f"`ssdkit eval`.",
         "", "## How it was made", "",
         "```bash", "ssdkit train --config configs/mamba2-stdlib-bytes.toml", "python scripts/ship_pretrained.py "
         "runs/mamba2-stdlib-bytes", "```", "",

@@ -6,40 +6,34 @@ Core primitives (one JAX source for CPU, GPU and TPU):
 * :func:`ssd_step` — O(1) single-step decode update;
 * :func:`ssd_reference` — the sequential oracle;
 * :func:`ssd_verify` / :func:`ssd_commit` / :func:`conv_commit` — verify k steps in one scan, then keep any
-  prefix of them (speculative decoding's rollback, ``ssdkit.speculative``);
+  prefix of them (speculative decoding's rollback, ``ssdkit.core.rollback``);
 * :func:`generate` — the compiled generation loop, plain or speculative (:class:`Speculative` with
-  :class:`PromptLookup` or :class:`DraftModel` drafts, ``ssdkit.speculative_loop``);
+  :class:`PromptLookup`, :class:`DraftModel` or your own :class:`DraftSource`, ``ssdkit.inference``);
 * :class:`Recurrence` — the structural conditions, with input validation.
 """
 
-from ssdkit.cache import RecurrentCache
-from ssdkit.conv import causal_conv1d, causal_conv1d_step
-from ssdkit.drafts import DraftModel, PromptLookup, Speculative, SpeculativeModel
+from ssdkit.core.cache import RecurrentCache
+from ssdkit.core.conv import causal_conv1d, causal_conv1d_step
+from ssdkit.core.layers import scan_layers, stack, unstack
+from ssdkit.core.norm import gated_rms_norm, rms_norm
+from ssdkit.core.recurrence import DecayKind, Recurrence
+from ssdkit.core.reference import ssd_reference
+from ssdkit.core.rollback import ScanRecord, conv_commit, ssd_commit, ssd_verify
+from ssdkit.core.scan import preferred_chunk_size, ssd_scan
+from ssdkit.core.step import ssd_step
 from ssdkit.dtypes import accumulation_dtype, sequence_matmul_dtype
-from ssdkit.generate import (
-    GenerationResult,
-    Greedy,
-    LanguageModel,
-    Sample,
-    SpeculationStats,
-    generate,
-    generate_stream,
-    make_sampler,
-)
-from ssdkit.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
-from ssdkit.norm import gated_rms_norm, rms_norm
-from ssdkit.recurrence import DecayKind, Recurrence
-from ssdkit.reference import ssd_reference
-from ssdkit.scan import preferred_chunk_size, ssd_scan
-from ssdkit.speculative import ScanRecord, conv_commit, ssd_commit, ssd_verify
-from ssdkit.stack import scan_layers, stack, unstack
-from ssdkit.step import ssd_step
-from ssdkit.train import StepMetrics, TrainState, adamw, make_train_step
+from ssdkit.inference.drafts import DraftModel, DraftSource, PromptLookup, Speculative
+from ssdkit.inference.loop import generate, generate_stream
+from ssdkit.inference.protocol import GenerationResult, LanguageModel, SpeculationStats, SpeculativeModel
+from ssdkit.inference.sampling import Greedy, Sample, make_sampler
+from ssdkit.training.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
+from ssdkit.training.step import StepMetrics, TrainState, adamw, make_train_step
 
 __all__ = [
     "CrossEntropySums",
     "DecayKind",
     "DraftModel",
+    "DraftSource",
     "GenerationResult",
     "Greedy",
     "LanguageModel",
@@ -83,9 +77,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Lazy: ssdkit.checkpointing imports orbax-checkpoint (about 0.3 s), which only training needs.
+    # Lazy: ssdkit.training.checkpoints imports orbax-checkpoint (about 0.3 s), which only training needs.
     if name == "TrainCheckpointer":
-        from ssdkit.checkpointing import TrainCheckpointer
+        from ssdkit.training.checkpoints import TrainCheckpointer
 
         return TrainCheckpointer
     raise AttributeError(f"module 'ssdkit' has no attribute {name!r}")

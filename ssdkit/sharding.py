@@ -9,13 +9,13 @@ A mesh always has the four named axes of :data:`MESH_AXES` (size 1 when unused),
   parameter and its optimiser state split across the axis; the compiler gathers a weight where it is used
   (per layer inside the layer scan) and reduce-scatters its gradient.
 * ``seq`` — sequence (context) parallelism: a sequence split in contiguous pieces; the scan and conv of
-  ``ssdkit`` combine the pieces exactly (``ssdkit.spmd``) when traced under the mesh.
+  ``ssdkit`` combine the pieces exactly (``ssdkit.core.mesh``) when traced under the mesh.
 * ``model`` — tensor parallelism: a model's rules split heads over it; the scan of ``ssdkit`` runs each
-  device's heads locally (``ssdkit.spmd``).
+  device's heads locally (``ssdkit.core.mesh``).
 
 Batch arrays are split over ``("data", "fsdp")`` (:data:`BATCH_AXES`), their positions over ``seq``.
 :func:`fsdp_spec` is the rule for a
-weight under ``fsdp``; model packages name their arrays' specs with it (``models.mamba2.sharding``).
+weight under ``fsdp``; model packages name their arrays' specs with it (``ssdkit.models.mamba2.sharding``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def batch_spec(ndim: int) -> P:
 
 def sequence_spec(ndim: int = 2, seq: int | None = None, mesh: Mesh | None = None) -> P:
     """A (batch, seq, ...) array: rows over :data:`BATCH_AXES`, positions in contiguous pieces over ``seq``
-    (sequence parallelism, ``ssdkit.spmd``). Given ``seq`` and ``mesh``, positions that do not
+    (sequence parallelism, ``ssdkit.core.mesh``). Given ``seq`` and ``mesh``, positions that do not
     divide into the ``seq`` axis stay whole."""
     axis = "seq" if seq is None or mesh is None or seq % mesh.shape["seq"] == 0 else None
     return P(BATCH_AXES, axis, *([None] * (ndim - 2)))

@@ -7,7 +7,7 @@ Each process has 4 host devices; together they form one ``data=2,fsdp=4`` mesh o
 the sharded prefill and two sharded training steps, and checks them against the same computation on one
 of its own devices. The train state is then saved with orbax (each process writes its own shards into
 WORK_DIR/checkpoints) and restored onto a ``data=4,fsdp=2`` mesh, bit for bit. Last, both processes run
-``ssdkit train``'s loop (:func:`models.training.train`) with ``--mesh data=2,fsdp=4`` into WORK_DIR/train
+``ssdkit train``'s loop (:func:`ssdkit.models.training.train`) with ``--mesh data=2,fsdp=4`` into WORK_DIR/train
 (the test compares it with one process). Process 0 prints one JSON line
 of errors; a failed check exits non-zero.
 """
@@ -33,9 +33,9 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import ssdkit  # noqa: E402
-from models import cli, mamba2, training  # noqa: E402
-from models.mamba2 import sharding as msh  # noqa: E402
 from ssdkit import sharding  # noqa: E402
+from ssdkit.models import cli, mamba2, training  # noqa: E402
+from ssdkit.models.mamba2 import sharding as msh  # noqa: E402
 from tests.sharding_check import GENERATE_ARGS, rel_err, train_run_config  # noqa: E402
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=8)

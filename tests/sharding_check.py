@@ -16,9 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ssdkit
-from models import mamba2, training
-from models.mamba2 import sharding as msh
 from ssdkit import sharding
+from ssdkit.models import mamba2, training
+from ssdkit.models.mamba2 import sharding as msh
 from tests.helpers import assert_same_greedy_tokens, greedy_margins
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=8)
@@ -98,7 +98,7 @@ def main(meshes: list[str]) -> None:
         if mesh.shape["fsdp"] > 1:
             heads = f"{CFG.nheads // m},{2 * CFG.headdim},{CFG.d_model}"
             assert re.search(rf"f32\[(1,)?{heads}\]\S* all-gather", hlo), "no in_proj_heads gather"
-        with jax.set_mesh(mesh):  # the sequence split over seq, heads over model (ssdkit.spmd)
+        with jax.set_mesh(mesh):  # the sequence split over seq, heads over model (ssdkit.core.mesh)
             logits, cache = mamba2.prefill(p, CFG, t)
             # one decode step from that cache: under model the state stays split by head (never gathered)
             token = msh.shard_batch(tokens[:, 0], mesh)
@@ -195,7 +195,7 @@ def check_generate_command(mesh: str) -> None:
     import contextlib
     import io
 
-    from models import cli
+    from ssdkit.models import cli
 
     texts = []
     for extra in ([], ["--mesh", mesh]):

@@ -1,5 +1,5 @@
 """Run by tests/test_sharding.py in a subprocess with 8 host devices: the scan and conv on a mesh
-(``ssdkit.spmd``: sequence pieces over ``seq``, heads over ``model``, taken when traced under the mesh)
+(``ssdkit.core.mesh``: sequence pieces over ``seq``, heads over ``model``, taken when traced under the mesh)
 against the same calls on one device, in float64 and float32, values and gradients; and the errors for
 sequences that do not split. Prints one JSON line per case; a failed check raises."""
 

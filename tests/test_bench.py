@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import bench, mamba2
-from models.mamba2 import cost
 from ssdkit.bench import plot_roofline
+from ssdkit.models import bench, mamba2
+from ssdkit.models.mamba2 import cost
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=100, d_state=16, headdim=16, chunk_size=16)
 
@@ -51,7 +51,7 @@ def test_flop_formulas_agree_with_xla_cost_analysis():
                             jnp.zeros((2,), jnp.int32), cache)
     assert 0.75 < cost.decode_flops(cfg, 2) / xla_decode < 1.25
     tokens = jnp.zeros((2, 64), jnp.int32)
-    xla_prefill = _xla_flops(lambda p, t: mamba2.model._prefill(p, cfg, t, None, None), params, tokens)
+    xla_prefill = _xla_flops(lambda p, t: mamba2.model.prefill_program(p, cfg, t, None, None), params, tokens)
     assert 0.75 < cost.prefill_flops(cfg, 2, 64) / xla_prefill < 1.25
 
 

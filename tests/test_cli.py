@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import pytest
 
-from models import mamba2
-from models.cli import main
+from ssdkit.models import mamba2
+from ssdkit.models.cli import main
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
 

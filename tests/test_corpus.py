@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models import corpus
+from ssdkit.models import corpus
 
 
 def _fake_stdlib(root):

@@ -1,4 +1,4 @@
-"""Packing, splitting and sampling of training data (ssdkit.data)."""
+"""Packing, splitting and sampling of training data (ssdkit.training.data)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ssdkit.data import ByteTokenizer, RowSampler, pack_documents, split_documents
+from ssdkit.training.data import ByteTokenizer, RowSampler, pack_documents, split_documents
 
 
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12), seq_len=st.integers(2, 24))

@@ -36,11 +36,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import mamba2
-from models.mamba2 import CheckpointError, Mamba2Config
-from models.mamba2.checkpoint import LAYER_KEYS
-from models.mamba2.params import FLOAT32_LAYER_FIELDS, checkpoint_shapes, layer_shapes
-from models.mamba2.tokenizer import _PROBE_TEXT
+from ssdkit.models import mamba2
+from ssdkit.models.mamba2 import CheckpointError, Mamba2Config
+from ssdkit.models.mamba2.checkpoint import LAYER_KEYS
+from ssdkit.models.mamba2.params import FLOAT32_LAYER_FIELDS, checkpoint_shapes, layer_shapes
+from ssdkit.models.mamba2.tokenizer import _PROBE_TEXT
 from tests.test_mamba2_checkpoint import assert_params_match
 
 #: the smallest config with every feature (two heads, grouped B/C): checkpoints of a few KB

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from jax import lax
 
 from ssdkit import GenerationResult, Greedy, LanguageModel, Sample, generate, generate_stream, make_sampler
-from ssdkit.generate import _generate, _generation_loop, argmax_last
+from ssdkit.inference.loop import _generate, _generation_loop
+from ssdkit.inference.sampling import argmax_last
 from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
 VOCAB, DIM = 32, 16

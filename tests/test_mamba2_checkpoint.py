@@ -19,10 +19,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from models import mamba2
-from models.mamba2 import CheckpointError, Mamba2Config
-from models.mamba2.checkpoint import LAYER_KEYS
-from models.mamba2.params import (
+from ssdkit.models import mamba2
+from ssdkit.models.mamba2 import CheckpointError, Mamba2Config
+from ssdkit.models.mamba2.checkpoint import LAYER_KEYS
+from ssdkit.models.mamba2.params import (
     Mamba2LayerParams,
     checkpoint_shapes,
     from_checkpoint_layout,
@@ -188,7 +188,7 @@ def test_bin_loads_without_torch(bin_ckpt):
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
         "import numpy as np\n"
-        "from models import mamba2\n"
+        "from ssdkit.models import mamba2\n"
         f"params, cfg = mamba2.load_checkpoint({str(path)!r})\n"
         "print(cfg.n_layer, float(np.asarray(mamba2.stack_layers(params).layers.A_log, np.float64).sum()))\n"
     )

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from models.mamba2 import Mamba2Config
-from models.mamba2.params import init_params
+from ssdkit.models.mamba2 import Mamba2Config
+from ssdkit.models.mamba2.params import init_params
 
 TINY = dict(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
 

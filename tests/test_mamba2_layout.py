@@ -8,7 +8,6 @@ compiled HLO, not by timing.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import re
 
 import jax
@@ -17,10 +16,10 @@ import numpy as np
 import pytest
 
 import ssdkit
-from models import mamba2
-from models.mamba2.model import _PER_LAYER_COPIES, _decode_layout, _decode_step
-from ssdkit.generate import _generate, _stream_next
-from ssdkit.speculative_loop import generate_speculative
+from ssdkit.inference.loop import _generate, _stream_next
+from ssdkit.inference.speculative import generate_speculative
+from ssdkit.models import mamba2
+from ssdkit.models.mamba2.model import _decode_step
 from tests.helpers import assert_same_up_to_rounding
 
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=3, vocab_size=100, d_state=16, headdim=16, chunk_size=8)
@@ -51,18 +50,35 @@ def _state_copies(hlo: str, cfg: mamba2.Mamba2Config, batch: int) -> list[str]:
     return [line.strip() for line in hlo.splitlines() if re.search(re.escape(shape) + r"\S* copy\(", line)]
 
 
-def _decode_programs(params, cfg, batch: int = 1):
-    """Compiled HLO of the three decode programs the API runs: decode_step, generate, generate_stream's step."""
+def _loop_bodies(hlo: str) -> str:
+    """The text of a compiled program's while-loop bodies: what runs every step."""
+    computations = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^(%\S+) .*?^}", hlo)}
+    return "\n".join(computations.get(name, "") for name in set(re.findall(r"body=(%[\w.\-]+)", hlo)))
+
+
+def _decode_programs(params, cfg, batch: int = 1, model=None):
+    """What runs every decode step in the three decode programs the API runs, as compiled HLO text:
+    decode_step (one step a call: all of it), generate's loop bodies, generate_stream's step (which gets
+    the params as generate_stream prepared them, once per stream)."""
     token, cache = jnp.zeros((batch,), jnp.int32), mamba2.init_cache(cfg, batch)
-    model, greedy = mamba2.Mamba2LM(cfg), ssdkit.Greedy()
-    step = _decode_step.lower(params, cfg, token, cache)
+    model, greedy = model or mamba2.Mamba2LM(cfg), ssdkit.Greedy()
+    step = _decode_step.lower(model.prepare(params), cfg, token, cache)
     gen = _generate.lower(model, params, jnp.zeros((batch, 5), jnp.int32), None, None, max_new_tokens=4,
                           sampler=greedy, eos_token_id=None, pad_token_id=0)
-    per_layer_cache = model.prefill(params, jnp.zeros((batch, 5), jnp.int32))[1]
-    stream = _stream_next.lower(model, params, token, jnp.zeros((batch,), bool), per_layer_cache, None,
+    prepared = model.prepare(params)
+    per_layer_cache = model.prefill(prepared, jnp.zeros((batch, 5), jnp.int32))[1]
+    stream = _stream_next.lower(model, prepared, token, jnp.zeros((batch,), bool), per_layer_cache, None,
                                 jnp.int32(1), sampler=greedy, eos_token_id=None, pad_token_id=0)
-    return {name: lowered.compile().as_text() for name, lowered in
-            (("decode_step", step), ("generate", gen), ("generate_stream", stream))}
+    return {"decode_step": step.compile().as_text(), "generate": _loop_bodies(gen.compile().as_text()),
+            "generate_stream": stream.compile().as_text()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unprepared(mamba2.Mamba2LM):
+    """Mamba-2 without its decode layout: the loops run whatever layout they are given."""
+
+    def prepare(self, params):
+        return params
 
 
 def test_init_and_load_default_to_per_layer_and_stacked_holds_the_same_values(tmp_path):
@@ -83,9 +99,10 @@ def test_init_and_load_default_to_per_layer_and_stacked_holds_the_same_values(tm
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["init-default", "stacked-input"])
 def test_api_decode_programs_read_weights_in_place(stacked):
-    """Whatever layout the user passes, the programs decode runs hold no per-step weight copy."""
+    """Whatever layout the user passes to generate / generate_stream, what runs every decode step holds no
+    weight copy: stacked params are split once per call (``Mamba2LM.prepare``), before the loop."""
     params = mamba2.init_params(CFG, jax.random.key(0), stacked=stacked)
-    for name, hlo in _decode_programs(_decode_layout(params), CFG).items():
+    for name, hlo in _decode_programs(params, CFG).items():
         assert _weight_copies(hlo, CFG) == [], name
 
 
@@ -94,7 +111,7 @@ def test_api_decode_programs_update_states_in_place(batch):
     """No program decode runs copies a layer's state: each step's update overwrites it in place. (When the
     update was computed in the readout's reshaped view, XLA gave it a fresh buffer and the generate loop
     copied every layer's state into its carry each step.)"""
-    params = _decode_layout(mamba2.init_params(CFG, jax.random.key(0)))
+    params = mamba2.init_params(CFG, jax.random.key(0))
     for name, hlo in _decode_programs(params, CFG, batch).items():
         assert _state_copies(hlo, CFG, batch) == [], name
 
@@ -102,33 +119,20 @@ def test_api_decode_programs_update_states_in_place(batch):
 def test_stacked_layout_without_conversion_copies_weights_every_step():
     """Positive control for the HLO check above: the scan over stacked weights slices (copies) them."""
     params = mamba2.init_params(CFG, jax.random.key(0), stacked=True)
-    programs = _decode_programs(params, CFG)
+    programs = _decode_programs(params, CFG, model=_Unprepared(CFG))
     for name in ("decode_step", "generate", "generate_stream"):
         assert len(_weight_copies(programs[name], CFG)) >= 2, name  # in_proj and out_proj each step
 
 
-def test_stacked_params_convert_once_and_the_copy_dies_with_them():
-    params = mamba2.init_params(CFG, jax.random.key(1), stacked=True)
-    first = _decode_layout(params)
-    assert isinstance(first.layers, tuple)
-    assert _decode_layout(params).layers is first.layers  # cached: no second split
+def test_stacked_params_are_split_inside_the_program():
+    """``prepare`` is the identity on per-layer params and splits stacked ones where it is traced: the
+    generation loops call it inside their compiled program, so no copy outlives a call."""
     per_layer = mamba2.init_params(CFG, jax.random.key(1))
-    assert _decode_layout(per_layer) is per_layer
-    before = len(_PER_LAYER_COPIES)
-    del params, first
-    gc.collect()
-    assert len(_PER_LAYER_COPIES) == before - 1
-    # Any stacked array going drops the copy (here out_proj, replaced; the first leaf lives on).
-    params = mamba2.init_params(CFG, jax.random.key(5), stacked=True)
-    _decode_layout(params)
-    params = dataclasses.replace(params, layers=dataclasses.replace(params.layers, out_proj=params.layers.out_proj + 1))
-    gc.collect()
-    assert len(_PER_LAYER_COPIES) == before - 1
-    assert _decode_layout(params).layers[0].out_proj[0, 0] == params.layers.out_proj[0, 0, 0]  # not stale
-    # Under tracing nothing is converted (the caller's program keeps the stacked layout).
-    traced = jax.eval_shape(lambda p: _decode_layout(p).layers, mamba2.init_params(CFG, jax.random.key(2),
-                                                                                     stacked=True))
-    assert isinstance(traced, mamba2.Mamba2LayerParams)
+    model = mamba2.Mamba2LM(CFG)
+    assert model.prepare(per_layer) is per_layer
+    stacked = mamba2.init_params(CFG, jax.random.key(1), stacked=True)
+    traced = jax.eval_shape(lambda p: model.prepare(p).layers, stacked)
+    assert isinstance(traced, tuple) and len(traced) == CFG.n_layer
 
 
 def test_stacked_and_per_layer_agree():
@@ -154,7 +158,7 @@ def test_stacked_and_per_layer_agree():
 
 
 def test_generate_from_stacked_params_runs_the_per_layer_program():
-    """The API converts stacked params before compiling: both layouts run one program, so tokens are equal."""
+    """The loop splits stacked params before it starts (data movement): both layouts decode the same tokens."""
     per_layer = mamba2.init_params(CFG, jax.random.key(4))
     stacked = mamba2.init_params(CFG, jax.random.key(4), stacked=True)
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 7)), jnp.int32)
@@ -168,7 +172,7 @@ def test_speculative_plain_rounds_update_states_in_place():
     LM head's product (a decode step) and copies no layer state. (Behind the rounds' ``lax.switch`` XLA
     copied every layer's state each plain round, and no loop body held a decode step: checked on the old
     loop.) Prompt lookup: with a draft model, the draft's own k-step loop would satisfy this check too."""
-    params = _decode_layout(mamba2.init_params(CFG, jax.random.key(0)))
+    params = mamba2.init_params(CFG, jax.random.key(0))
     spec = ssdkit.Speculative(ssdkit.PromptLookup(), draft_tokens=4, round_costs=(1.0, 2.0, 2.5, 3.0))
     hlo = generate_speculative.lower(
         mamba2.Mamba2LM(CFG), params, None, jnp.zeros((1, 9), jnp.int32), None, None, max_new_tokens=20,

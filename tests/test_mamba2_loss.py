@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ssdkit
-from models import mamba2
+from ssdkit.models import mamba2
 from tests.helpers import assert_close
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)

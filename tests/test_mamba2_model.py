@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import mamba2
 from ssdkit.dtypes import sequence_matmul_dtype
+from ssdkit.models import mamba2
 from tests.helpers import assert_close, assert_same_greedy_tokens, greedy_margins
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
@@ -169,7 +169,7 @@ def test_sequence_matmul_dtype_policy():
                 if "dot_general" in line and weight in line}
 
     want = sequence_matmul_dtype(jnp.bfloat16)
-    assert in_proj_dots(lambda p, t: mamba2.model._prefill(p, CFG, t, None, None), params, tokens) == {
+    assert in_proj_dots(lambda p, t: mamba2.model.prefill_program(p, CFG, t, None, None), params, tokens) == {
         {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}[want]}
     cache = mamba2.init_cache(CFG, 1, jnp.bfloat16)
     assert in_proj_dots(lambda p, t, c: mamba2.model._decode(p, CFG, t, c), params, tokens[:, 0], cache) == {"bf16"}

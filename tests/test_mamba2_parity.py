@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import mamba2
+from ssdkit.models import mamba2
 from tests.helpers import assert_close, assert_same_greedy_tokens, greedy_margins
 
 torch = pytest.importorskip("torch")

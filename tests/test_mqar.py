@@ -1,5 +1,5 @@
-"""Multi-query associative recall (models.tasks.mqar): the generator's layout and validation, and that
-models learn the task through the real training loop (ssdkit.train) on fresh random batches.
+"""Multi-query associative recall (ssdkit.models.tasks.mqar): the generator's layout and validation, and that
+models learn the task through the real training loop (ssdkit.training.step) on fresh random batches.
 
 Mamba-2 must reach 99% query accuracy on a held-out batch; the toy recurrences (retention, GLA) train on
 the same task through the same step with a smaller budget, and their accuracies are recorded without a
@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from models import mamba2
-from models.tasks.mqar import mqar_batch, mqar_seq_len, mqar_vocab_size
-from models.toy import GLA, Retention, ToyConfig, ToyLM
-from ssdkit.train import TrainState, adamw, make_train_step
+from ssdkit.models import mamba2
+from ssdkit.models.tasks.mqar import mqar_batch, mqar_seq_len, mqar_vocab_size
+from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
+from ssdkit.training.step import TrainState, adamw, make_train_step
 
 # A trained model's accuracy must hold whatever the CPU's vectorisation: rerun under AVX2 as well.
 

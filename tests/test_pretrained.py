@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import ssdkit
-from models import evaluation, mamba2, text
+from ssdkit.models import evaluation, mamba2, text
 from tests.helpers import assert_same_greedy_tokens, greedy_margins
 
 
@@ -30,9 +30,9 @@ def record(shipped):
 
 
 def test_loads_from_the_package_with_its_records(shipped):
-    import models
+    import ssdkit.models
 
-    assert shipped.path.is_relative_to(Path(models.__file__).parent)  # package data, not the work tree
+    assert shipped.path.is_relative_to(Path(ssdkit.models.__file__).parent)  # package data, not the work tree
     assert shipped.tokenizer.get_vocab_size() == 257 and text.eod_id(shipped.tokenizer) == 256
     assert shipped.cfg.padded_vocab_size == 272
     assert (shipped.path / "model.safetensors").stat().st_size <= 20 * 2**20
@@ -91,7 +91,7 @@ def test_held_out_sample_bits_per_byte_equals_the_record(shipped, record):
 
 
 def test_generate_and_eval_use_it_by_default(tmp_path, capsys):
-    from models.cli import main
+    from ssdkit.models.cli import main
 
     assert main(["generate", "--prompt", "def add(a, b):", "--max-new-tokens", "24"]) == 0
     captured = capsys.readouterr()

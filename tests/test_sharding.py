@@ -104,7 +104,7 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
     assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
     # `ssdkit train --mesh data=2,fsdp=4` on both processes: the losses and exported weights of one process
     sys.path.insert(0, str(ROOT))
-    from models import mamba2, training
+    from ssdkit.models import mamba2, training
     from tests.sharding_check import rel_err, train_run_config
 
     training.train(train_run_config(str(tmp_path / "data.txt"), str(tmp_path / "one"), None), log=lambda s: None)
@@ -119,7 +119,7 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
     import contextlib
     import io
 
-    from models import cli
+    from ssdkit.models import cli
     from tests.sharding_check import GENERATE_ARGS
 
     buf = io.StringIO()
@@ -132,8 +132,8 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
 def test_tensor_parallel_rules():
     """The model axis splits per-head fields by head, B and C's by group only when the groups divide, and a
     model axis that does not divide the heads is refused by name."""
-    from models import mamba2
-    from models.mamba2 import sharding as msh
+    from ssdkit.models import mamba2
+    from ssdkit.models.mamba2 import sharding as msh
 
     def fake(**sizes):
         return type("FakeMesh", (), {"shape": {"data": 1, "fsdp": 1, "model": 1, "seq": 1, **sizes}})()

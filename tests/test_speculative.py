@@ -1,4 +1,4 @@
-"""Verify-then-commit (ssdkit.speculative) against the step-by-step oracle: for every prefix j of k verified
+"""Verify-then-commit (ssdkit.core.rollback) against the step-by-step oracle: for every prefix j of k verified
 steps, the committed state equals j ssd_steps and the committed window j causal_conv1d_steps."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ssdkit
-from ssdkit.speculative import ScanRecord, conv_commit, ssd_commit, ssd_verify
+from ssdkit.core.rollback import ScanRecord, conv_commit, ssd_commit, ssd_verify
 from tests.helpers import assert_close
 
 

@@ -23,9 +23,11 @@ import pytest
 from jax.scipy.special import gammaincc
 
 import ssdkit
-from models import mamba2
 from ssdkit import DraftModel, Greedy, PromptLookup, Sample, Speculative
-from ssdkit.speculative_loop import _queue_width, measure_round_costs, speculative_loop
+from ssdkit.inference.costs import estimate_round_costs, measure_round_costs
+from ssdkit.inference.drafts import queue_width
+from ssdkit.inference.speculative import speculative_loop
+from ssdkit.models import mamba2
 from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=24, pad_vocab_size_multiple=8, d_state=8, headdim=16,
@@ -187,7 +189,7 @@ def test_adaptive_length_drafts_long_when_drafts_hold(sampler):
     prompt = _prompts(1, 16, seed=2)
     costs = (1.0, 1.5, 1.7, 2.0, 2.5)
     spec = Speculative(DraftModel(MODEL), draft_tokens=8, round_costs=costs)
-    new_tokens, queue = 200, _queue_width(8)
+    new_tokens, queue = 200, queue_width(8)
     res = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=new_tokens, speculative=spec, draft_params=PARAMS,
                           sampler=sampler, key=jax.random.key(3))
     stats = res.speculation
@@ -225,7 +227,7 @@ def test_prompt_lookup_proposals():
         [4, 4, 4, 4, 4, 0, 0, 0, 0, 0],  # a run: the earliest match is followed by the most known tokens
         [1, 2, 9, 2, 7, 7, 2, 0, 0, 0],  # only the 1-gram "2" occurred before, twice, both with 3 tokens after
     ], jnp.int32)
-    drafts, count = lookup.propose(history, jnp.asarray([8, 10, 5, 7]), 3)
+    drafts, count = lookup.lookup(history, jnp.asarray([8, 10, 5, 7]), 3)
     np.testing.assert_array_equal(count, [3, 0, 2, 3])
     np.testing.assert_array_equal(drafts[0], [4, 5, 1])
     np.testing.assert_array_equal(drafts[2, :2], [4, 4])
@@ -242,12 +244,52 @@ def test_traced_program_does_not_grow_with_max_new_tokens():
     assert n_eqns(8) == n_eqns(300)
 
 
-def test_measure_round_costs():
+def test_measure_round_costs_is_an_explicit_tool():
     spec = Speculative(draft_tokens=4)
     costs = measure_round_costs(MODEL, PARAMS, _prompts(1, 8), spec, rounds=2, repeats=1)
     assert len(costs) == len(spec.draft_lengths) == 4 and costs[0] == 1.0 and all(c > 0 for c in costs)
-    assert measure_round_costs(MODEL, PARAMS, _prompts(1, 8), spec) is costs  # kept for the process
     Speculative(draft_tokens=4, round_costs=costs)  # a valid setting
+
+
+@pytest.mark.parametrize("draft", [PromptLookup(), DraftModel(DRAFT)], ids=["lookup", "draft-model"])
+def test_estimated_round_costs_are_deterministic_and_grow_with_k(draft):
+    """The default costs come from the programs' shapes (XLA's cost analysis of the lowered programs):
+    the same on every call, 1 for a plain round, and dearer for more drafts."""
+    spec = Speculative(draft, draft_tokens=4)
+    prompt = _prompts(2, 9)
+    draft_params = None if isinstance(draft, PromptLookup) else LAYER_SKIP
+
+    def estimate():
+        _, cache = MODEL.prefill(PARAMS, prompt)
+        state = draft.start(draft_params, prompt, None, prompt[:, -1], 8, 4, CFG.padded_vocab_size)
+        return estimate_round_costs(MODEL, PARAMS, draft_params, cache, state, spec, Greedy(), 2)
+
+    costs = estimate()
+    assert costs == estimate()
+    assert costs[0] == 1.0 and all(a < b for a, b in zip(costs, costs[1:], strict=False)), costs
+
+
+def test_adaptive_sampling_is_a_pure_function_of_its_inputs(monkeypatch):
+    """Adaptive drafting with estimated costs under sampling: two calls with the same key give the same
+    tokens, though every clock and the measuring tool answer differently in each (and the second call
+    traces and estimates afresh): nothing timing-dependent reaches the draft lengths."""
+    import time
+
+    import ssdkit.inference.costs as costs_module
+
+    spec = Speculative(DraftModel(DRAFT), draft_tokens=4)
+    prompt = _prompts(2, 12, seed=3)
+    runs = []
+    for run in range(2):
+        clock = iter(range(0, 10**9, 1 + 1000 * run))
+        monkeypatch.setattr(time, "perf_counter", lambda clock=clock: float(next(clock)))
+        monkeypatch.setattr(costs_module, "measure_round_costs", lambda *a, run=run, **k: (1.0, 9.0 * run, 2.0, 3.0))
+        jax.clear_caches()
+        res = ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=24, speculative=spec, draft_params=LAYER_SKIP,
+                              sampler=Sample(1.0), key=jax.random.key(7))
+        runs.append(res)
+    np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
+    np.testing.assert_array_equal(runs[0].speculation.drafted, runs[1].speculation.drafted)
 
 
 def test_bad_requests_are_refused():
@@ -268,7 +310,7 @@ def test_bad_requests_are_refused():
                         draft_params=PARAMS)
     with pytest.raises(ValueError, match="needs its parameters"):
         ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=4, speculative=Speculative(DraftModel(DRAFT)))
-    with pytest.raises(ValueError, match="only for Speculative"):
+    with pytest.raises(ValueError, match="only for a source with a model"):
         ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=4, speculative=Speculative(), draft_params=PARAMS)
     with pytest.raises(ValueError, match="pass speculative="):
         ssdkit.generate(MODEL, PARAMS, prompt, max_new_tokens=4, draft_params=PARAMS)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.toy import GLA, Retention, ToyConfig, ToyLM
+from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
 from tests.helpers import assert_close
 
 MODELS = {

@@ -1,4 +1,4 @@
-"""The generic training step (ssdkit.train): accumulation, non-finite skips, mixed precision, remat,
+"""The generic training step (ssdkit.training.step): accumulation, non-finite skips, mixed precision, remat,
 the optimiser defaults, and that it trains Mamba-2 and the toy recurrences through one code path."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from models import mamba2
-from models.toy import gla, retention
-from models.toy.lm import ToyConfig, ToyLM
-from ssdkit.train import TrainState, adamw, decay_mask, make_train_step, warmup_cosine
+from ssdkit.models import mamba2
+from ssdkit.models.toy import gla, retention
+from ssdkit.models.toy.lm import ToyConfig, ToyLM
+from ssdkit.training.step import TrainState, adamw, decay_mask, make_train_step, warmup_cosine
 from tests.helpers import assert_close
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=40, d_state=8, headdim=16, chunk_size=8)

@@ -1,4 +1,4 @@
-"""Training checkpoints (ssdkit.checkpointing): exact round trips, keep-last-K, resuming in a new process
+"""Training checkpoints (ssdkit.training.checkpoints): exact round trips, keep-last-K, resuming in a new process
 equals the uninterrupted run, a save killed before its commit is never restored, clear mismatch errors."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import mamba2
-from ssdkit.checkpointing import COMMIT_FILE, TrainCheckpointer
-from ssdkit.train import TrainState, adamw, make_train_step
+from ssdkit.models import mamba2
+from ssdkit.training.checkpoints import COMMIT_FILE, TrainCheckpointer
+from ssdkit.training.step import TrainState, adamw, make_train_step
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=40, d_state=8, headdim=16, chunk_size=8)
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_keeps_the_last_k(tmp_path):
 _KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     from orbax.checkpoint._src.path import atomicity
-    from ssdkit.checkpointing import TrainCheckpointer
+    from ssdkit.training.checkpoints import TrainCheckpointer
     from tests.test_train_checkpoint import _toy_state
 
     async def killed_before_commit(self):  # all data is written; the commit rename would come next

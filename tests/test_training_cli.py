@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from models import mamba2
-from models.cli import main
-from models.training import TrainRunConfig, train
+from ssdkit.models import mamba2
+from ssdkit.models.cli import main
+from ssdkit.models.training import TrainRunConfig, train
 
 TINY = ["--d-model", "32", "--n-layer", "1", "--d-state", "8", "--headdim", "16", "--chunk-size", "8",
         "--seq-len", "24", "--batch-size", "4", "--no-progress", "--lr", "1e-2", "--warmup-steps", "1"]

@@ -1,8 +1,8 @@
 """Mamba-2 on ssdkit: config, parameters, checkpoints, forward / prefill / decode, generation."""
 
-from models.mamba2.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.mamba2.config import Mamba2Config
-from models.mamba2.model import (
+from ssdkit.models.mamba2.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ssdkit.models.mamba2.config import Mamba2Config
+from ssdkit.models.mamba2.model import (
     Mamba2LM,
     VerifyRecord,
     commit,
@@ -17,7 +17,7 @@ from models.mamba2.model import (
     score_window,
     verify,
 )
-from models.mamba2.params import (
+from ssdkit.models.mamba2.params import (
     Mamba2LayerParams,
     Mamba2Params,
     cast_params,
@@ -25,8 +25,8 @@ from models.mamba2.params import (
     stack_layers,
     unstack_layers,
 )
-from models.mamba2.pretrained import Pretrained, load_pretrained, pretrained_path
-from models.mamba2.tokenizer import load_tokenizer
+from ssdkit.models.mamba2.pretrained import Pretrained, load_pretrained, pretrained_path
+from ssdkit.models.mamba2.tokenizer import load_tokenizer
 
 __all__ = [
     "CheckpointError",

@@ -27,7 +27,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from models.mamba2.config import Mamba2Config
+from ssdkit.models.mamba2.config import Mamba2Config
 
 
 def _projections(cfg: Mamba2Config) -> int:

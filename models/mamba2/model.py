@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +27,16 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 import ssdkit
-from models.mamba2 import sharding as mamba2_sharding
-from models.mamba2.config import Mamba2Config
-from models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, Mask, SegmentIds, SeqLogits, StepTokens, Tokens
+from ssdkit.core.layers import is_per_layer, unstack
+from ssdkit.core.rollback import check_accepted
 from ssdkit.dtypes import check_integer, check_lengths, is_concrete, readable, sequence_matmul_dtype
-from ssdkit.loss import DEFAULT_BLOCK_SIZE
+from ssdkit.models.mamba2 import sharding as mamba2_sharding
+from ssdkit.models.mamba2.config import Mamba2Config
+from ssdkit.models.mamba2.params import Mamba2LayerParams, Mamba2Params
 from ssdkit.sharding import gather_weights
-from ssdkit.speculative import check_accepted
-from ssdkit.stack import is_per_layer, unstack
+from ssdkit.training.loss import DEFAULT_BLOCK_SIZE
 from ssdkit.xla_options import inference_jit
 
 Hidden = Float[Array, "batch seq d_model"]
@@ -146,7 +145,7 @@ def _out_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, x, y, z, sequence: bool)
 
 def _gather(cfg: Mamba2Config, lp: Mamba2LayerParams) -> Mamba2LayerParams:
     """FSDP's per-layer gather (``ssdkit.sharding.gather_weights``), keeping each weight's split by head over
-    the mesh's ``model`` axis (``models.mamba2.sharding``); the identity off a mesh."""
+    the mesh's ``model`` axis (``ssdkit.models.mamba2.sharding``); the identity off a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return lp
@@ -176,48 +175,6 @@ def _layer_step(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Recur
     y, state = ssdkit.ssd_step(cache.state, x_dt, log_a, b, c)
     residual = residual + _out_proj(cfg, lp, x, y, z, sequence=False)
     return residual, RecurrentCache(conv=windows, state=state)
-
-
-# ------------------------------------------------------------------------------ the decode layout
-#: id(first stacked leaf) -> (weak references to every stacked leaf, their per-layer copy, entry token)
-_PER_LAYER_COPIES: dict[int, tuple[list[weakref.ref], tuple[Mamba2LayerParams, ...], object]] = {}
-
-
-def _forget(key: int, token: object) -> None:
-    """Drop the cached copy once any of its stacked arrays is gone (unless a newer entry took the key)."""
-    entry = _PER_LAYER_COPIES.get(key)
-    if entry is not None and entry[2] is token:
-        del _PER_LAYER_COPIES[key]
-
-
-def _decode_layout(params: Mamba2Params) -> Mamba2Params:
-    """``params`` with per-layer weights, which decode reads in place (``ssdkit.stack``).
-
-    Per-layer params come back unchanged. Stacked params (concrete arrays) are split once: the copy is
-    cached for as long as the stacked arrays live, so repeated ``generate`` / ``decode_step`` calls pay
-    nothing, but it holds a second copy of the layer weights (pass per-layer params, the default of
-    ``init_params`` and ``load_checkpoint``, to avoid it). Under tracing the stacked layout is kept.
-    """
-    layers = params.layers
-    if is_per_layer(layers):
-        return params
-    leaves = jax.tree_util.tree_leaves(layers)
-    if not leaves or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-        return params
-    key = id(leaves[0])
-    hit = _PER_LAYER_COPIES.get(key)
-    if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves, strict=True)):
-        return dataclasses.replace(params, layers=hit[1])
-    per_layer = unstack(layers)
-    try:
-        refs = [weakref.ref(leaf) for leaf in leaves]
-    except TypeError:  # leaves that cannot be weakly referenced: convert every call
-        return dataclasses.replace(params, layers=per_layer)
-    token = object()
-    _PER_LAYER_COPIES[key] = (refs, per_layer, token)
-    for leaf in leaves:  # the copy holds no reference to the stacked arrays: it goes when any of them goes
-        weakref.finalize(leaf, _forget, key, token)
-    return dataclasses.replace(params, layers=per_layer)
 
 
 # ------------------------------------------------------------------------------ the stack
@@ -262,7 +219,8 @@ def _check_cache(cfg: Mamba2Config, cache: RecurrentCache, batch: int) -> None:
     if got_conv != want_conv or tuple(cache.state.shape) != want_state:
         raise ValueError(
             f"cache does not fit this model and batch: conv windows {got_conv} (expected {want_conv}), state "
-            f"{tuple(cache.state.shape)} (expected {want_state}); make one with models.mamba2.init_cache(cfg, batch)"
+            f"{tuple(cache.state.shape)} (expected {want_state}); make one with "
+            f"ssdkit.models.mamba2.init_cache(cfg, batch)"
         )
 
 
@@ -314,7 +272,7 @@ def loss(
     document's first token. ``loss_mask`` (batch, seq) selects which tokens count as targets (bool or
     float weights). The LM head and the cross-entropy run over blocks of ``block_size`` positions,
     recomputed in the backward pass (``ssdkit.head_cross_entropy``): no (batch, seq, vocab) logits.
-    ``remat`` names what the backward pass keeps of each layer (``ssdkit.stack.REMAT_POLICIES``:
+    ``remat`` names what the backward pass keeps of each layer (``ssdkit.core.layers.REMAT_POLICIES``:
     "none", "layer", "matmuls").
     """
     _check_tokens(cfg, tokens, 2)
@@ -328,7 +286,8 @@ def loss(
 
 
 @functools.partial(inference_jit, static_argnames=("cfg",))
-def _prefill(params, cfg, tokens, lengths, cache):
+def prefill_program(params, cfg, tokens, lengths, cache):
+    """:func:`prefill` compiled, without its input checks (the benchmarks time it; ``cfg`` is static)."""
     batch, seq = tokens.shape
     if cache is None:
         cache = init_cache(cfg, batch, compute_dtype(params))
@@ -363,7 +322,7 @@ def prefill(
         check_lengths("lengths", lengths, batch, seq)
     if cache is not None:
         _check_cache(cfg, cache, batch)
-    return _prefill(params, cfg, tokens, lengths, cache)
+    return prefill_program(params, cfg, tokens, lengths, cache)
 
 
 @functools.partial(inference_jit, static_argnames=("cfg",))
@@ -425,11 +384,13 @@ def decode_step(
 ) -> tuple[Logits, RecurrentCache]:
     """One token per row: ``(logits (batch, padded_vocab), new cache)``; O(1) in the sequence length.
 
-    The cache buffers are donated: do not reuse the ``cache`` passed in.
+    The cache buffers are donated: do not reuse the ``cache`` passed in. Per-layer params (the default of
+    ``init_params`` and ``load_checkpoint``) are read in place; stacked ones are sliced per layer in every
+    call (for many steps, :func:`generate` / :func:`generate_stream` split them once per call instead).
     """
     _check_tokens(cfg, token, 1, "token")
     _check_cache(cfg, cache, np.shape(token)[0])
-    return _decode_step(_decode_layout(params), cfg, token, cache)
+    return _decode_step(params, cfg, token, cache)
 
 
 # ------------------------------------------------------------------------------ verify k tokens, keep j
@@ -468,7 +429,7 @@ def verify(
 
     ``logits[:, t]`` are the logits after ``tokens[:, t]`` (what ``decode_step`` fed the same tokens one by
     one returns); ``cache`` is not changed. :func:`commit` then keeps any prefix of the k tokens, row by
-    row, without a second pass (``ssdkit.speculative``).
+    row, without a second pass (``ssdkit.core.rollback``).
     """
     _check_tokens(cfg, tokens, 2)
     if np.shape(tokens)[1] < 1:
@@ -515,8 +476,14 @@ class Mamba2LM:
 
     cfg: Mamba2Config
 
+    def prepare(self, params):
+        """Per-layer weights, which decode reads in place (``ssdkit.core.layers``): the generation loops call
+        this once per call, inside the compiled program, so stacked params are split there (one copy of the
+        layer weights for the call's duration) and never per step."""
+        return params if is_per_layer(params.layers) else dataclasses.replace(params, layers=unstack(params.layers))
+
     def prefill(self, params, tokens, lengths=None):
-        logits, cache = _prefill(params, self.cfg, tokens, lengths, None)
+        logits, cache = prefill_program(params, self.cfg, tokens, lengths, None)
         if is_per_layer(params.layers):  # decode then reads and writes every layer's cache in place
             cache = unstack(cache)
         return logits, cache
@@ -566,10 +533,8 @@ def generate(
     ``DraftModel(Mamba2LM(draft_cfg))`` with ``draft_params``); the result then has ``speculation`` stats.
     """
     sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
-    if draft_params is not None and isinstance(draft_params, Mamba2Params):
-        draft_params = _decode_layout(draft_params)
     return ssdkit.generate(
-        Mamba2LM(cfg), _decode_layout(params), prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
+        Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
         eos_token_id=eos_token_id, prompt_lengths=lengths, speculative=speculative, draft_params=draft_params,
     )
 
@@ -590,6 +555,6 @@ def generate_stream(
     """Like :func:`generate`, but yields each step's (batch,) tokens as soon as they exist."""
     sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
     yield from ssdkit.generate_stream(
-        Mamba2LM(cfg), _decode_layout(params), prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
+        Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
         eos_token_id=eos_token_id, prompt_lengths=lengths,
     )

@@ -1,13 +1,13 @@
 """Mamba-2 parameters: a PyTree of weights, its layers per layer (a tuple) or stacked.
 
-``layers`` comes in one of two layouts (``ssdkit.stack``), and every function takes both:
+``layers`` comes in one of two layouts (``ssdkit.core.layers``), and every function takes both:
 
 * **per layer** (the default of :func:`init_params` and ``load_checkpoint``): a tuple of
   :class:`Mamba2LayerParams` without a layer axis. The stack runs unrolled and every layer reads its
   weights in place: the fastest decode (about 2-4x the stacked layout's on CPU) and short prefill.
 * **stacked**: one :class:`Mamba2LayerParams` whose arrays carry the layer axis first; the stack runs as
   one ``lax.scan`` (compile time constant in depth, less scratch memory on long sequences). Decode
-  entry points split it once and cache the copy (``models.mamba2.model._decode_layout``).
+  generation loops split it once per call, inside the compiled program (``Mamba2LM.prepare``).
 
 Array layouts (chosen for the contractions the model does and for splitting by head over a mesh's
 ``model`` axis; converted once at load and save time, :func:`from_checkpoint_layout`); the leading ``L``
@@ -32,7 +32,7 @@ is there only when stacked:
 
 Every per-head quantity has the head on an axis of its own or as the major part of an axis, and every
 per-group one the group, so a contiguous split of that axis is a split by head (or group): tensor
-parallelism (``models.mamba2.sharding``) keeps the scan, the step and the conv of x local to a device.
+parallelism (``ssdkit.models.mamba2.sharding``) keeps the scan, the step and the conv of x local to a device.
 The published checkpoints concatenate ``in_proj``'s rows as [z | x | B | C | dt] and the conv's channels
 as [x | B | C]; :func:`from_checkpoint_layout` and :func:`to_checkpoint_layout` convert.
 """
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssdkit.stack import is_per_layer, stack, unstack
+from ssdkit.core.layers import is_per_layer, stack, unstack
 
 #: Parameters kept in float32 whatever the weight dtype (A = -exp(A_log) overflows in float16).
 FLOAT32_LAYER_FIELDS = ("dt_bias", "A_log", "D")
@@ -241,7 +241,7 @@ def cast_params(params: Mamba2Params, dtype) -> Mamba2Params:
 
 
 def unstack_layers(params: Mamba2Params) -> Mamba2Params:
-    """The same weights with ``layers`` as a tuple of per-layer params (see ``ssdkit.stack``).
+    """The same weights with ``layers`` as a tuple of per-layer params (see ``ssdkit.core.layers``).
 
     The default layout (``init_params``, ``load_checkpoint``): decode reads each layer's weights in place
     instead of slicing (and, on CPU, copying) them out of the stacked arrays every step. A no-op for

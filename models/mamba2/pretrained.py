@@ -8,16 +8,21 @@ tokenizer.json, training.json with the run's options, the corpus manifest and it
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import json
+import shutil
+import tempfile
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from models.mamba2.checkpoint import load_checkpoint
-from models.mamba2.config import Mamba2Config
-from models.mamba2.params import Mamba2Params
-from models.mamba2.tokenizer import load_tokenizer
+from ssdkit.models.mamba2.checkpoint import load_checkpoint
+from ssdkit.models.mamba2.config import Mamba2Config
+from ssdkit.models.mamba2.params import Mamba2Params
+from ssdkit.models.mamba2.tokenizer import load_tokenizer
 
 #: the name of the shipped model (a folder of ``models/pretrained``)
 DEFAULT = "mamba2-stdlib-bytes"
@@ -36,19 +41,43 @@ class Pretrained:
 
 
 def pretrained_path(name: str = DEFAULT) -> Path:
-    """The folder of a shipped model (inside the installed package)."""
-    folder = resources.files("models") / "pretrained" / name
-    path = Path(str(folder))
-    if not (path / "config.json").is_file():
-        shipped = sorted(p.name for p in Path(str(resources.files("models") / "pretrained")).glob("*")
-                         if (p / "config.json").is_file())
+    """The folder of a shipped model: inside the installed package, where the package is files on disk
+    (the usual install); where it is not (imported from a zip archive), a copy of the folder in a temporary
+    directory, made on the first call and removed when the process exits."""
+    root = resources.files("ssdkit.models") / "pretrained"
+    folder = root / name
+    if not folder.joinpath("config.json").is_file():
+        shipped = sorted(p.name for p in root.iterdir() if p.joinpath("config.json").is_file()) if root.is_dir() else []
         raise ValueError(f"no shipped model {name!r} (shipped: {', '.join(shipped) or 'none'})")
-    return path
+    if isinstance(folder, Path):  # on disk: the real folder (what importlib.resources.as_file gives for it)
+        return folder
+    # importlib.resources.as_file takes folders only from Python 3.12 on, and would remove the copy when
+    # its context closes, while callers keep the path (the command line passes it on as --model).
+    return _extracted(name)
+
+
+@functools.cache  # one copy per process: a folder of the package's read-only data, not a cache of results
+def _extracted(name: str) -> Path:
+    """A copy of shipped model ``name``'s folder, for a package not on disk; removed at exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="ssdkit-pretrained-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    _copy_tree(resources.files("ssdkit.models") / "pretrained" / name, tmp / name)
+    return tmp / name
+
+
+def _copy_tree(src: Traversable, dest: Path) -> None:
+    dest.mkdir()
+    for entry in src.iterdir():
+        if entry.is_dir():
+            _copy_tree(entry, dest / entry.name)
+        elif entry.is_file():
+            with entry.open("rb") as fin, open(dest / entry.name, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
 
 
 def load_pretrained(name: str = DEFAULT, *, dtype=None, stacked: bool = False) -> Pretrained:
     """Load a shipped model (default: the byte-level stdlib model); ``dtype``/``stacked`` as in
-    :func:`models.mamba2.load_checkpoint`."""
+    :func:`ssdkit.models.mamba2.load_checkpoint`."""
     path = pretrained_path(name)
     params, cfg = load_checkpoint(path, dtype=dtype, stacked=stacked)
     training = json.loads((path / "training.json").read_text()) if (path / "training.json").exists() else {}

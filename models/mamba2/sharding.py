@@ -36,11 +36,11 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from models.mamba2.config import Mamba2Config
-from models.mamba2.params import Mamba2LayerParams, Mamba2Params, layer_shapes
 from ssdkit import RecurrentCache
+from ssdkit.core.layers import is_per_layer
+from ssdkit.models.mamba2.config import Mamba2Config
+from ssdkit.models.mamba2.params import Mamba2LayerParams, Mamba2Params, layer_shapes
 from ssdkit.sharding import batch_spec, fsdp_spec, optimizer_specs, place, sequence_spec
-from ssdkit.stack import is_per_layer
 
 #: the axis of each per-layer field split over ``model``: "heads" fields by head, "groups" ones by group
 #: (only when the groups divide), None replicated

@@ -1,205 +1,42 @@
-"""The compiled generation loop and samplers, generic over any model.
-
-A model is a hashable object (a frozen dataclass, so the model itself is a static ``jit`` argument) with::
-
-    prefill(params, tokens (batch, seq) int32[, lengths=(batch,) int32]) -> (last_logits (batch, vocab), cache)
-    decode(params, token (batch,) int32, cache)                           -> (logits (batch, vocab), cache)
-
-``prefill`` gets ``lengths`` (by keyword) only when the caller gives prompt lengths, so models without
-padding support work unchanged; with lengths, ``last_logits[b]`` are the logits after token
-``lengths[b] - 1`` of row ``b``. ``decode`` must return a cache of the same structure, shapes and dtypes
-as the one it was given (it is a ``lax.while_loop`` carry).
+"""The compiled generation loop, generic over any model (``ssdkit.inference.protocol``).
 
 :func:`generate` compiles prefill and the whole decode loop into ONE program. Token 0 is sampled from the
 prefill's last logits; then a ``lax.while_loop`` whose carry is (step, last token, output buffer, done
 flags, lengths, cache) runs decode + sample and writes token ``i`` into a preallocated
 (batch, max_new_tokens) buffer. ``max_new_tokens`` only sizes that buffer: the traced program does not
-grow with it. Token ``i`` is sampled with the key ``fold_in(key, i)``. A row is done after it emits
-``eos_token_id``; its later positions hold ``pad_token_id``; the loop ends when every row is done or
-``max_new_tokens`` tokens are written. :func:`generate_stream` yields the same tokens one device call per
-step, for interactive use.
-
-Samplers are hashable callables ``sampler(logits (batch, vocab), key) -> tokens (batch,) int32``:
-:class:`Greedy` and :class:`Sample` (temperature, top-k, nucleus top-p, in float32); :func:`make_sampler`
-builds one from the usual knobs.
+grow with it. Token ``i`` is sampled with the key ``fold_in(key, i)`` (``ssdkit.inference.sampling``). A
+row is done after it emits ``eos_token_id``; its later positions hold ``pad_token_id``; the loop ends when
+every row is done or ``max_new_tokens`` tokens are written. :func:`generate_stream` yields the same tokens
+one device call per step, for interactive use. With ``speculative=``, :func:`generate` runs the
+speculative loop instead (``ssdkit.inference.speculative``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Int
 
-from ssdkit._typing import Lengths, Logits, StepTokens, Tokens
+from ssdkit._typing import Lengths, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths
+from ssdkit.inference.drafts import Speculative
+from ssdkit.inference.protocol import GenerationResult, LanguageModel, prefill_and_sample, prepare_params
+from ssdkit.inference.sampling import Greedy, Sampler, sample_tokens
+from ssdkit.inference.speculative import check_speculative, generate_speculative
 from ssdkit.xla_options import inference_jit
-
-if TYPE_CHECKING:  # ssdkit.drafts imports this module
-    from ssdkit.drafts import Speculative
 
 _INT32 = np.iinfo(np.int32)
 
 
-class LanguageModel(Protocol):
-    """What :func:`generate` needs of a model. Implementations must be hashable (frozen dataclasses)."""
-
-    def prefill(self, params: Any, tokens: Tokens, lengths: Lengths | None = None) -> tuple[Logits, Any]:
-        """Run the prompt; return the logits after each row's last prompt token, and the cache."""
-        ...
-
-    def decode(self, params: Any, token: StepTokens, cache: Any) -> tuple[Logits, Any]:
-        """Feed one token per row; return the next logits and the updated cache."""
-        ...
-
-
-# ------------------------------------------------------------------------------ samplers
-class Sampler(Protocol):
-    """A hashable callable drawing one token per row; ``key`` is None only for :class:`Greedy`."""
-
-    def __call__(self, logits: Logits, key: jax.Array | None) -> StepTokens: ...
-
-
-def argmax_last(x: Float[Array, "*batch n"]) -> Int[Array, "*batch"]:
-    """``jnp.argmax(x, axis=-1)`` as int32: the lowest index of the maximum (of the first NaN, if any).
-
-    Computed as a max and then a min over the indices that reach it: two plain reductions, which XLA's
-    CPU backend vectorises, where its (value, index) argmax reduction is not (over 50,288 logits on a
-    2-core AMD EPYC: 31 against 243 µs at batch 1, 0.41 against 1.96 ms at batch 16).
-    """
-    top = jnp.max(x, axis=-1, keepdims=True)
-    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Greedy:
-    """The most likely token (argmax of the logits; the lowest id on ties). Needs no key."""
-
-    def __call__(self, logits: Logits, key: jax.Array | None = None) -> StepTokens:
-        return argmax_last(logits.astype(jnp.float32))
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """Temperature sampling, optionally restricted to the top-k logits and then to the nucleus top-p.
-
-    In float32: divide the logits by ``temperature``; keep the ``top_k`` largest (a ``top_k`` above the
-    vocabulary keeps everything); then keep the nucleus, the smallest set of most likely tokens whose
-    probability reaches ``top_p`` (the top token always stays); draw with ``jax.random.categorical``.
-    Both cuts are thresholds on the logits, so tokens tied with the last one kept are kept too.
-    """
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        _check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.temperature == 0:
-            raise ValueError("Sample needs temperature > 0, got 0; use Greedy() (or make_sampler(0.0)) instead")
-        # Plain Python numbers, so equal samplers hash equally (one jit cache entry).
-        object.__setattr__(self, "temperature", float(self.temperature))
-        if self.top_k is not None:
-            object.__setattr__(self, "top_k", int(self.top_k))
-        if self.top_p is not None:
-            object.__setattr__(self, "top_p", float(self.top_p))
-
-    def filtered_logits(self, logits: Float[Array, "*batch vocab"]) -> Float[Array, "*batch vocab"]:
-        """Float32 logits divided by the temperature, -inf outside the top-k / top-p cuts; any leading axes.
-        Their softmax is the distribution :meth:`__call__` draws from."""
-        logits = logits.astype(jnp.float32) / jnp.float32(self.temperature)
-        vocab = logits.shape[-1]
-        if self.top_k is not None and self.top_k < vocab:
-            kth = lax.top_k(logits, self.top_k)[0][..., -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        if self.top_p is not None and self.top_p < 1.0:
-            desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
-            probs = jax.nn.softmax(desc, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens (0 first)
-            kept = jnp.sum(mass_before < self.top_p, axis=-1, keepdims=True)  # >= 1
-            cutoff = jnp.take_along_axis(desc, kept - 1, axis=-1)
-            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-        return logits
-
-    def __call__(self, logits: Logits, key: jax.Array) -> StepTokens:
-        return jax.random.categorical(key, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_sampling(temperature, top_k, top_p) -> None:
-    if not _is_real(temperature) or not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-
-
-def make_sampler(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> Greedy | Sample:
-    """:class:`Greedy` for temperature 0 (top-k / top-p are then irrelevant), else :class:`Sample`.
-
-    Raises ValueError naming the bad value unless temperature >= 0, top_k >= 1 and 0 < top_p <= 1.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return Greedy()
-    return Sample(temperature, top_k, top_p)
-
-
-# ------------------------------------------------------------------------------ results and loop state
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SpeculationStats:
-    """What the speculative loop did (in :class:`~ssdkit.GenerationResult`.speculation).
-
-    Attributes:
-        passes: target model passes after the prefill (plain decode steps plus verifies).
-        verifies: those of the passes that checked drafts.
-        drafted: (batch,) draft tokens checked per row.
-        accepted: (batch,) of them accepted.
-    """
-
-    passes: Int[Array, ""]
-    verifies: Int[Array, ""]
-    drafted: Lengths
-    accepted: Lengths
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / drafted tokens over all rows (0 when nothing was drafted)."""
-        drafted = int(jnp.sum(self.drafted))
-        return float(jnp.sum(self.accepted)) / drafted if drafted else 0.0
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class GenerationResult:
-    """The output of :func:`generate`.
-
-    Attributes:
-        tokens: (batch, max_new_tokens) int32 generated ids; positions after a row's EOS (and after
-            the loop ended) hold ``pad_token_id``.
-        lengths: (batch,) int32 number of generated tokens of each row, its EOS included.
-        speculation: what speculative decoding did (None for plain decoding).
-    """
-
-    tokens: Int[Array, "batch new"]
-    lengths: Lengths
-    speculation: SpeculationStats | None = None
-
-
+# ------------------------------------------------------------------------------ the loop
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _LoopState:
@@ -213,38 +50,12 @@ class _LoopState:
     cache: Any  # the model's cache
 
 
-def _sample(sampler, logits, key, step, batch: int) -> StepTokens:
-    """``sampler(logits, fold_in(key, step))``, checked to give (batch,) integer tokens."""
-    token = sampler(logits, None if key is None else jax.random.fold_in(key, step))
-    if jnp.shape(token) != (batch,) or not jnp.issubdtype(jnp.result_type(token), jnp.integer):
-        raise ValueError(
-            f"the sampler must return (batch,) = ({batch},) integer tokens, got shape {jnp.shape(token)} "
-            f"and dtype {jnp.result_type(token)}"
-        )
-    return token.astype(jnp.int32)
-
-
 def _emit(done, token, eos_token_id, pad_token_id):
     """What a step writes (pad for finished rows) and the done flags after it."""
     written = jnp.where(done, jnp.int32(pad_token_id), token)
     if eos_token_id is not None:
         done = done | (token == eos_token_id)
     return written, done
-
-
-def _prefill_and_sample(model, params, prompt, lengths, key, sampler):
-    """Prefill (``lengths`` passed only when given) and sample token 0 from the last logits."""
-    if lengths is None:
-        logits, cache = model.prefill(params, prompt)
-    else:
-        logits, cache = model.prefill(params, prompt, lengths=lengths)
-    batch = prompt.shape[0]
-    if jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != batch:
-        raise ValueError(
-            f"model.prefill must return last logits of shape (batch, vocab) = ({batch}, vocab), got "
-            f"{jnp.shape(logits)}"
-        )
-    return _sample(sampler, logits, key, 0, batch), logits, cache
 
 
 def _check_decode(model, params, token, logits, cache) -> None:
@@ -276,7 +87,8 @@ def _generation_loop(
 ) -> _LoopState:
     """The traced body of :func:`generate` (un-jitted): prefill, token 0, then the decode loop."""
     batch = prompt.shape[0]
-    token, logits, cache = _prefill_and_sample(model, params, prompt, lengths, key, sampler)
+    params = prepare_params(model, params)  # once, before the loop (e.g. per-layer weights for decode)
+    token, logits, cache = prefill_and_sample(model, params, prompt, lengths, key, sampler)
     _check_decode(model, params, token, logits, cache)
     written, done = _emit(jnp.zeros((batch,), bool), token, eos_token_id, pad_token_id)
     buffer = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
@@ -291,7 +103,7 @@ def _generation_loop(
 
     def body(s: _LoopState) -> _LoopState:
         logits, cache = model.decode(params, s.token, s.cache)
-        token = _sample(sampler, logits, key, s.step, batch)
+        token = sample_tokens(sampler, logits, key, s.step, batch)
         written, done = _emit(s.done, token, eos_token_id, pad_token_id)
         return _LoopState(
             step=s.step + 1,
@@ -398,7 +210,7 @@ def generate(
         prompt_lengths: (batch,) integer lengths in 1..seq of the right-padded prompt rows.
         pad_token_id: written after a row's EOS.
         speculative: a :class:`~ssdkit.Speculative` to decode speculatively (static; the model then needs
-            ``verify`` and ``commit``, see ``ssdkit.speculative_loop``): the same tokens as plain greedy
+            ``verify`` and ``commit``, see ``ssdkit.inference.speculative``): the same tokens as plain greedy
             decoding, or the same distribution as plain sampling, in fewer passes of the weights.
         draft_params: the parameters of a :class:`~ssdkit.DraftModel` (only with one).
 
@@ -411,12 +223,7 @@ def generate(
     )
     prompt, lengths = _as_inputs(prompt, prompt_lengths)
     if speculative is not None:
-        from ssdkit.speculative_loop import check_speculative, generate_speculative, measure_round_costs
-
         check_speculative(model, sampler, speculative, draft_params)
-        if speculative.adaptive and speculative.round_costs is None:
-            costs = measure_round_costs(model, params, prompt, speculative, sampler=sampler, draft_params=draft_params)
-            speculative = dataclasses.replace(speculative, round_costs=costs)
         return generate_speculative(
             model, params, draft_params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler,
             eos_token_id=eos, pad_token_id=pad, speculative=speculative,
@@ -431,7 +238,7 @@ def generate(
 
 @functools.partial(inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"))
 def _stream_first(model, params, prompt, lengths, key, *, sampler, eos_token_id, pad_token_id):
-    token, _, cache = _prefill_and_sample(model, params, prompt, lengths, key, sampler)
+    token, _, cache = prefill_and_sample(model, params, prompt, lengths, key, sampler)
     written, done = _emit(jnp.zeros(token.shape, bool), token, eos_token_id, pad_token_id)
     return token, written, done, cache
 
@@ -441,7 +248,7 @@ def _stream_first(model, params, prompt, lengths, key, *, sampler, eos_token_id,
 )
 def _stream_next(model, params, token, done, cache, key, step, *, sampler, eos_token_id, pad_token_id):
     logits, cache = model.decode(params, token, cache)
-    token = _sample(sampler, logits, key, step, token.shape[0])
+    token = sample_tokens(sampler, logits, key, step, token.shape[0])
     written, done = _emit(done, token, eos_token_id, pad_token_id)
     return token, written, done, cache
 
@@ -470,6 +277,7 @@ def generate_stream(
         model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
     )
     prompt, lengths = _as_inputs(prompt, prompt_lengths)
+    params = inference_jit(functools.partial(prepare_params, model))(params)  # a copy kept for this stream only
     first = functools.partial(_stream_first, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
     advance = functools.partial(_stream_next, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
 

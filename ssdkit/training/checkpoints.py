@@ -1,6 +1,6 @@
 """Training checkpoints and resumption: a small, typed layer over ``orbax.checkpoint``.
 
-One checkpoint is one step directory holding two items: ``state`` (the :class:`~ssdkit.train.TrainState`
+One checkpoint is one step directory holding two items: ``state`` (the :class:`~ssdkit.training.step.TrainState`
 PyTree — step, float32 master weights, optimiser state, skip count — written by orbax's
 ``StandardCheckpointHandler``, i.e. tensorstore/OCDBT, the same format that later writes sharded
 multi-host state) and ``meta`` (a JSON object: the data position, the RNG seed or key data, anything
@@ -55,7 +55,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ssdkit.train import TrainState
+from ssdkit.training.step import TrainState
 
 JSON: TypeAlias = "None | bool | int | float | str | list[JSON] | dict[str, JSON]"
 

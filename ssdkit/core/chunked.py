@@ -1,4 +1,4 @@
-"""The chunked SSD scan: the dual (matmul) form inside chunks, a linear scan across chunks.
+"""The single-device chunked SSD scan: the dual (matmul) form inside chunks, a linear scan across chunks.
 
 For one head, the recurrence ``S_t = exp(a_t) * S_{t-1} + x_t ⊗ b_t,  y_t = S_t · c_t`` is split into
 chunks of Q steps. With in-chunk cumulative log-decays (all sums of non-positive terms, never
@@ -22,6 +22,13 @@ Sequence resets (``segment_ids``) set the log-decay at a document's first token 
 finite value, so every decay factor that crosses the boundary is exactly zero (and its gradient too).
 Lengths that are not a multiple of Q are padded with identity steps (``a = 0``, ``x = b = c = 0``),
 which leave the final state exact.
+
+Shapes: x (batch, seq, H, P); log_a (batch, seq, H) scalar or (batch, seq, H, N) diagonal, ``<= 0``;
+b, c (batch, seq, G, N), head h reading group ``h // (H // G)``; states (batch, H, P, N).
+
+This is the kernel alone, on inputs already checked: :func:`ssdkit.ssd_scan` (``ssdkit.core.scan``) checks
+them and calls :func:`chunked_scan`, or, traced under a mesh, :func:`ssdkit.core.mesh.sharded_ssd_scan`,
+which runs :func:`chunked_scan` on each device's piece and heads.
 """
 
 from __future__ import annotations
@@ -32,31 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssdkit import spmd
-from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqValues, State
+from ssdkit.core.recurrence import DecayKind, Recurrence
 from ssdkit.dtypes import accumulation_dtype
-from ssdkit.recurrence import DecayKind, Recurrence
 
 #: log-decay written at a sequence reset; exp() of any sum containing it is exactly 0.
 RESET_LOG_DECAY = -1.0e30
-
-#: The largest chunk that ran fastest per backend (see :func:`preferred_chunk_size`).
-_MAX_CHUNK = {"cpu": 64}
-
-
-def preferred_chunk_size(chunk_size: int, backend: str | None = None) -> int:
-    """The chunk size to scan with on ``backend`` (JAX's default backend if None), given a model's own.
-
-    :func:`ssd_scan`'s result does not depend on the chunk size (beyond float rounding), only its cost:
-    the intra-chunk work grows with Q and the chunk-state work shrinks. On XLA's CPU backend Q = 64 ran
-    fastest (Mamba-2 130M, float32, 2,048 tokens: 614 / 579 / 532 tokens/s at Q = 64 / 128 / 256, one
-    alternating run; docs/benchmarks.md), so this returns ``min(chunk_size, 64)`` there and
-    ``chunk_size`` on other backends.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    cap = _MAX_CHUNK.get(backend or jax.default_backend())
-    return chunk_size if cap is None else min(chunk_size, cap)
 
 
 def apply_resets(log_a: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -120,46 +107,14 @@ def _suffix_sums(a: jax.Array) -> jax.Array:
     return jnp.concatenate([incl[..., 1:], jnp.zeros_like(incl[..., :1])], axis=-1)
 
 
-def ssd_scan(
-    x: SeqValues,
-    log_a: SeqLogDecay,
-    b: SeqKeys,
-    c: SeqKeys,
-    *,
-    chunk_size: int,
-    initial_state: State | None = None,
-    segment_ids: SegmentIds | None = None,
-) -> tuple[SeqValues, State]:
-    """Chunked SSD scan of ``S_t = exp(log_a_t) * S_{t-1} + x_t ⊗ b_t``, ``y_t = S_t · c_t``.
-
-    Args:
-        x: (batch, seq, H, P) values, any float dtype; ``y`` comes back in this dtype.
-        log_a: (batch, seq, H) scalar or (batch, seq, H, N) diagonal log-decay, ``<= 0``.
-        b: (batch, seq, G, N) keys (Mamba-2's B, already multiplied by dt where relevant).
-        c: (batch, seq, G, N) queries (Mamba-2's C). Head h reads group ``h // (H // G)``.
-        chunk_size: Q, any positive integer; any ``seq`` works (padded internally).
-        initial_state: optional (batch, H, P, N) state before step 0 (float32 or float64).
-        segment_ids: optional (batch, seq) integers; the state resets where the id changes.
-
-    Returns:
-        ``(y, final_state)``: y (batch, seq, H, P) in ``x.dtype``; final_state (batch, H, P, N) in
-        the accumulation dtype (float32, or float64 for float64 inputs), or ``initial_state.dtype``.
-
-    Cost: O(seq · Q · (N + P)) per head for the dual form plus O(seq / Q) sequential chunk steps.
-
-    Traced under a mesh (``jax.set_mesh``) whose ``seq`` axis has more than one device, the sequence is
-    split in contiguous pieces over it, exactly (seq must divide); whose ``model`` axis divides H, each
-    device scans its own heads (``ssdkit.spmd``).
-    """
-    spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size)
-    spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids)
-    if spmd.scan_active(spec.num_heads):  # traced under a mesh with a seq or model axis: split over them
-        return spmd.ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids)
-    return _chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids)
-
-
 @functools.partial(jax.jit, static_argnums=0)
-def _chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
+def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
+    """:func:`ssdkit.ssd_scan` on one device, inputs already checked against ``spec`` (static).
+
+    Same arguments and results as :func:`ssdkit.ssd_scan` (``initial_state`` and ``segment_ids`` may be
+    None): ``(y, final_state)``, y (batch, seq, H, P) in ``x.dtype``, final_state (batch, H, P, N) in the
+    accumulation dtype or ``initial_state.dtype``. Compiled once per shape for eager callers.
+    """
     # Every contraction below is a canonical batched matmul (batch, m, k) @ (batch, k, n) with one merged
     # leading batch axis: XLA's CPU and GPU emitters run those far faster than dots with scattered or
     # size-1 batch dimensions. Axis letters: z = (batch, chunk, group) merged, r = head within the group,

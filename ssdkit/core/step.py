@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from ssdkit._typing import State, StepKeys, StepLogDecay, StepValues
+from ssdkit.core.recurrence import DecayKind, Recurrence
 from ssdkit.dtypes import accumulation_dtype
-from ssdkit.recurrence import DecayKind, Recurrence
 
 
 def ssd_step(

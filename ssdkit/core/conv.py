@@ -36,17 +36,22 @@ document exactly (zero the window to start a new one).
 
 K = 1 is supported: the window then has zero length. Accumulation is float32 (float64 for float64
 inputs); ``y`` and the window come back in ``x.dtype``.
+
+This module checks inputs and dispatches. The kernels are in ``ssdkit.core.conv_kernels``
+(:func:`~ssdkit.core.conv_kernels.conv_sequence`, :func:`~ssdkit.core.conv_kernels.conv_step`,
+:func:`~ssdkit.core.conv_kernels.window_at`); traced under a mesh whose ``seq`` axis has more than one
+device, :func:`causal_conv1d` runs :func:`ssdkit.core.mesh.sharded_causal_conv1d` instead.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssdkit import spmd
 from ssdkit._typing import ConvBias, ConvSeq, ConvStep, ConvWeight, ConvWindow, Lengths, SegmentIds
-from ssdkit.dtypes import accumulation_dtype, check_floating, check_integer, check_lengths
+from ssdkit.core.conv_kernels import conv_sequence, conv_step
+from ssdkit.core.mesh import conv_active, sharded_causal_conv1d
+from ssdkit.dtypes import check_floating, check_integer, check_lengths
 
 
 def _check(x, weight, bias, window, *, seq_form: bool) -> int:
@@ -96,36 +101,6 @@ def _check_conv_segment_ids(segment_ids, batch: int, seq: int) -> None:
         )
 
 
-def _same_document_masks(segment_ids, k: int):
-    """``keep[j]`` (batch, seq, 1) bool for tap offsets j = 1..K-1 (``keep[0]`` is None: always kept).
-
-    ``keep[j][:, t]`` is true iff the id does not change in (t-j, t]; window positions (< 0) continue
-    the first document. Built incrementally: ``keep[j] = keep[j-1] & cont[t-j+1]``, where ``cont[p]``
-    says position p continues p-1 (true for p <= 0). K-1 shifted (batch, seq) ANDs; no channel axis.
-    """
-    batch, seq = segment_ids.shape
-    cont = jnp.concatenate(
-        [jnp.ones((batch, k), bool), segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1
-    )  # cont[:, p + K-1] for p = -(K-1)..seq-1
-    keep, cur = [None], None
-    for j in range(1, k):
-        shifted = cont[:, k - j : k - j + seq]  # cont[t - j + 1]
-        cur = shifted if cur is None else cur & shifted
-        keep.append(cur[:, :, None])
-    return keep
-
-
-def _weighted_sum(taps, weight, bias, acc):
-    """``bias + Σ_k weight[k] · taps[k]`` in ``acc``, summed in the fixed order k = 0..K-1."""
-    w = weight.astype(acc)
-    y = taps(0) * w[0]
-    for i in range(1, weight.shape[0]):
-        y = y + taps(i) * w[i]
-    if bias is not None:
-        y = y + bias.astype(acc)
-    return y
-
-
 def causal_conv1d(
     x: ConvSeq,
     weight: ConvWeight,
@@ -161,7 +136,7 @@ def causal_conv1d(
 
     Traced under a mesh whose ``seq`` axis has more than one device (``jax.set_mesh``), the sequence is
     split over it, each piece reading the K-1 inputs before it from its neighbour
-    (``ssdkit.spmd``).
+    (:func:`ssdkit.core.mesh.sharded_causal_conv1d`).
     """
     k = _check(x, weight, bias, window, seq_form=True)
     batch, seq, chan = np.shape(x)
@@ -173,9 +148,9 @@ def causal_conv1d(
         window = jnp.zeros((batch, k - 1, chan), x.dtype)
     if lengths is not None:
         lengths = jnp.asarray(lengths, jnp.int32)
-    if spmd.conv_active():  # traced under a mesh with a 'seq' axis: pieces with a (K-1)-input halo
-        return spmd.causal_conv1d(x, weight, bias, window, lengths, segment_ids)
-    return _conv_seq(x, weight, bias, window, lengths, segment_ids)
+    if conv_active():  # traced under a mesh with a 'seq' axis: pieces with a (K-1)-input halo
+        return sharded_causal_conv1d(x, weight, bias, window, lengths, segment_ids)
+    return conv_sequence(x, weight, bias, window, lengths, segment_ids)
 
 
 def causal_conv1d_step(
@@ -198,59 +173,4 @@ def causal_conv1d_step(
             "jnp.zeros((batch, K - 1, chan), x.dtype)"
         )
     _check(x, weight, bias, window, seq_form=False)
-    return _conv_step(x, weight, bias, window)
-
-
-def window_at(padded, lengths, size: int):
-    """``padded[b, lengths[b] : lengths[b] + size]`` for each row b: the conv window (of ``size`` = K-1
-    inputs) after ``lengths[b]`` inputs of ``padded = concat([window, inputs], axis=1)``."""
-    return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, size, axis=0))(padded, lengths)
-
-
-# One compiled program per shape for eager callers; inside a caller's jit these simply inline.
-@jax.jit
-def _conv_seq(x, weight, bias, window, lengths, segment_ids):
-    seq, k = x.shape[1], weight.shape[0]
-    acc = accumulation_dtype(x.dtype, weight.dtype)
-    padded = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # (batch, K-1+seq, chan)
-
-    # Cast each tap after slicing: XLA then shares ``padded`` in x.dtype, not a float32 copy.
-    def tap(i):
-        return padded[:, i : i + seq].astype(acc)
-
-    if segment_ids is None:
-        taps = tap
-    else:
-        keep = _same_document_masks(segment_ids, k)
-
-        def taps(i):  # tap i reads offset j = K-1-i; a select gives exact zeros (and zero gradients)
-            j = k - 1 - i
-            return tap(i) if j == 0 else jnp.where(keep[j], tap(i), jnp.zeros((), acc))
-
-    y = _weighted_sum(taps, weight, bias, acc)
-    if lengths is None:
-        new_window = padded[:, seq:]
-    else:  # the window ends at each row's last real token
-        new_window = window_at(padded, lengths, k - 1)
-    if segment_ids is not None and k > 1:
-        # Keep only the last real token's document in the window: a following call continues it exactly.
-        batch = segment_ids.shape[0]
-        doc = jnp.cumsum(jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
-                                          (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)],
-                                         axis=1), axis=1)
-        doc = jnp.concatenate([jnp.zeros((batch, k - 1), jnp.int32), doc], axis=1)  # window positions: doc 0
-        if lengths is None:
-            window_doc = doc[:, seq:]
-        else:
-            window_doc = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1))(doc, lengths)
-        new_window = jnp.where((window_doc == window_doc[:, -1:])[:, :, None], new_window,
-                               jnp.zeros((), new_window.dtype))
-    return y.astype(x.dtype), new_window
-
-
-@jax.jit
-def _conv_step(x, weight, bias, window):
-    acc = accumulation_dtype(x.dtype, weight.dtype)
-    full = jnp.concatenate([window.astype(x.dtype), x[:, None]], axis=1)  # (batch, K, chan)
-    y = _weighted_sum(lambda i: full[:, i].astype(acc), weight, bias, acc)
-    return y.astype(x.dtype), full[:, 1:]
+    return conv_step(x, weight, bias, window)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqValues, State
+from ssdkit.core.recurrence import DecayKind, Recurrence
 from ssdkit.dtypes import accumulation_dtype
-from ssdkit.recurrence import DecayKind, Recurrence
 
 
 def ssd_reference(

@@ -26,10 +26,10 @@ import numpy as np
 from jaxtyping import Array, Float, Integer
 
 from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqValues, State
-from ssdkit.conv import window_at
+from ssdkit.core.conv_kernels import window_at
+from ssdkit.core.recurrence import DecayKind, Recurrence
+from ssdkit.core.scan import ssd_scan
 from ssdkit.dtypes import accumulation_dtype, check_lengths
-from ssdkit.recurrence import DecayKind, Recurrence
-from ssdkit.scan import ssd_scan
 
 Accepted = Integer[Array, " batch"]
 

@@ -1,12 +1,12 @@
 """The scan and the conv on a device mesh: a sequence split over the ``seq`` axis, heads over ``model``.
 
-:func:`ssdkit.ssd_scan` and :func:`ssdkit.causal_conv1d` switch to these forms by themselves when traced
-under a mesh (``with jax.set_mesh(mesh)``, or a train step from :func:`ssdkit.make_train_step` with
-``shardings``) whose ``seq`` axis has more than one device, or (the scan) whose ``model`` axis has more
-than one device and divides the number of heads. Every recurrence built on them gets sequence and head
-parallelism with no change. Inside, every mesh axis is manual (``jax.shard_map``): batch rows over the
-batch axes present (``data``, ``fsdp``) when they divide, positions over ``seq``, heads over ``model``,
-the rest replicated.
+:func:`ssdkit.ssd_scan` and :func:`ssdkit.causal_conv1d` switch to these forms (:func:`sharded_ssd_scan`,
+:func:`sharded_causal_conv1d`) by themselves when traced under a mesh (``with jax.set_mesh(mesh)``, or a
+train step from :func:`ssdkit.make_train_step` with ``shardings``) whose ``seq`` axis has more than one
+device, or (the scan) whose ``model`` axis has more than one device and divides the number of heads. Every
+recurrence built on them gets sequence and head parallelism with no change. Inside, every mesh axis is
+manual (``jax.shard_map``): batch rows over the batch axes present (``data``, ``fsdp``) when they divide,
+positions over ``seq``, heads over ``model``, the rest replicated.
 
 **Heads (tensor parallelism).** Heads never interact in the recurrence, so device ``j`` of ``model`` runs
 the chunked scan on its H/m heads alone. B and C are split by group when the groups divide by m;
@@ -31,6 +31,9 @@ halo of K-1 positions passed to the next device (``ppermute``), the carried wind
 Communication per layer and device: the scan all-gathers ``devices · B' · H' · P · N`` floats of states
 (B' and H' the local rows and heads) and its transpose reduce-scatters them; the conv sends
 ``B' · (K-1) · chan`` values to one neighbour. Splitting heads needs no communication in the scan.
+
+Each device runs the single-device kernels on its share: :func:`ssdkit.core.chunked.chunked_scan` and
+:func:`ssdkit.core.conv_kernels.conv_sequence`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from ssdkit.core.chunked import apply_resets, chunked_scan
+from ssdkit.core.conv_kernels import conv_sequence
+from ssdkit.core.recurrence import DecayKind
+from ssdkit.dtypes import accumulation_dtype
 from ssdkit.sharding import BATCH_AXES
 
 SEQ_AXIS = "seq"
@@ -64,7 +71,7 @@ def _axis_sizes() -> tuple[int, int]:
 
 
 def scan_active(num_heads: int) -> bool:
-    """True while tracing under a mesh on which :func:`ssd_scan` splits the sequence or the heads."""
+    """True while tracing under a mesh on which :func:`sharded_ssd_scan` splits the sequence or the heads."""
     n, m = _axis_sizes()
     return n > 1 or (m > 1 and num_heads % m == 0)
 
@@ -90,11 +97,9 @@ def _check_pieces(seq: int, n: int, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the scan
-def ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids):
+def sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids):
     """:func:`ssdkit.ssd_scan` (inputs already checked) on the mesh: sequence over ``seq``, heads over
     ``model``."""
-    from ssdkit.scan import apply_resets
-
     batch, seq = x.shape[:2]
     n, m = _axis_sizes()
     _check_pieces(seq, n, "ssd_scan")
@@ -133,17 +138,13 @@ def _local_groups(spec, m: int, split_groups: bool, b, c):
 
 
 def _scan_piece(spec, n, m, split_groups, x, log_a, b, c, initial_state=None):
-    from ssdkit.dtypes import accumulation_dtype
-    from ssdkit.recurrence import DecayKind
-    from ssdkit.scan import _chunked_scan
-
     local, b, c = _local_groups(spec, m, split_groups, b, c)
     if n == 1:  # heads split only: the plain scan on this device's heads
-        return _chunked_scan(local, x, log_a, b, c, initial_state, None)
+        return chunked_scan(local, x, log_a, b, c, initial_state, None)
     state_dtypes = () if initial_state is None else (initial_state.dtype,)
     acc = accumulation_dtype(x.dtype, log_a.dtype, b.dtype, c.dtype, *state_dtypes)
     a = log_a.astype(acc)
-    y0, own = _chunked_scan(local, x, a, b, c, None, None)  # this piece from a zero state
+    y0, own = chunked_scan(local, x, a, b, c, None, None)  # this piece from a zero state
     total = jnp.sum(a, axis=1)  # (batch, H') or (batch, H', N)
     totals = lax.all_gather(total, SEQ_AXIS)  # (n, ...)
     owns = lax.all_gather(own.astype(acc), SEQ_AXIS)
@@ -169,7 +170,7 @@ def _scan_piece(spec, n, m, split_groups, x, log_a, b, c, initial_state=None):
 
 
 # ------------------------------------------------------------------------------ the convolution
-def causal_conv1d(x, weight, bias, window, lengths, segment_ids):
+def sharded_causal_conv1d(x, weight, bias, window, lengths, segment_ids):
     """:func:`ssdkit.causal_conv1d` (inputs checked, window given) with the sequence split over ``seq``;
     channels over ``model`` when they divide (a depthwise conv needs nothing across channels)."""
     batch, seq, chan = x.shape
@@ -191,8 +192,6 @@ def causal_conv1d(x, weight, bias, window, lengths, segment_ids):
 
 
 def _conv_piece(n, k, packed, ragged, x, weight, bias, window, lengths, ids):
-    from ssdkit.conv import _conv_seq
-
     i = lax.axis_index(SEQ_AXIS)
     piece = x.shape[1]
     forward = [(j, j + 1) for j in range(n - 1)]
@@ -205,8 +204,8 @@ def _conv_piece(n, k, packed, ragged, x, weight, bias, window, lengths, ids):
     ext = jnp.concatenate([halo, x], axis=1)
     ext_ids = jnp.concatenate([halo_ids, ids], axis=1) if packed else None
     local = jnp.clip(lengths - i * piece, 0, piece)  # this piece's real positions
-    y, win = _conv_seq(ext, weight, bias, jnp.zeros_like(window, x.dtype), local + (k - 1) if ragged else None,
-                       ext_ids)
+    y, win = conv_sequence(ext, weight, bias, jnp.zeros_like(window, x.dtype), local + (k - 1) if ragged else None,
+                           ext_ids)
     # the window after the sequence comes from the piece holding each row's last real token (piece 0 when
     # a row has none: there it is the carried window)
     owner = jnp.clip((lengths - 1) // piece, 0, n - 1)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssdkit.core.recurrence import Recurrence
 from ssdkit.dtypes import FLOAT_DTYPES
-from ssdkit.recurrence import Recurrence
 
 _STATE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 

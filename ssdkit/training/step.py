@@ -30,7 +30,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, Int
 
-from ssdkit.loss import LossMetrics
+from ssdkit.training.loss import LossMetrics
 from ssdkit.xla_options import training_compiler_options
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, LossMetrics]]

@@ -1,0 +1,73 @@
+"""The chunked SSD scan, public entry point: :func:`ssd_scan` checks its inputs and dispatches.
+
+For one head, ``S_t = exp(a_t) * S_{t-1} + x_t ⊗ b_t,  y_t = S_t · c_t``, computed in chunks of Q steps.
+On one device :func:`ssd_scan` runs :func:`ssdkit.core.chunked.chunked_scan` (where the algorithm and
+its numerics are described); traced under a mesh that splits the sequence or the heads, it runs
+:func:`ssdkit.core.mesh.sharded_ssd_scan`, which runs the same kernel on each device's share.
+:func:`preferred_chunk_size` picks the chunk size per backend.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqValues, State
+from ssdkit.core.chunked import chunked_scan
+from ssdkit.core.mesh import scan_active, sharded_ssd_scan
+from ssdkit.core.recurrence import Recurrence
+
+#: The largest chunk that ran fastest per backend (see :func:`preferred_chunk_size`).
+_MAX_CHUNK = {"cpu": 64}
+
+
+def preferred_chunk_size(chunk_size: int, backend: str | None = None) -> int:
+    """The chunk size to scan with on ``backend`` (JAX's default backend if None), given a model's own.
+
+    :func:`ssd_scan`'s result does not depend on the chunk size (beyond float rounding), only its cost:
+    the intra-chunk work grows with Q and the chunk-state work shrinks. On XLA's CPU backend Q = 64 ran
+    fastest (Mamba-2 130M, float32, 2,048 tokens: 614 / 579 / 532 tokens/s at Q = 64 / 128 / 256, one
+    alternating run; docs/benchmarks.md), so this returns ``min(chunk_size, 64)`` there and
+    ``chunk_size`` on other backends.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    cap = _MAX_CHUNK.get(backend or jax.default_backend())
+    return chunk_size if cap is None else min(chunk_size, cap)
+
+
+def ssd_scan(
+    x: SeqValues,
+    log_a: SeqLogDecay,
+    b: SeqKeys,
+    c: SeqKeys,
+    *,
+    chunk_size: int,
+    initial_state: State | None = None,
+    segment_ids: SegmentIds | None = None,
+) -> tuple[SeqValues, State]:
+    """Chunked SSD scan of ``S_t = exp(log_a_t) * S_{t-1} + x_t ⊗ b_t``, ``y_t = S_t · c_t``.
+
+    Args:
+        x: (batch, seq, H, P) values, any float dtype; ``y`` comes back in this dtype.
+        log_a: (batch, seq, H) scalar or (batch, seq, H, N) diagonal log-decay, ``<= 0``.
+        b: (batch, seq, G, N) keys (Mamba-2's B, already multiplied by dt where relevant).
+        c: (batch, seq, G, N) queries (Mamba-2's C). Head h reads group ``h // (H // G)``.
+        chunk_size: Q, any positive integer; any ``seq`` works (padded internally).
+        initial_state: optional (batch, H, P, N) state before step 0 (float32 or float64).
+        segment_ids: optional (batch, seq) integers; the state resets where the id changes.
+
+    Returns:
+        ``(y, final_state)``: y (batch, seq, H, P) in ``x.dtype``; final_state (batch, H, P, N) in
+        the accumulation dtype (float32, or float64 for float64 inputs), or ``initial_state.dtype``.
+
+    Cost: O(seq · Q · (N + P)) per head for the dual form plus O(seq / Q) sequential chunk steps.
+
+    Traced under a mesh (``jax.set_mesh``) whose ``seq`` axis has more than one device, the sequence is
+    split in contiguous pieces over it, exactly (seq must divide); whose ``model`` axis divides H, each
+    device scans its own heads (:func:`ssdkit.core.mesh.sharded_ssd_scan`).
+    """
+    spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size)
+    spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids)
+    if scan_active(spec.num_heads):  # traced under a mesh with a seq or model axis: split over them
+        return sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids)
+    return chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids)
