@@ -44,22 +44,6 @@ def pytest_unconfigure(config):
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
-#: Modules whose assertions compare floats computed by compiled programs: marked `numerics`, they run a
-#: second time in the README test command with XLA's CPU backend limited to AVX2
-#: (`XLA_FLAGS=--xla_cpu_max_isa=AVX2`), so a comparison that holds only under one machine's fusion and
-#: vectorisation choices fails on every machine, not only on the ones without AVX-512.
-NUMERICS_MODULES = frozenset({
-    "test_scan", "test_conv", "test_norm", "test_cache", "test_generate", "test_mamba2_parity", "test_evaluation",
-    "test_pretrained", "test_speculative", "test_speculative_generation",
-})
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.module.__name__.rpartition(".")[2] in NUMERICS_MODULES:
-            item.add_marker(pytest.mark.numerics)
-
-
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -19,6 +19,9 @@ from jax import lax
 from ssdkit import Recurrence, RecurrentCache, causal_conv1d_step, ssd_step
 from tests.helpers import assert_same_up_to_rounding
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 SPEC = Recurrence(num_heads=4, head_dim=3, state_dim=5, num_groups=2)
 
 

@@ -25,6 +25,9 @@ from hypothesis import strategies as st
 from ssdkit import causal_conv1d, causal_conv1d_step
 from tests.helpers import assert_same_up_to_rounding
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 
 def conv_oracle(x, w, bias=None, window=None, segment_ids=None):
     """Plain loops: ``out[b, t, c] = bias[c] + Σ_k w[k, c] · in[b, t-(K-1)+k, c]``, history from ``window``.

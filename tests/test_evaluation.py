@@ -16,6 +16,9 @@ from ssdkit.models import evaluation, mamba2, text
 from ssdkit.models.cli import main
 from ssdkit.training.data import ByteTokenizer
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=257, d_state=8, headdim=16, chunk_size=8)
 TEXTS = ["def f(x):\n    return x + 1\n", "a", "", "naïve – ok 日本 😀\n" * 3, "import os\n\n\nprint(os.sep)\n" * 4]
 

@@ -27,6 +27,9 @@ from ssdkit.inference.loop import _generate, _generation_loop
 from ssdkit.inference.sampling import argmax_last
 from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 VOCAB, DIM = 32, 16
 
 

@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 from ssdkit import gated_rms_norm, rms_norm
 from tests.helpers import assert_same_up_to_rounding
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 
 def rms_oracle(x, w, eps=1e-5):
     x = np.asarray(x, np.float64)

@@ -19,6 +19,9 @@ from hypothesis import strategies as st
 from ssdkit import Recurrence, preferred_chunk_size, ssd_reference, ssd_scan, ssd_step
 from tests.helpers import assert_close
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 F64_RTOL = 1e-10
 F32_RTOL = 2e-5
 

@@ -14,6 +14,9 @@ import ssdkit
 from ssdkit.core.rollback import ScanRecord, conv_commit, ssd_commit, ssd_verify
 from tests.helpers import assert_close
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 
 def _inputs(seed, batch, k, heads, head_dim, state, groups, diagonal, dtype):
     ks = jax.random.split(jax.random.key(seed), 6)

@@ -30,6 +30,9 @@ from ssdkit.inference.speculative import speculative_loop
 from ssdkit.models import mamba2
 from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
+# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
+pytestmark = pytest.mark.numerics
+
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=24, pad_vocab_size_multiple=8, d_state=8, headdim=16,
                           chunk_size=8, tie_embeddings=False)
 DRAFT_CFG = dataclasses.replace(CFG, n_layer=1)
