@@ -51,10 +51,9 @@ def name_list(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _parse_json_file(path: Path):
-    """``json.load`` of an untrusted file, every parse failure a ``ValueError`` naming the file; OSError
-    (FileNotFoundError, ...) from reading it passes through. (The same as ``parse_json_file`` of
-    ``ssdkit.models.mamba2.config``, which this core module cannot import.)"""
+def parse_json_file(path: Path):
+    """``json.load`` of an untrusted file (config.json, an index), every parse failure a ``ValueError``
+    naming the file; OSError (FileNotFoundError, ...) from reading it passes through."""
     text = Path(path).read_bytes()
     try:
         return json.loads(text)  # bytes: UTF-8/16/32 detected as JSON allows, whatever the locale
@@ -400,7 +399,7 @@ def open_tensor_dir(path: Path) -> TensorSource:
         return SafetensorsReader([st])
     if index.exists():
         try:
-            data = _parse_json_file(index)  # ValueError for bad syntax / UTF-8, huge integers, deep nesting
+            data = parse_json_file(index)  # ValueError for bad syntax / UTF-8, huge integers, deep nesting
         except (ValueError, OSError) as err:
             raise CheckpointError(str(err)) from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None

@@ -17,6 +17,8 @@ import math
 from numbers import Integral, Real
 from pathlib import Path
 
+from ssdkit.tensor_files import parse_json_file
+
 _PRESETS = {
     "130m": dict(d_model=768, n_layer=24),
     "370m": dict(d_model=1024, n_layer=48),
@@ -360,19 +362,6 @@ class Mamba2Config:
     def to_transformers_json(self) -> str:
         """``config.json`` text in transformers' format (non-finite floats tagged as transformers does)."""
         return json.dumps(_tag_nonfinite(self.to_transformers_dict()), indent=2)
-
-
-def parse_json_file(path: Path):
-    """``json.load`` of an untrusted file (config.json, an index), every parse failure a ``ValueError``
-    naming the file; OSError (FileNotFoundError, ...) from reading it passes through."""
-    text = Path(path).read_bytes()
-    try:
-        return json.loads(text)  # bytes: UTF-8/16/32 detected as JSON allows, whatever the locale
-    except (ValueError, RecursionError) as err:
-        # ValueError: bad syntax, bad UTF-8, an integer over Python's digit limit;
-        # RecursionError: nesting deeper than the parser's recursion allows (e.g. 100k nested lists)
-        why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
-        raise ValueError(f"{path} is not valid JSON: {why}") from None
 
 
 def _coerce(fields: dict) -> dict:
