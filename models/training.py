@@ -238,13 +238,54 @@ def _model(cfg: TrainRunConfig, vocab_size: int):
 
 
 def _check_vocab(rows: PackedRows, mcfg) -> None:
-    hi, vocab = int(rows.tokens.max()), _vocab(mcfg)
+    hi, vocab = int(rows.tokens.max()), _family(mcfg).vocab_size(mcfg)
     if hi >= vocab:
         raise ValueError(f"token id {hi} in the data is out of range for the model's vocabulary of {vocab}")
 
 
-def _vocab(mcfg) -> int:
-    return mcfg.cfg.vocab_size if isinstance(mcfg, ToyLM) else mcfg.padded_vocab_size
+class _Mamba2Family:
+    """What the loop needs of Mamba-2 (its config is ``mcfg``)."""
+
+    @staticmethod
+    def vocab_size(mcfg: mamba2.Mamba2Config) -> int:
+        return mcfg.padded_vocab_size
+
+    @staticmethod
+    def loss(params, mcfg: mamba2.Mamba2Config, tokens, segment_ids, remat: str):
+        return mamba2.loss(params, mcfg, tokens, segment_ids=segment_ids, remat=remat)
+
+    @staticmethod
+    def save(params, mcfg: mamba2.Mamba2Config, folder: Path) -> None:
+        mamba2.save_checkpoint(params, mcfg, folder)
+
+
+class _ToyFamily:
+    """What the loop needs of a toy recurrence (``mcfg`` is the :class:`ToyLM` itself)."""
+
+    @staticmethod
+    def vocab_size(mcfg: ToyLM) -> int:
+        return mcfg.cfg.vocab_size
+
+    @staticmethod
+    def loss(params, mcfg: ToyLM, tokens, segment_ids, remat: str):
+        return mcfg.loss(params, tokens, segment_ids=segment_ids, remat=remat)
+
+    @staticmethod
+    def save(params, mcfg: ToyLM, folder: Path) -> None:
+        """Safetensors, one tensor per PyTree path, and the config (toy.json)."""
+        from safetensors.numpy import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        flat = {jax.tree_util.keystr(path).lstrip("."): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+        save_file(flat, str(folder / "model.safetensors"))
+        (folder / "toy.json").write_text(json.dumps({"mixer": type(mcfg.mixer).__name__,
+                                                     **dataclasses.asdict(mcfg.cfg)}, indent=2) + "\n")
+
+
+def _family(mcfg):
+    """The one place that tells the model families apart."""
+    return _ToyFamily if isinstance(mcfg, ToyLM) else _Mamba2Family
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -252,10 +293,9 @@ def evaluate(params, mcfg, rows: PackedRows, *, batch_size: int, max_rows: int) 
     """Held-out (loss in nats per token, bits per byte) over up to ``max_rows`` rows."""
     n = min(len(rows), max_rows)
     nll = tokens = nbytes = 0.0
-    fn = _eval_fn(mcfg)
     for i in range(0, n, batch_size):
         t, s = rows.tokens[i: i + batch_size], rows.segment_ids[i: i + batch_size]
-        _, m = fn(params, jnp.asarray(t), jnp.asarray(s))
+        _, m = _eval_loss(params, (jnp.asarray(t), jnp.asarray(s)), mcfg=mcfg, remat="none")
         nll += float(m.loss) * float(m.tokens)
         tokens += float(m.tokens)
         _, w = ssdkit.next_token_targets(jnp.asarray(t), segment_ids=jnp.asarray(s))
@@ -263,9 +303,67 @@ def evaluate(params, mcfg, rows: PackedRows, *, batch_size: int, max_rows: int) 
     return nll / max(tokens, 1.0), nll / (math.log(2) * max(nbytes, 1.0))
 
 
-@functools.lru_cache(maxsize=4)
-def _eval_fn(mcfg):
-    return jax.jit(lambda p, t, s: _batch_loss(p, (t, s), mcfg=mcfg, remat="none"))
+def _on_mesh(cfg: TrainRunConfig, mcfg, state, optimizer, log):
+    """Place the train state on ``cfg.mesh``: (state, the step's shardings, the batches' placement)."""
+    from jax.sharding import NamedSharding
+
+    from ssdkit import sharding
+    from ssdkit.models.mamba2 import sharding as mamba2_sharding
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    mamba2_sharding.config_check(mcfg, mesh)
+    rows = sharding.batch_size_multiple(mesh)
+    if (cfg.batch_size // cfg.micro_batches) % rows:
+        raise ValueError(f"--mesh {cfg.mesh} splits a batch's rows {rows} ways: batch_size / micro_batches = "
+                         f"{cfg.batch_size // cfg.micro_batches} must be a multiple of {rows}")
+    if cfg.seq_len % mesh.shape["seq"]:
+        raise ValueError(f"--mesh {cfg.mesh} splits a row's positions {mesh.shape['seq']} ways: seq_len "
+                         f"{cfg.seq_len} must be a multiple of {mesh.shape['seq']}")
+    specs = mamba2_sharding.train_state_specs(state, optimizer, mesh)
+    state = sharding.place(state, mesh, specs)
+    batch_spec = sharding.sequence_spec(2)  # rows over (data, fsdp), positions over seq
+    shardings = (sharding.named(mesh, specs), NamedSharding(mesh, batch_spec))
+    log(f"[train] mesh {dict(mesh.shape)} over {mesh.size} devices")
+    return state, shardings, functools.partial(sharding.place, mesh=mesh, specs=batch_spec)
+
+
+def _resume(cfg: TrainRunConfig, checkpointer, state, log):
+    """The newest complete checkpoint's state if there is one (refusing one of another run): (state, its step)."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return state, None
+    state, meta = checkpointer.restore(state)
+    if meta.get("seed") != cfg.seed or meta.get("batch_size") != cfg.batch_size:
+        raise ValueError(f"{Path(cfg.out) / 'checkpoints'} was written by a run with another seed or batch size "
+                         f"({meta}); use another --out or the same options")
+    log(f"[train] resuming from step {step} in {Path(cfg.out) / 'checkpoints'}")
+    return state, step
+
+
+def _export(cfg: TrainRunConfig, params, mcfg, step: int, *, tokenizer, tokenizer_file, record: dict) -> None:
+    """Write ``out/model``: the weights, tokenizer.json, and training.json (the run and its data)."""
+    folder = Path(cfg.out) / "model"
+    _family(mcfg).save(params, mcfg, folder)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+    else:
+        (folder / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizers_json()))
+    eod = text.eod_id(tokenizer)
+    if eod is not None and (folder / "config.json").exists():  # transformers reads these
+        config = json.loads((folder / "config.json").read_text())
+        config.update(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "training.json").write_text(json.dumps({"run": dataclasses.asdict(cfg), "step": step, **record},
+                                                     indent=2) + "\n")
+
+
+def _gathered(params):
+    """Params every process holds whole (a collective: every process calls it)."""
+    if all(a.is_fully_addressable for a in jax.tree_util.tree_leaves(params)):
+        return params
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSummary:
@@ -292,78 +390,31 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
     optimizer = ssdkit.adamw(cfg.lr, total_steps=cfg.steps, warmup_steps=warmup,
                              min_lr_ratio=cfg.min_lr_ratio, b1=cfg.b1, b2=cfg.b2,
                              weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-    schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=cfg.steps,
-                                          min_ratio=cfg.min_lr_ratio)
+    schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
     state = ssdkit.TrainState.create(params, optimizer)
     shardings, put_batch = None, jnp.asarray
     if cfg.mesh is not None:  # parameters, optimiser state and batches on the mesh (ssdkit.models.mamba2.sharding)
-        from jax.sharding import NamedSharding
-
-        from ssdkit import sharding
-        from ssdkit.models.mamba2 import sharding as mamba2_sharding
-
-        mesh = sharding.make_mesh(cfg.mesh)
-        mamba2_sharding.config_check(mcfg, mesh)
-        rows = sharding.batch_size_multiple(mesh)
-        if (cfg.batch_size // cfg.micro_batches) % rows:
-            raise ValueError(f"--mesh {cfg.mesh} splits a batch's rows {rows} ways: batch_size / micro_batches = "
-                             f"{cfg.batch_size // cfg.micro_batches} must be a multiple of {rows}")
-        if cfg.seq_len % mesh.shape["seq"]:
-            raise ValueError(f"--mesh {cfg.mesh} splits a row's positions {mesh.shape['seq']} ways: seq_len "
-                             f"{cfg.seq_len} must be a multiple of {mesh.shape['seq']}")
-        specs = mamba2_sharding.train_state_specs(state, optimizer, mesh)
-        state = sharding.place(state, mesh, specs)
-        batch_spec = sharding.sequence_spec(2)  # rows over (data, fsdp), positions over seq
-        shardings = (sharding.named(mesh, specs), NamedSharding(mesh, batch_spec))
-        put_batch = functools.partial(sharding.place, mesh=mesh, specs=batch_spec)
-        log(f"[train] mesh {dict(mesh.shape)} over {mesh.size} devices")
+        state, shardings, put_batch = _on_mesh(cfg, mcfg, state, optimizer, log)
     step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
                         compute_dtype=cfg.compute_dtype, shardings=shardings)
 
     checkpointer = TrainCheckpointer(out / "checkpoints", keep=cfg.keep)
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
-        state, meta = checkpointer.restore(state)
-        if meta.get("seed") != cfg.seed or meta.get("batch_size") != cfg.batch_size:
-            raise ValueError(f"{out / 'checkpoints'} was written by a run with another seed or batch size "
-                             f"({meta}); use another --out or the same options")
-        log(f"[train] resuming from step {resumed_from} in {out / 'checkpoints'}")
+    state, resumed_from = _resume(cfg, checkpointer, state, log)
     start = int(state.step)
 
     out.mkdir(parents=True, exist_ok=True)
     run_log = out / "log.jsonl"
     if primary and resumed_from is None and run_log.exists():
         run_log.unlink()
+    record = {"train_tokens": train_rows.tokens.size,
+              "held_out_tokens": 0 if held_rows is None else held_rows.tokens.size,
+              "corpus": None if manifest is None else manifest.to_dict(), "jax": jax.__version__}
 
     def export():
-        params = state.params
-        if not all(a.is_fully_addressable for a in jax.tree_util.tree_leaves(params)):
-            from jax.experimental import multihost_utils  # every process takes part, process 0 writes
-
-            params = multihost_utils.process_allgather(params, tiled=True)
-        if not primary:
-            return
-        if isinstance(mcfg, ToyLM):
-            _save_toy(params, mcfg, out / "model")
-        else:
-            mamba2.save_checkpoint(params, mcfg, out / "model")
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, out / "model" / "tokenizer.json")
-        else:
-            (out / "model" / "tokenizer.json").write_text(json.dumps(ByteTokenizer.tokenizers_json()))
-        eod = text.eod_id(tokenizer)
-        if eod is not None and (out / "model" / "config.json").exists():  # transformers reads these
-            config = json.loads((out / "model" / "config.json").read_text())
-            config.update(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod)
-            (out / "model" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        record = {"run": dataclasses.asdict(cfg), "step": int(state.step), "train_tokens": train_rows.tokens.size,
-                  "held_out_tokens": 0 if held_rows is None else held_rows.tokens.size,
-                  "corpus": None if manifest is None else manifest.to_dict(), "jax": jax.__version__}
-        (out / "model" / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-
-    def save(step: int):
-        checkpointer.save(step, state, {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": step})
-        export()
+        params = _gathered(state.params)  # every process takes part, process 0 writes
+        if primary:
+            _export(cfg, params, mcfg, int(state.step), tokenizer=tokenizer, tokenizer_file=tokenizer_file,
+                    record=record)
 
     progress = _progress(cfg if primary else dataclasses.replace(cfg, progress=False), start)
     if cfg.progress and log is print:  # keep the bar intact
@@ -392,7 +443,8 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
             with run_log.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save(done)
+            checkpointer.save(done, state, {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": done})
+            export()
     progress(None, None)
     checkpointer.close()
     if start >= cfg.steps:
@@ -428,21 +480,10 @@ def make_step(mcfg: mamba2.Mamba2Config | ToyLM, optimizer, *, remat: str = "non
 
 def _batch_loss(params, batch, *, mcfg, remat):
     tokens, segment_ids = batch
-    if isinstance(mcfg, ToyLM):
-        return mcfg.loss(params, tokens, segment_ids=segment_ids, remat=remat)
-    return mamba2.loss(params, mcfg, tokens, segment_ids=segment_ids, remat=remat)
+    return _family(mcfg).loss(params, mcfg, tokens, segment_ids, remat)
 
 
-def _save_toy(params, model: ToyLM, folder: Path) -> None:
-    """A toy model's weights (safetensors, one tensor per PyTree path) and its config (toy.json)."""
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    flat = {jax.tree_util.keystr(path).lstrip("."): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    save_file(flat, str(folder / "model.safetensors"))
-    (folder / "toy.json").write_text(json.dumps({"mixer": type(model.mixer).__name__,
-                                                 **dataclasses.asdict(model.cfg)}, indent=2) + "\n")
+_eval_loss = jax.jit(_batch_loss, static_argnames=("mcfg", "remat"))  # the model config is hashable
 
 
 def _progress(cfg: TrainRunConfig, start: int):
