@@ -87,69 +87,87 @@ def load_model(spec: str | None, dtype_name: str, seed: int):
     raise CliError(f"--model {spec}: no such directory, and not a preset ({', '.join(PRESETS)})")
 
 
-def cmd_generate(args) -> int:
-    import jax
-    import jax.numpy as jnp
+def _checked_sampling(args) -> None:
+    """The sampling flags, checked where the library checks them (``ssdkit.make_sampler``), before any model
+    loads; the message names the flags."""
+    import re
 
-    from ssdkit.models import mamba2, text
+    import ssdkit
 
-    if args.prompt is None and args.prompt_ids is None:
-        raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise CliError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise CliError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}")
-    _initialize_distributed(args)
-    _enable_compilation_cache()
-    params, cfg, path, random_init = load_model(args.model, args.dtype, args.seed)
+    try:
+        ssdkit.make_sampler(args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        raise CliError(re.sub(r"\b(temperature|top_k|top_p)\b", lambda m: "--" + m[1].replace("_", "-"),
+                              str(err).replace(" or None", ""))) from None
 
-    tokenizer = None
-    if path is not None:
-        tokenizer = mamba2.load_tokenizer(path)
+
+def _prompt_ids(args, tokenizer, cfg) -> list[int]:
+    """The prompt's token ids, from ``--prompt`` (through the model's tokenizer) or ``--prompt-ids``."""
     if args.prompt is not None:
         if tokenizer is None:
-            raise CliError(
-                "--prompt needs a tokenizer.json in the model directory; use --prompt-ids instead"
-            )
+            raise CliError("--prompt needs a tokenizer.json in the model directory; use --prompt-ids instead")
         ids = tokenizer.encode(args.prompt).ids
         if not ids:
             raise CliError("--prompt encodes to no tokens")
     else:
         ids = _parse_ids(args.prompt_ids)
-    bad = [i for i in ids if not 0 <= i < cfg.padded_vocab_size]
+    bad = [i for i in ids if not 0 <= i < cfg.padded_vocab_size]  # before anything compiles
     if bad:
         raise CliError(f"prompt token id {bad[0]} is out of range 0..{cfg.padded_vocab_size - 1}")
+    return ids
+
+
+def _on_mesh(args, params, cfg, ids):
+    """``--mesh``: (params split over it, the prompt right-padded to split over its seq axis, lengths or
+    None, the context to run under)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ssdkit import sharding
+    from ssdkit.models.mamba2 import sharding as mamba2_sharding
+
+    prompt = jnp.asarray([ids], jnp.int32)
+    if args.mesh is None:
+        return params, prompt, None, contextlib.nullcontext()
+    try:
+        mesh = sharding.make_mesh(args.mesh)
+        mamba2_sharding.config_check(cfg, mesh)
+    except ValueError as err:
+        raise CliError(f"--mesh: {err}") from None
+    params = mamba2_sharding.shard_params(params, mesh)
+    pieces, lengths = mesh.shape["seq"], None
+    if len(ids) % pieces:  # right padding is exact (lengths): the prompt splits into equal pieces
+        prompt = jnp.pad(prompt, ((0, 0), (0, pieces - len(ids) % pieces)))
+        lengths = jnp.asarray([len(ids)], jnp.int32)
+    print(f"[ssdkit] mesh {dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr)
+    return params, prompt, lengths, jax.set_mesh(mesh)
+
+
+def cmd_generate(args) -> int:
+    import jax
+
+    from ssdkit.models import mamba2, text
+
+    if args.prompt is None and args.prompt_ids is None:
+        raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
+    _checked_sampling(args)
+    if args.speculative is not None and args.mesh is not None:
+        raise CliError("--speculative runs on one device; drop --mesh")
+    if args.draft_tokens is not None and args.speculative is None:
+        raise CliError("--draft-tokens goes with --speculative lookup|MODEL_DIR")
+    _initialize_distributed(args)
+    _enable_compilation_cache()
+    params, cfg, path, random_init = load_model(args.model, args.dtype, args.seed)
+    tokenizer = None if path is None else mamba2.load_tokenizer(path)
+    ids = _prompt_ids(args, tokenizer, cfg)
     if random_init:
         print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
-
-    prompt, lengths, on_mesh = jnp.asarray([ids], jnp.int32), None, contextlib.nullcontext()
-    if args.mesh is not None:  # weights split over the mesh; the prompt split over its seq axis
-        from ssdkit import sharding
-        from ssdkit.models.mamba2 import sharding as mamba2_sharding
-
-        try:
-            mesh = sharding.make_mesh(args.mesh)
-            mamba2_sharding.config_check(cfg, mesh)
-        except ValueError as err:
-            raise CliError(f"--mesh: {err}") from None
-        params = mamba2_sharding.shard_params(params, mesh)
-        pieces = mesh.shape["seq"]
-        if len(ids) % pieces:  # right padding is exact (lengths): the prompt splits into equal pieces
-            prompt = jnp.pad(prompt, ((0, 0), (0, pieces - len(ids) % pieces)))
-            lengths = jnp.asarray([len(ids)], jnp.int32)
-        on_mesh = jax.set_mesh(mesh)
-        print(f"[ssdkit] mesh {dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr)
+    params, prompt, lengths, on_mesh = _on_mesh(args, params, cfg, ids)
     eos = text.eod_id(tokenizer) if tokenizer is not None else None
     if args.speculative is not None:
-        if args.mesh is not None:
-            raise CliError("--speculative runs on one device; drop --mesh")
         return _generate_speculative(args, params, cfg, prompt, tokenizer, eos)
-    if args.draft_tokens is not None:
-        raise CliError("--draft-tokens goes with --speculative lookup|MODEL_DIR")
     t0 = time.perf_counter()
     stream = mamba2.generate_stream(
         params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -78,7 +78,7 @@ def test_generate_speculative(ckpt, tmp_path, capsys):
     (["--model", "{ckpt}", "--prompt", "hello"], "needs a tokenizer.json"),
     (["--model", "{ckpt}", "--prompt-ids", "1,x"], "comma-separated integers"),
     (["--model", "{ckpt}", "--prompt-ids", "1,999"], "out of range"),
-    (["--model", "{ckpt}", "--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be in"),
+    (["--model", "{ckpt}", "--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be a number in"),
     (["--model", "{ckpt}"], "give a prompt"),
 ])
 def test_clear_one_line_errors(ckpt, capsys, args, message):
