@@ -25,16 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ssdkit.inference.drafts import Speculative
+from ssdkit.inference.drafts import Speculative, verify_cost
 from ssdkit.inference.rounds import run_round
 from ssdkit.inference.sampling import Greedy
 from ssdkit.xla_options import inference_jit
 
-#: FLOPs per byte at which a backend's arithmetic takes as long as its memory traffic (machine balance).
-#: CPU: fitted to ``measure_round_costs`` on a 2-core AMD EPYC (AVX-512), where a verify of 9 tokens of
-#: the shipped model costs about 3 decode steps (docs/benchmarks.md); GPU: an H100's float32 balance
-#: (67 TFLOP/s over 3.35 TB/s); TPU: a v6e's bfloat16 balance (918 TFLOP/s over 1.64 TB/s).
+#: FLOPs per byte at which a backend's arithmetic takes as long as its memory traffic (machine balance),
+#: and the fixed cost of a round of drafts (its own kernels: the draft, the verify's scan, acceptance,
+#: commit), in bytes of traffic. CPU: fitted on a 2-core AMD EPYC (AVX-512) to measure_round_costs's
+#: figures (docs/benchmarks.md): 130M, a verify of 9 tokens about 2 decode steps (DRAM-bound); the shipped
+#: model (15 MB of weights in L3), about 3 decode steps for a round of 1 to 8 drafts (kernel-bound).
+#: GPU and TPU: the float32 balance of an H100 (67 TFLOP/s over 3.35 TB/s) and the bfloat16 one of a
+#: v6e (918 TFLOP/s over 1.64 TB/s), with no fixed cost; not fitted to a measurement.
 BALANCE = {"cpu": 1.5, "gpu": 20.0, "tpu": 560.0}
+ROUND_OVERHEAD = {"cpu": 4.0e7, "gpu": 0.0, "tpu": 0.0}
 
 
 def _abstract(tree):
@@ -53,24 +57,17 @@ def program_cost(fn: Callable, *args, balance: float) -> float:
 def estimate_round_costs(model, params, draft_params, cache, source_state, speculative: Speculative, sampler,
                          batch: int) -> tuple[float, ...]:
     """The cost of a round of each of ``speculative.draft_lengths`` drafts, in plain rounds (the first is 1):
-    the target's programs plus the draft source's (``DraftSource.round_cost``), each from XLA's cost
-    analysis (module docstring). ``cache`` / ``source_state``: the loop's (arrays or tracers: only their
-    shapes are read). Rounded to 2 digits."""
-    cost = functools.partial(program_cost, balance=BALANCE.get(jax.default_backend(), BALANCE["cpu"]))
-    source = speculative.draft
-
-    def verify_commit(params, tokens, cache):
-        _, record = model.verify(params, tokens, cache)
-        return model.commit(record, jnp.full((batch,), tokens.shape[1], jnp.int32))
-
-    def round_cost(k: int) -> float:
-        if k == 0:
-            target = cost(model.decode, params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache)
-        else:
-            target = cost(verify_commit, params, jax.ShapeDtypeStruct((batch, k + 1), jnp.int32), cache)
-        return target + source.round_cost(draft_params, source_state, sampler, k, cost)
-
-    costs = [round_cost(k) for k in speculative.draft_lengths]
+    the target's programs plus the draft source's (``DraftSource.round_costs``), each from XLA's cost
+    analysis (module docstring), plus :data:`ROUND_OVERHEAD` for a round of drafts. ``cache`` /
+    ``source_state``: the loop's (arrays or tracers: only their shapes are read). Rounded to 2 digits."""
+    backend = jax.default_backend()
+    cost = functools.partial(program_cost, balance=BALANCE.get(backend, BALANCE["cpu"]))
+    lengths = speculative.draft_lengths
+    plain = cost(model.decode, params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache)
+    target = (plain, *verify_cost(model, params, cache, batch, cost)(tuple(k + 1 for k in lengths[1:])))
+    overhead = ROUND_OVERHEAD.get(backend, 0.0)
+    source = speculative.draft.round_costs(draft_params, source_state, sampler, lengths, cost)
+    costs = [t + s + (overhead if k else 0.0) for k, t, s in zip(lengths, target, source, strict=True)]
     return tuple(max(round(c / costs[0], 2), 0.01) for c in costs)
 
 

@@ -119,10 +119,11 @@ class DraftSource(Protocol):
         ``emitted`` (batch, k + 1) are the round's tokens, written at ``at``."""
         ...
 
-    def round_cost(self, params: Any, state: Any, sampler, k: int, cost: Callable[..., float]) -> float:
-        """This source's own work in a round of k drafts (k = 0: following one plain round), in the units of
-        ``cost(fn, *args)``, the estimated cost of running ``fn(*args)`` once (``ssdkit.inference.costs``;
-        the arguments may be arrays or shapes). Deterministic: no timing."""
+    def round_costs(self, params: Any, state: Any, sampler, lengths: tuple[int, ...],
+                    cost: Callable[..., float]) -> tuple[float, ...]:
+        """This source's own work in a round of each of ``lengths`` drafts (0: following one plain round),
+        in the units of ``cost(fn, *args)``, the estimated cost of running ``fn(*args)`` once
+        (``ssdkit.inference.costs``; the arguments may be arrays or shapes). Deterministic: no timing."""
         ...
 
 
@@ -216,10 +217,10 @@ class PromptLookup:
     def roll_back(self, state, params, fed, kept, emitted, at):
         return write_rows(state, emitted, at)
 
-    def round_cost(self, params, state, sampler, k, cost):
-        batch = state.shape[0]
-        at = jnp.zeros((batch,), jnp.int32)
-        return cost(lambda text, at: self.lookup(text, at, max(k, 1)), state, at)  # writes are free next to it
+    def round_costs(self, params, state, sampler, lengths, cost):
+        """The lookup runs before every round, plain or not (writes of the text are free next to it)."""
+        at = jnp.zeros((state.shape[0],), jnp.int32)
+        return (cost(lambda text, at: self.lookup(text, at, max(lengths)), state, at),) * len(lengths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,22 +316,15 @@ class DraftModel:
         _, record = self.model.verify(params, fed, state.cache)
         return dataclasses.replace(state, cache=self.model.commit(record, kept))
 
-    def round_cost(self, params, state, sampler, k, cost):
-        """k draft decode steps and a verify + commit of k + 1 tokens; a plain round: 1/width of feeding a full
-        queue (one verify + commit of ``width`` tokens)."""
+    def round_costs(self, params, state, sampler, lengths, cost):
+        """k draft decode steps and a verify + commit of k + 1 tokens (linear in k between the shortest and
+        the longest round's); a plain round: 1/width of feeding a full queue of ``width`` tokens."""
         batch, width = state.pending.shape
-
-        def verify_commit(params, tokens, cache):
-            _, record = self.model.verify(params, tokens, cache)
-            return self.model.commit(record, jnp.full((batch,), tokens.shape[1], jnp.int32))
-
-        def tokens(n):
-            return jax.ShapeDtypeStruct((batch, n), jnp.int32)
-
-        if k == 0:
-            return cost(verify_commit, params, tokens(width), state.cache) / width
+        verify = verify_cost(self.model, params, state.cache, batch, cost)
         step = cost(self.model.decode, params, jax.ShapeDtypeStruct((batch,), jnp.int32), state.cache)
-        return k * step + cost(verify_commit, params, tokens(k + 1), state.cache)
+        fed = verify((width,))[0] / width
+        drafting = verify(tuple(k + 1 for k in lengths if k > 0))
+        return (fed, *(k * step + v for k, v in zip((k for k in lengths if k > 0), drafting, strict=True)))
 
 
 @jax.tree_util.register_dataclass
@@ -358,13 +352,33 @@ def queue_width(big_k: int) -> int:
     return 4 * (big_k + 1)
 
 
+def verify_cost(model: SpeculativeModel, params, cache, batch: int, cost: Callable[..., float]):
+    """``costs(widths)``: the estimated cost of ``model``'s verify + commit of each of ``widths`` tokens per
+    row, from ``cost`` of the shortest and the longest width and linear between them (the programs' bytes
+    and FLOPs grow linearly with the width), so two programs are lowered whatever the widths."""
+    def verify_commit(params, tokens, cache):
+        _, record = model.verify(params, tokens, cache)
+        return model.commit(record, jnp.full((batch,), tokens.shape[1], jnp.int32))
+
+    def at(width):
+        return cost(verify_commit, params, jax.ShapeDtypeStruct((batch, width), jnp.int32), cache)
+
+    def costs(widths: tuple[int, ...]) -> tuple[float, ...]:
+        lo, hi = min(widths), max(widths)
+        c_lo = at(lo)
+        c_hi = c_lo if hi == lo else at(hi)
+        return tuple(c_lo + (c_hi - c_lo) * (w - lo) / max(hi - lo, 1) for w in widths)
+
+    return costs
+
+
 def write_rows(buffer, values, at):
     """``buffer[b, at[b] : at[b] + w] = values[b]`` for every row (w = values' width; within the buffer)."""
     return jax.vmap(lambda row, v, i: lax.dynamic_update_slice(row, v, (i,)))(buffer, values, at)
 
 
 _SOURCE_METHODS = ("check", "prepare", "start", "candidates", "follow", "behind", "catch_up", "propose", "roll_back",
-                   "round_cost")
+                   "round_costs")
 
 
 @dataclasses.dataclass(frozen=True)
