@@ -253,6 +253,9 @@ def _stream_next(model, params, token, done, cache, key, step, *, sampler, eos_t
     return token, written, done, cache
 
 
+_prepare = inference_jit(prepare_params, static_argnames=("model",))
+
+
 def generate_stream(
     model: LanguageModel,
     params: Any,
@@ -277,7 +280,7 @@ def generate_stream(
         model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
     )
     prompt, lengths = _as_inputs(prompt, prompt_lengths)
-    params = inference_jit(functools.partial(prepare_params, model))(params)  # a copy kept for this stream only
+    params = _prepare(model, params)  # the decode layout, kept for this stream only
     first = functools.partial(_stream_first, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
     advance = functools.partial(_stream_next, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
 
