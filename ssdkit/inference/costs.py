@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from ssdkit.inference.drafts import Speculative, verify_cost
+from ssdkit.inference.protocol import prepare_params
 from ssdkit.inference.rounds import run_round
 from ssdkit.inference.sampling import Greedy
 from ssdkit.xla_options import inference_jit
@@ -87,6 +88,8 @@ def measure_round_costs(
     source = speculative.draft
     prompt = jnp.asarray(prompt, jnp.int32)
     batch = prompt.shape[0]
+    params = jax.jit(functools.partial(prepare_params, model))(params)  # the layouts the loop decodes from
+    draft_params = jax.jit(source.prepare)(draft_params)
     logits, cache = jax.jit(model.prefill)(params, prompt)
     big_k = speculative.draft_tokens
     last = prompt[:, -1]
