@@ -19,9 +19,6 @@ from jax import lax
 from ssdkit import Recurrence, RecurrentCache, causal_conv1d_step, ssd_step
 from tests.helpers import assert_same_up_to_rounding
 
-# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
-pytestmark = pytest.mark.numerics
-
 SPEC = Recurrence(num_heads=4, head_dim=3, state_dim=5, num_groups=2)
 
 
@@ -120,6 +117,7 @@ def test_scan_over_layers_gives_per_layer_caches():
     chex.assert_trees_all_equal(new, bump(c, 1.0))  # small integers: exact
 
 
+@pytest.mark.numerics  # the one float comparison of two compiled programs here: rerun with AVX2 (README)
 def test_decode_step_over_layers_keeps_the_cache_layout(rng):
     # A two-layer decode step: conv step + SSD step per layer, the cache as scan xs. The state stays
     # float32 while the conv window stays in the bfloat16 compute dtype.

@@ -24,7 +24,11 @@ def _params(cfg=CFG, seed=0, tie=True):
 
 
 def _tokens(batch, seq, seed=0, cfg=CFG):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
+
+
+# The loss as one compiled program per configuration (eager, every op would compile on its own).
+LOSS = jax.jit(mamba2.loss, static_argnames=("cfg", "block_size"))
 
 
 def _oracle(params, cfg, tokens, weights):
@@ -43,13 +47,18 @@ def _oracle(params, cfg, tokens, weights):
 LOSS_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("block_size", [1, 5, 256])
-@pytest.mark.parametrize("tie", [True, False])
+# The untied head in one block (256 > 18 targets) by default; the tied head's loss is compared below
+# (test_loss_mask_and_segment_ids_set_the_weights) and with torch (test_mamba2_parity, "tied"), a ragged last
+# block in ssdkit.head_cross_entropy (below): the other pairings are long.
+@pytest.mark.parametrize(("block_size", "tie"), [
+    (256, False),
+    *(pytest.param(b, t, marks=pytest.mark.long) for b, t in [(1, True), (1, False), (5, True), (5, False),
+                                                              (256, True)]),
+])
 def test_loss_equals_full_logits_cross_entropy(block_size, tie):
     params, cfg = _params(tie=tie)
     tokens = _tokens(3, 19)  # 18 targets: block 5 leaves a ragged last block
-    loss, metrics = jax.jit(mamba2.loss, static_argnames=("cfg", "block_size"))(
-        params, cfg, tokens, block_size=block_size)
+    loss, metrics = LOSS(params, cfg, tokens, block_size=block_size)
     want_loss, want_acc, want_n = _oracle(params, cfg, tokens, np.ones((3, 18)))
     assert isinstance(metrics, ssdkit.LossMetrics)
     assert_close(loss, want_loss, rtol=LOSS_RTOL, name="loss")
@@ -63,17 +72,17 @@ def test_loss_equals_full_logits_cross_entropy(block_size, tie):
 
 def test_loss_mask_and_segment_ids_set_the_weights():
     params, cfg = _params()
-    tokens = _tokens(2, 12, seed=1)
-    mask = np.ones((2, 12), bool)
+    tokens = _tokens(3, 19, seed=1)  # the shape of the test above: forward is compiled once for both
+    mask = np.ones((3, 19), bool)
     mask[0, :5] = False  # a prompt that is not trained on
     mask[1, 9:] = False
-    seg = np.zeros((2, 12), np.int32)
+    seg = np.zeros((3, 19), np.int32)
     seg[1, 6:] = 1
-    _, metrics = mamba2.loss(params, cfg, tokens, loss_mask=jnp.asarray(mask))
+    _, metrics = LOSS(params, cfg, tokens, loss_mask=mask)
     want, _, n = _oracle(params, cfg, tokens, mask[:, 1:])
     assert_close(metrics.loss, want, rtol=LOSS_RTOL, name="masked loss")
-    assert float(metrics.tokens) == n == 15
-    targets, weights = ssdkit.next_token_targets(tokens, segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask))
+    assert float(metrics.tokens) == n == 14 + 8 + 18
+    targets, weights = ssdkit.next_token_targets(tokens, segment_ids=seg, loss_mask=mask)
     np.testing.assert_array_equal(targets, np.asarray(tokens)[:, 1:])
     expected = mask[:, 1:].astype(np.float32)
     expected[1, 5] = 0  # position 5 would predict the second document's first token
@@ -82,25 +91,36 @@ def test_loss_mask_and_segment_ids_set_the_weights():
 
 def test_packed_row_equals_documents_alone():
     """Packing: the loss of a packed row is the token-weighted mean of each document's loss run alone,
-    and so is its gradient (state and conv window reset at each document start)."""
+    and so is its gradient (state and conv window reset at each document start).
+
+    Both sides are batches of 3 rows of 24 with segment ids and a loss mask, so one compiled program (the
+    loss and its gradient) computes both. Packed: row 0 holds the three documents (one id each), the other
+    rows weigh nothing. Alone: each document in its own row from an empty state (one id), right-padded with
+    a zero loss mask: the padding comes after the document (causal: its outputs do not change), its
+    targets weigh 0, and the masked mean over the batch is the token-weighted mean."""
     params, cfg = _params(dataclasses.replace(CFG, n_layer=1), seed=2)  # one layer: resets are per layer
     lengths = [7, 11, 6]  # 11 is not a multiple of the chunk (8), 7 + 11 crosses a chunk boundary
-    docs = [_tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
-    packed = jnp.concatenate(docs, axis=1)
-    seg = jnp.asarray(np.repeat(np.arange(3), lengths)[None], jnp.int32)
+    docs = [_tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    width = sum(lengths)
+    packed = np.zeros((3, width), np.int32)
+    packed_seg = np.zeros((3, width), np.int32)
+    packed_mask = np.zeros((3, width), bool)
+    packed[0], packed_seg[0], packed_mask[0] = np.concatenate(docs), np.repeat(np.arange(3), lengths), True
+    alone = np.zeros((3, width), np.int32)
+    alone_mask = np.zeros((3, width), bool)
+    for i, d in enumerate(docs):
+        alone[i, :len(d)], alone_mask[i, :len(d)] = d, True
 
-    def packed_loss(p):
-        return mamba2.loss(p, cfg, packed, segment_ids=seg)
+    @jax.jit
+    def loss_and_grad(p, tokens, segment_ids, loss_mask):
+        return jax.value_and_grad(lambda q: mamba2.loss(q, cfg, tokens, segment_ids=segment_ids,
+                                                        loss_mask=loss_mask), has_aux=True)(p)
 
-    def alone_loss(p):
-        total = [mamba2.loss(p, cfg, d)[1] for d in docs]
-        nll = sum(m.loss * m.tokens for m in total)
-        return nll / sum(m.tokens for m in total), total
-
-    (loss_p, metrics_p), grad_p = jax.jit(jax.value_and_grad(packed_loss, has_aux=True))(params)
-    (loss_a, _), grad_a = jax.jit(jax.value_and_grad(alone_loss, has_aux=True))(params)
-    assert float(metrics_p.tokens) == sum(n - 1 for n in lengths)
-    # Two programs over the same float32 terms (packed scan vs three short ones): rounding, 1e-5 as in the issue.
+    (loss_p, metrics_p), grad_p = loss_and_grad(params, packed, packed_seg, packed_mask)
+    (loss_a, metrics_a), grad_a = loss_and_grad(params, alone, np.zeros_like(packed_seg), alone_mask)
+    assert float(metrics_p.tokens) == float(metrics_a.tokens) == sum(n - 1 for n in lengths)
+    # Two computations over the same float32 terms (packed scan vs three short ones): rounding, 1e-5 as in the
+    # issue.
     assert_close(loss_p, loss_a, rtol=1e-5, name="loss")
     for (path, gp), ga in zip(jax.tree_util.tree_leaves_with_path(grad_p), jax.tree_util.tree_leaves(grad_a),
                               strict=True):
@@ -123,8 +143,8 @@ def test_loss_rejects_bad_input():
 
 def test_blockwise_head_never_builds_the_full_logits():
     """Structural: the compiled loss and its gradient hold at most one block of logits at a time."""
-    cfg = dataclasses.replace(CFG, vocab_size=4000)
-    params = mamba2.init_params(cfg, jax.random.key(0))
+    cfg = dataclasses.replace(CFG, vocab_size=4000, n_layer=1)  # the head is the subject: one layer
+    params = jax.eval_shape(lambda k: mamba2.init_params(cfg, k), jax.random.key(0))  # compiled, never run
     tokens = _tokens(2, 129, cfg=cfg)
 
     def grad_fn(p):
@@ -148,7 +168,9 @@ def test_blockwise_head_never_builds_the_full_logits():
 HEAD_GRAD_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 64])
+# Blocks of 4 over 9 positions: a ragged last block. One-position blocks and one block (64 > 9): long.
+@pytest.mark.parametrize("block_size", [pytest.param(1, marks=pytest.mark.long), 4,
+                                        pytest.param(64, marks=pytest.mark.long)])
 def test_head_gradient_formed_in_the_forward_pass_equals_the_textbook_gradient(block_size):
     rng = np.random.default_rng(3)
     batch, seq, dim, vocab = 2, 9, 24, 50
@@ -184,9 +206,10 @@ def test_head_gradient_keeps_the_input_dtypes():
     head = jnp.asarray(rng.normal(size=(30, 16)), jnp.bfloat16)
     targets = jnp.asarray(rng.integers(0, 30, (2, 7)), jnp.int32)
     weights = jnp.ones((2, 7), jnp.float32)
-    dh, dw = jax.grad(lambda h, w: ssdkit.head_cross_entropy(h, w, targets, weights, block_size=3).nll,
-                      argnums=(0, 1))(hidden, head)
+    dh, dw = jax.jit(jax.grad(lambda h, w: ssdkit.head_cross_entropy(h, w, targets, weights, block_size=3).nll,
+                              argnums=(0, 1)))(hidden, head)
     assert dh.dtype == jnp.float32 and dw.dtype == jnp.bfloat16
-    want = jax.grad(lambda h: ssdkit.head_cross_entropy(h, head.astype(jnp.float32), targets, weights).nll)(hidden)
+    want = jax.jit(jax.grad(lambda h: ssdkit.head_cross_entropy(h, head.astype(jnp.float32), targets,
+                                                                weights).nll))(hidden)
     # the bfloat16 head rounds the logits' inputs (8 bits of mantissa): 2e-2 relative
     assert_close(dh, want, rtol=2e-2, atol=2e-2, name="d/dhidden (bfloat16 head)")

@@ -38,7 +38,32 @@ def _params(cfg, dtype=jnp.float32, seed=0):
 
 
 def _tokens(cfg, batch, seq, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32)
+
+
+# Compilation is most of this module's cost: the float32 tests share one set of weights and one batch shape,
+# (3, SEQ) = 3 rows of 2 chunks and a ragged tail, so that forward, prefill (of the whole rows with lengths,
+# of the prefixes :11, and of pieces of 4 continuing a cache) and decode_step (batch 3) compile once for all
+# of them. Host (numpy) arrays are sliced on the host: slicing a jax array compiles a program per index.
+SEQ = 19
+TOKENS = _tokens(CFG, 3, SEQ)
+PREFIX = 11  # a prefix of one chunk and a ragged part
+FULL = np.full(3, SEQ, np.int32)  # every row's tokens all real: prefill with lengths equal to one without
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _params(CFG)
+
+
+def _copy(cache):
+    """decode_step donates its cache: step a copy where the original is still needed."""
+    return jax.tree_util.tree_map(jnp.copy, cache)
+
+
+def _host(tree):
+    """numpy copies, to index on the host (indexing a jax array compiles a program per index)."""
+    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 def _decode_all(params, cfg, tokens):
@@ -47,64 +72,78 @@ def _decode_all(params, cfg, tokens):
     out = []
     for t in range(tokens.shape[1]):
         logits, cache = mamba2.decode_step(params, cfg, tokens[:, t], cache)
-        out.append(logits)
-    return jnp.stack(out, axis=1), cache
+        out.append(np.asarray(logits))
+    return np.stack(out, axis=1), cache
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG_GROUPS], ids=["g1", "g2"])
+# g2 (two groups) is a long case: by default groups > 1 are compared with torch (test_mamba2_parity's
+# "groups" config, every position's logits and hidden states) and in the scan (test_scan).
+@pytest.mark.parametrize("cfg", [CFG, pytest.param(CFG_GROUPS, marks=pytest.mark.long)], ids=["g1", "g2"])
 def test_forward_equals_sequential_decode_float64(cfg):
     """The chunked path against the step-by-step path in float64 (also the ngroups > 1 oracle)."""
+    params = _params(cfg)  # drawn outside x64: the eager ops of the draw compile once, not again for x64
     with jax.enable_x64(True):
-        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), _params(cfg))
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
         tokens = _tokens(cfg, 2, 19)
         logits = mamba2.forward(params, cfg, tokens)
         stepped, _ = _decode_all(params, cfg, tokens)
         assert_close(logits, stepped, rtol=1e-9, name="logits")
 
 
-def test_prefill_then_decode_equals_forward():
-    params = _params(CFG)
-    tokens = _tokens(CFG, 2, 30)
-    full = mamba2.forward(params, CFG, tokens)
-    last, cache = mamba2.prefill(params, CFG, tokens[:, :17])
-    assert_close(last, full[:, 16], rtol=1e-4, name="prefill logits")
-    for t in range(17, 30):
-        logits, cache = mamba2.decode_step(params, CFG, tokens[:, t], cache)
+def test_prefill_then_decode_equals_forward(params):
+    full = np.asarray(mamba2.forward(params, CFG, TOKENS))
+    last, cache = mamba2.prefill(params, CFG, TOKENS[:, :PREFIX])
+    assert_close(last, full[:, PREFIX - 1], rtol=1e-4, name="prefill logits")
+    for t in range(PREFIX, SEQ):
+        logits, cache = mamba2.decode_step(params, CFG, TOKENS[:, t], cache)
         assert_close(logits, full[:, t], rtol=1e-4, name=f"decode logits at {t}")
     assert cache.state.dtype == jnp.float32
 
 
-def test_chunked_prefill_equals_one_shot():
-    params = _params(CFG)
-    tokens = _tokens(CFG, 2, 37)
-    last, cache = mamba2.prefill(params, CFG, tokens)
-    _, c1 = mamba2.prefill(params, CFG, tokens[:, :11])
-    _, c2 = mamba2.prefill(params, CFG, tokens[:, 11:13], cache=c1)
-    last2, c3 = mamba2.prefill(params, CFG, tokens[:, 13:], cache=c2)
+def test_chunked_prefill_equals_one_shot(params):
+    """Pieces of 11 (a chunk and a ragged part), 4 and 4 (shorter than a chunk), each continuing the cache."""
+    last, cache = mamba2.prefill(params, CFG, TOKENS, lengths=FULL)
+    _, c1 = mamba2.prefill(params, CFG, TOKENS[:, :PREFIX])
+    _, c2 = mamba2.prefill(params, CFG, TOKENS[:, PREFIX:PREFIX + 4], cache=c1)
+    last2, c3 = mamba2.prefill(params, CFG, TOKENS[:, PREFIX + 4:], cache=c2)
     assert_close(last2, last, rtol=1e-4, name="logits")
     assert_close(c3.state, cache.state, rtol=1e-4, name="state")
     for got, want in zip(c3.conv, cache.conv, strict=True):  # x's window, B and C's
         assert_close(got, want, rtol=1e-6, name="conv window")
 
 
-def test_right_padding_is_exact():
+# Right padding: the rows' lengths (the whole row, one shorter than a chunk, one over a chunk boundary) and
+# the padded batch, pad id 7 after each row's end.
+LENGTHS = np.asarray([SEQ, 4, PREFIX], np.int32)
+PADDED = np.where(np.arange(SEQ) < LENGTHS[:, None], TOKENS, 7).astype(np.int32)
+
+
+def _alone(params, row):
+    """(last logits, cache) of PADDED's row ``row`` run alone: its real tokens without padding, from an empty
+    cache (in a batch of rows of its length, which are independent: the programs the other tests run)."""
+    n = int(LENGTHS[row])
+    if n == 4:  # a piece of 4 continuing the empty cache
+        return mamba2.prefill(params, CFG, PADDED[:, :n], cache=mamba2.init_cache(CFG, 3))
+    if n == SEQ:  # row 0 has no padding: the batch with every row's full length
+        return mamba2.prefill(params, CFG, PADDED, lengths=FULL)
+    return mamba2.prefill(params, CFG, PADDED[:, :n])
+
+
+def test_right_padding_is_exact(params):
     """A padded batch equals each row run alone: logits, state, conv window and what follows."""
-    params = _params(CFG)
-    lengths = [13, 3, 9]
-    rows = [_tokens(CFG, 1, n, seed=i) for i, n in enumerate(lengths)]
-    padded = jnp.concatenate([jnp.pad(r, ((0, 0), (0, 13 - r.shape[1])), constant_values=7) for r in rows])
-    last, cache = mamba2.prefill(params, CFG, padded, lengths=jnp.asarray(lengths, jnp.int32))
+    last, cache = mamba2.prefill(params, CFG, PADDED, lengths=LENGTHS)
     nxt = _tokens(CFG, 3, 1, seed=9)[:, 0]
-    # decode_step donates its cache: step a copy, keep the original for the checks below.
-    step_logits, _ = mamba2.decode_step(params, CFG, nxt, jax.tree_util.tree_map(jnp.copy, cache))
-    for i, row in enumerate(rows):
-        ref_last, ref_cache = mamba2.prefill(params, CFG, row)
-        assert_close(last[i], ref_last[0], rtol=1e-5, name=f"row {i} logits")
-        assert_close(cache.state[:, i], ref_cache.state[:, 0], rtol=1e-5, name=f"row {i} state")
+    step_logits, _ = mamba2.decode_step(params, CFG, nxt, _copy(cache))
+    last, cache, step_logits = _host((last, cache, step_logits))
+    for i in range(3):
+        ref_last, ref_cache = _alone(params, i)
+        ref_step, _ = mamba2.decode_step(params, CFG, nxt, _copy(ref_cache))
+        ref_last, ref_cache, ref_step = _host((ref_last, ref_cache, ref_step))
+        assert_close(last[i], ref_last[i], rtol=1e-5, name=f"row {i} logits")
+        assert_close(cache.state[:, i], ref_cache.state[:, i], rtol=1e-5, name=f"row {i} state")
         for got, want in zip(cache.conv, ref_cache.conv, strict=True):
-            assert_close(got[:, i], want[:, 0], rtol=1e-6, name=f"row {i} conv")
-        ref_step, _ = mamba2.decode_step(params, CFG, nxt[i:i + 1], ref_cache)
-        assert_close(step_logits[i], ref_step[0], rtol=1e-5, name=f"row {i} next logits")
+            assert_close(got[:, i], want[:, i], rtol=1e-6, name=f"row {i} conv")
+        assert_close(step_logits[i], ref_step[i], rtol=1e-5, name=f"row {i} next logits")
 
 
 def _greedy_margins(params, cfg, prompt, tokens, lengths=None):
@@ -112,42 +151,63 @@ def _greedy_margins(params, cfg, prompt, tokens, lengths=None):
     from prefill and decode_step fed those very tokens; and the near-tie bound, twice the 1e-4 relative
     rounding of two float32 paths (module doc)."""
     logits, cache = mamba2.prefill(params, cfg, prompt, lengths=lengths)
-    steps = [logits]
+    steps = [np.asarray(logits)]
+    tokens = np.asarray(tokens)
     for t in range(tokens.shape[1] - 1):
-        logits, cache = mamba2.decode_step(params, cfg, jnp.asarray(tokens[:, t]), cache)
-        steps.append(logits)
+        logits, cache = mamba2.decode_step(params, cfg, tokens[:, t], cache)
+        steps.append(np.asarray(logits))
     steps = np.stack(steps, axis=1)
     return greedy_margins(steps), 2 * 1e-4 * float(np.abs(steps).max())
 
 
-def test_generate_with_lengths_and_stream():
-    params = _params(CFG)
-    prompt = _tokens(CFG, 2, 9)
-    lengths = jnp.asarray([9, 4], jnp.int32)
-    res = mamba2.generate(params, CFG, prompt, max_new_tokens=12, lengths=lengths)
-    margins, tie = _greedy_margins(params, CFG, prompt, res.tokens, lengths)
-    alone = mamba2.generate(params, CFG, prompt[1:, :4], max_new_tokens=12)
-    assert_same_greedy_tokens(alone.tokens, res.tokens[1:], margins[1:], tie=tie, name="row alone vs padded")
+def _greedy_alone(params, new):
+    """Each row of PADDED alone, decoded greedily for ``new`` tokens by a Python loop of decode_step:
+    (tokens (3, new), margins, tie) as in :func:`_greedy_margins`."""
+    caches = [_alone(params, i) for i in range(3)]
+    logits = np.stack([np.asarray(last)[i] for i, (last, _) in enumerate(caches)])
+    # each row's cache, gathered into one batch
+    cache = jax.tree_util.tree_map(lambda *rows: np.stack([np.asarray(r)[:, i] for i, r in enumerate(rows)], 1),
+                                   *(c for _, c in caches))
+    steps, tokens = [logits], [logits.argmax(-1).astype(np.int32)]
+    for _ in range(new - 1):
+        logits, cache = mamba2.decode_step(params, CFG, tokens[-1], cache)
+        steps.append(np.asarray(logits))
+        tokens.append(steps[-1].argmax(-1).astype(np.int32))
+    steps = np.stack(steps, axis=1)
+    return np.stack(tokens, axis=1), greedy_margins(steps), 2 * 1e-4 * float(np.abs(steps).max())
+
+
+def test_generate_with_lengths_and_stream(params):
+    """Token ids compared with the margin-aware helper: no float comparison that rounding could flip.
+
+    The reference for "each row alone" is a Python loop of prefill and decode_step per row without padding
+    (test_generate.py checks the generation loop itself against such a loop)."""
+    res = mamba2.generate(params, CFG, PADDED, max_new_tokens=12, lengths=LENGTHS)
+    alone, alone_margins, alone_tie = _greedy_alone(params, 12)
+    assert_same_greedy_tokens(res.tokens, alone, alone_margins, tie=alone_tie, name="padded vs rows alone")
+    margins, tie = _greedy_margins(params, CFG, PADDED, res.tokens, LENGTHS)
     streamed = np.stack([np.asarray(t) for t in mamba2.generate_stream(
-        params, CFG, prompt, max_new_tokens=12, lengths=lengths)], axis=1)
+        params, CFG, PADDED, max_new_tokens=12, lengths=LENGTHS)], axis=1)
     assert_same_greedy_tokens(streamed, res.tokens, margins, tie=tie, name="stream vs generate")
-    sampled = mamba2.generate(params, CFG, prompt, max_new_tokens=12, temperature=0.8, top_k=5, top_p=0.9,
-                              key=jax.random.key(3))
-    assert sampled.tokens.shape == (2, 12) and sampled.tokens.dtype == jnp.int32
+    # Sampling (temperature, top-k, top-p, key) is run and checked against a Python loop in test_generate.py;
+    # here the wrapper's arguments reach it: the traced program's result (its compile costs 5 CPU-s).
+    sampled = jax.eval_shape(lambda: mamba2.generate(params, CFG, PADDED, max_new_tokens=12, temperature=0.8,
+                                                     top_k=5, top_p=0.9, key=jax.random.key(3)))
+    assert sampled.tokens.shape == (3, 12) and sampled.tokens.dtype == jnp.int32
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_weights(dtype):
-    params32 = _params(CFG)
-    params = mamba2.cast_params(params32, dtype)
-    assert all(lp.A_log.dtype == jnp.float32 and lp.in_proj_heads.dtype == dtype for lp in params.layers)
-    tokens = _tokens(CFG, 1, 20)
-    ref = mamba2.forward(params32, CFG, tokens)
-    logits = mamba2.forward(params, CFG, tokens)
+# float16 goes through the same casts as bfloat16 (another parametrization): long.
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.long)])
+def test_half_precision_weights(params, dtype):
+    half = mamba2.cast_params(params, dtype)
+    assert all(lp.A_log.dtype == jnp.float32 and lp.in_proj_heads.dtype == dtype for lp in half.layers)
+    ref = mamba2.forward(params, CFG, TOKENS)
+    logits = mamba2.forward(half, CFG, TOKENS)
     assert logits.dtype == jnp.float32
     # Half-precision activations (8 or 11 significant bits) through 2 layers: a few percent.
     assert_close(logits, ref, rtol=0.1, name="logits")
-    _, cache = mamba2.prefill(params, CFG, tokens)
+    # The cache's dtypes are fixed when prefill is traced: read them without compiling it.
+    _, cache = jax.eval_shape(lambda p: mamba2.prefill(p, CFG, TOKENS), half)
     assert cache.state.dtype == jnp.float32 and all(w.dtype == dtype for w in cache.conv)
 
 
@@ -188,28 +248,29 @@ def test_init_params_traceable_at_full_scale():
 
 
 def _flops(fn, *args):
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """XLA's cost analysis of the program ``fn`` lowers to (before XLA's optimisation passes: no compile)."""
+    analysis = jax.jit(fn).lower(*args).cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list | tuple) else analysis
     return float(analysis["flops"])
 
 
-def test_decode_step_cost_independent_of_chunk_and_length():
+def test_decode_step_cost_independent_of_chunk_and_length(params):
     """XLA cost analysis: a decode step's FLOPs do not depend on chunk size or tokens seen."""
     flops = []
     for chunk in (4, 8, 32):
         cfg = dataclasses.replace(CFG, chunk_size=chunk)
-        params = _params(cfg)
         for seq in (5, 40):
-            _, cache = mamba2.prefill(params, cfg, _tokens(cfg, 1, seq))
+            # the cache prefill returns after seq tokens, as the decode program sees it (traced, not run)
+            _, cache = jax.eval_shape(lambda p, cfg=cfg, seq=seq: mamba2.prefill(p, cfg, _tokens(cfg, 1, seq)),
+                                      params)
             flops.append(_flops(lambda p, t, c, cfg=cfg: mamba2.model._decode(p, cfg, t, c), params,
                                 jnp.zeros((1,), jnp.int32), cache))
     assert len(set(flops)) == 1, flops
-    prefill_flops = _flops(lambda p, t: mamba2.forward(p, CFG, t), _params(CFG), _tokens(CFG, 1, 64))
+    prefill_flops = _flops(lambda p, t: mamba2.forward(p, CFG, t), params, _tokens(CFG, 1, 64))
     assert flops[0] * 16 < prefill_flops, (flops[0], prefill_flops)
 
 
-def test_bad_inputs():
-    params = _params(CFG)
+def test_bad_inputs(params):
     with pytest.raises(ValueError, match="token id 64 in tokens is out of range"):
         mamba2.forward(params, CFG, jnp.asarray([[1, 64]], jnp.int32))
     with pytest.raises(ValueError, match="token id -1"):
@@ -227,29 +288,37 @@ def test_bad_inputs():
         mamba2.decode_step(params, CFG, jnp.zeros((2, 1), jnp.int32), cache)
 
 
-def test_verify_then_commit_equals_prefill_of_the_accepted_tokens():
+def test_verify_then_commit_equals_prefill_of_the_accepted_tokens(params):
     """verify: the logits decode_step gives the k tokens one by one; commit(j): the cache prefill gives after
-    the first j of them, for every j in 0..k and for a different j per row."""
-    params = _params(CFG)
-    prompt, drafts = _tokens(CFG, 3, 7), _tokens(CFG, 3, 5, seed=4)
+    the first j of them, for every j in 0..k and for a different j per row.
+
+    References come from the padded (3, SEQ) batch (prompt, drafts, then padding): forward's logits at a
+    position do not depend on later tokens, and prefill with ``lengths`` equals each row run alone
+    (test_right_padding_is_exact)."""
+    prompt, drafts = TOKENS[:, :PREFIX], _tokens(CFG, 3, 5, seed=4)
+    k = drafts.shape[1]
     _, cache = mamba2.prefill(params, CFG, prompt)
     logits, record = mamba2.verify(params, CFG, drafts, cache)
-    full = mamba2.forward(params, CFG, jnp.concatenate([prompt, drafts], axis=1))
-    assert_close(logits, full[:, 7:], rtol=1e-4, name="verified logits")
-    k = drafts.shape[1]
+    seq = np.concatenate([prompt, drafts, np.full((3, SEQ - PREFIX - k), 7, np.int32)], axis=1)
+    full = np.asarray(mamba2.forward(params, CFG, seq))
+    assert_close(logits, full[:, PREFIX:PREFIX + k], rtol=1e-4, name="verified logits")
     for accepted in ([0, 0, 0], [1, 1, 1], [k, k, k], [0, 3, k], [2, k, 1]):
-        got = mamba2.commit(record, jnp.asarray(accepted, jnp.int32))
+        got = _host(mamba2.commit(record, jnp.asarray(accepted, jnp.int32)))
+        _, want = _host(mamba2.prefill(params, CFG, seq, lengths=PREFIX + np.asarray(accepted, np.int32)))
         for i, j in enumerate(accepted):
-            _, want = mamba2.prefill(params, CFG, jnp.concatenate([prompt[i:i + 1], drafts[i:i + 1, :j]], axis=1))
-            assert_close(got.state[:, i], want.state[:, 0], rtol=1e-4, name=f"row {i} state after {j}")
+            assert_close(got.state[:, i], want.state[:, i], rtol=1e-4, name=f"row {i} state after {j}")
             for g, w in zip(got.conv, want.conv, strict=True):
-                assert_close(g[:, i], w[:, 0], rtol=1e-6, name=f"row {i} conv window after {j}")
+                assert_close(g[:, i], w[:, i], rtol=1e-6, name=f"row {i} conv window after {j}")
     # the committed cache continues like the reference
-    got = mamba2.commit(record, jnp.asarray([0, 3, k], jnp.int32))
+    accepted = [0, 3, k]
+    got = mamba2.commit(record, jnp.asarray(accepted, jnp.int32))
     nxt = _tokens(CFG, 3, 1, seed=8)[:, 0]
-    step, _ = mamba2.decode_step(params, CFG, nxt, got)
-    for i, j in enumerate([0, 3, k]):
-        seq = jnp.concatenate([prompt[i:i + 1], drafts[i:i + 1, :j], nxt[i:i + 1, None]], axis=1)
-        assert_close(step[i], mamba2.forward(params, CFG, seq)[0, -1], rtol=1e-4, name=f"row {i} next logits")
+    step = np.asarray(mamba2.decode_step(params, CFG, nxt, got)[0])
+    following = np.full((3, SEQ), 7, np.int32)
+    for i, j in enumerate(accepted):
+        following[i, :PREFIX + j + 1] = np.concatenate([prompt[i], drafts[i, :j], nxt[i:i + 1]])
+    ref = np.asarray(mamba2.forward(params, CFG, following))
+    for i, j in enumerate(accepted):
+        assert_close(step[i], ref[i, PREFIX + j], rtol=1e-4, name=f"row {i} next logits")
     with pytest.raises(ValueError, match=r"accepted must lie in 0..5"):
         mamba2.commit(record, jnp.asarray([0, 6, 1], jnp.int32))

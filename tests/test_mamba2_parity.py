@@ -25,9 +25,6 @@ import pytest
 from ssdkit.models import mamba2
 from tests.helpers import assert_close, assert_same_greedy_tokens, greedy_margins
 
-# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
-pytestmark = pytest.mark.numerics
-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -43,6 +40,17 @@ CONFIGS = {
                    tie_embeddings=False),
     "tied": dict(d_model=48, n_layer=2, vocab_size=64, d_state=16, headdim=24, chunk_size=16, ngroups=1),
 }
+
+
+# Each comparison against torch compiles its own programs for its config (~3-10 CPU-s each): by default each
+# runs for one config, the one it checks best (logits and hidden states: groups and 3 layers; greedy decoding:
+# "small", whose untied head wanders over the vocabulary; loss and gradients: "tied", where the embedding's
+# gradient sums its two uses); the other configs are long. Loading, saving and the checkpoint formats (no
+# compilation) run for every config.
+def _one_config(default):
+    return pytest.mark.parametrize(
+        "reference", [name if name == default else pytest.param(name, marks=pytest.mark.long)
+                      for name in sorted(CONFIGS)], indirect=True)
 
 
 def _hf_config(cfg: mamba2.Mamba2Config):
@@ -104,6 +112,8 @@ def test_both_formats_load_identically(reference):
     jax.tree_util.tree_map(np.testing.assert_array_equal, p_bin, p_st)
 
 
+@pytest.mark.numerics  # floats of compiled programs against torch: rerun with AVX2 (README)
+@_one_config("groups")
 def test_logits_and_hidden_match_transformers(reference):
     cfg, model, bin_dir, _ = reference
     params, cfg = mamba2.load_checkpoint(bin_dir)
@@ -115,6 +125,7 @@ def test_logits_and_hidden_match_transformers(reference):
     assert_close(hidden, out.hidden_states[-1].numpy(), rtol=PARITY_RTOL, name="final hidden state")
 
 
+@_one_config("small")  # token ids through the margin-aware helper: no numerics mark needed
 def test_greedy_decoding_matches_transformers_for_64_steps(reference):
     cfg, model, _, st_dir = reference
     params, cfg = mamba2.load_checkpoint(st_dir)
@@ -153,6 +164,8 @@ GRAD_RTOL = 1e-4
 LOSS_PARITY_RTOL = 1e-6
 
 
+@pytest.mark.numerics
+@_one_config("tied")
 def test_loss_and_gradients_match_torch_autograd(reference, tmp_path):
     from safetensors.numpy import load_file
 
@@ -164,7 +177,9 @@ def test_loss_and_gradients_match_torch_autograd(reference, tmp_path):
     out.loss.backward()
     ref_grads = {name: p.grad.numpy() for name, p in model.named_parameters()}
 
-    (loss, metrics), grads = jax.value_and_grad(mamba2.loss, has_aux=True)(params, cfg, jnp.asarray(tokens))
+    # one compiled program (eager, every operation of the loss and its gradient would compile on its own)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(mamba2.loss, has_aux=True), static_argnums=1)(
+        params, cfg, jnp.asarray(tokens))
     assert_close(loss, out.loss.item(), rtol=LOSS_PARITY_RTOL, name="loss")
     assert float(metrics.tokens) == 2 * 36
     # Our gradient PyTree in torch's names and layouts: save_checkpoint's mapping, applied to the gradients.

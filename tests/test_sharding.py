@@ -75,6 +75,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.long  # two processes compiling every program (about 2 CPU-minutes); sharded programs run by default above
 def test_two_processes_equal_one(tmp_path):
     """2 processes x 4 host devices on 127.0.0.1 (jax.distributed, gloo): a data=2,fsdp=4 prefill and two
     training steps equal one process's; the train state saved by both processes (each its shards) restores

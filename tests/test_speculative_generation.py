@@ -77,7 +77,8 @@ def _greedy_margins(prompt, lengths, tokens, out_lengths):
     (Speculative(PromptLookup(), adaptive=False), None),
     (Speculative(PromptLookup(max_ngram=2), draft_tokens=5, round_costs=(1.0, 1.2, 1.3, 1.5, 1.8)), None),
     (Speculative(DraftModel(DRAFT), draft_tokens=3, adaptive=False), LAYER_SKIP),
-    (Speculative(DraftModel(MODEL), adaptive=False), PARAMS),
+    # drafting with the target itself: also run by default in test_adaptive_length_drafts_long_when_drafts_hold
+    pytest.param(Speculative(DraftModel(MODEL), adaptive=False), PARAMS, marks=pytest.mark.long),
 ], ids=["lookup", "lookup-adaptive", "layer-skip-draft", "self-draft"])
 def test_greedy_equals_plain_greedy(speculative, draft_params):
     """Right-padded rows of different lengths, an EOS: the tokens of plain greedy decoding, row by row."""
@@ -144,7 +145,9 @@ def _chi_square_p(counts: dict, probs: dict, n: int) -> float:
 
 
 @pytest.mark.parametrize("sampler,speculative,draft_params", [
-    (Sample(1.0), Speculative(DraftModel(DRAFT), draft_tokens=2, adaptive=False), _params(DRAFT_CFG, seed=9)),
+    # another draft's q: the same acceptance path as the layer-skip draft's (confidence: -m long)
+    pytest.param(Sample(1.0), Speculative(DraftModel(DRAFT), draft_tokens=2, adaptive=False),
+                 _params(DRAFT_CFG, seed=9), marks=pytest.mark.long),
     (Sample(0.8, top_k=6), Speculative(DraftModel(DRAFT), draft_tokens=2, adaptive=False), LAYER_SKIP),
     (Sample(1.0, top_p=0.9), Speculative(PromptLookup(min_ngram=1), draft_tokens=2, adaptive=False), None),
 ], ids=["other-draft", "layer-skip-top-k", "lookup-top-p"])
