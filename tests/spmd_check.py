@@ -6,6 +6,7 @@ sequences that do not split. Prints one JSON line per case; a failed check raise
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,12 @@ def rel_err(a, b) -> float:
     return max(one(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
 
 
-def check_scan() -> None:
+def check_scan(dtypes=(jnp.float64,)) -> None:
     ks = jax.random.split(jax.random.key(0), 5)
     batch, seq, heads, head_dim, state, groups = 4, 64, 4, 8, 16, 2
     seg = jnp.asarray(np.repeat(np.arange(4), [10, 25, 13, 16])[None].repeat(batch, 0), jnp.int32)
     meshes = iter(MESHES * 8)  # each case on one of the meshes, in turn
-    for dtype in (jnp.float64, jnp.float32):
+    for dtype in dtypes:
         for decay in ("scalar", "diagonal"):
             tail = (state,) if decay == "diagonal" else ()
             x = jax.random.normal(ks[0], (batch, seq, heads, head_dim), dtype)
@@ -136,7 +137,8 @@ def check_errors() -> None:
 
 if __name__ == "__main__":
     assert len(jax.devices()) == 8, jax.devices()
-    check_scan()
+    # float64 sweeps every mesh; float32 (the same paths at the other precision) with --float32 (-m long)
+    check_scan((jnp.float64, jnp.float32) if "--float32" in sys.argv[1:] else (jnp.float64,))
     check_head_groups()
     check_conv()
     check_errors()

@@ -55,15 +55,18 @@ def test_sharded_programs_equal_one_device(meshes):
     assert "generate_command_mesh" in proc.stdout, proc.stdout
 
 
-def test_scan_and_conv_on_meshes_equal_one_device():
+@pytest.mark.parametrize("args,scans", [([], 6), pytest.param(["--float32"], 12, marks=pytest.mark.long)],
+                         ids=["float64", "float64-and-float32"])
+def test_scan_and_conv_on_meshes_equal_one_device(args, scans):
     """ssd_scan and causal_conv1d under meshes with seq and model axes (tests/spmd_check.py): values and
-    gradients equal the one-device calls (float64 to 1e-13, float32 to 1e-5 of the largest entry)."""
+    gradients equal the one-device calls (float64 to 1e-13; with --float32, under -m long, float32 to 1e-5
+    of the largest entry)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spmd_check.py")], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spmd_check.py"), *args], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.count('"scan"') == 12 and proc.stdout.count('"conv"') == 4 and '"errors"' in proc.stdout
+    assert proc.stdout.count('"scan"') == scans and proc.stdout.count('"conv"') == 4 and '"errors"' in proc.stdout
     assert proc.stdout.count('"heads"') == 4, proc.stdout
 
 
