@@ -120,3 +120,37 @@ def count_jaxpr_eqns(jaxpr) -> int:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             total += count_jaxpr_eqns(sub)
     return total
+
+
+def cli_on_the_suite_cache(monkeypatch):
+    """A fixture's body (``yield from cli_on_the_suite_cache(monkeypatch)``) for tests that call
+    ``ssdkit.models.cli.main`` in this process: the command turns on its own persistent XLA cache
+    (``$SSDKIT_CACHE_DIR``, only programs that compile in over 0.5 s) for the rest of the process. Point it
+    at the suite's run cache (tests/conftest.py), and give the suite's threshold back afterwards, so the
+    command neither writes to ``~/.cache`` nor keeps later tests' programs out of the shared cache."""
+    if jax.config.jax_compilation_cache_dir:
+        monkeypatch.setenv("SSDKIT_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+
+
+#: The tiny Mamba-2 (``ssdkit bench --model`` fields) and (rows, tokens) batch of the training-step tests:
+#: tests/test_bench.py times its step through ``ssdkit bench --train`` and tests/test_train.py compares
+#: the same steps, so each compiled program is built once a run (the suite's shared XLA cache).
+TINY_TRAIN_MODEL = "d_model=32,n_layer=1,vocab_size=50,d_state=8,headdim=16,chunk_size=8"
+TINY_TRAIN_BATCH = (2, 16)
+
+
+def speculative_lookup_setup():
+    """The tiny Mamba-2 config, the prompt-lookup ``Speculative`` and the greedy calling convention (batch,
+    prompt length, new tokens, EOS id) of tests/test_speculative_generation.py's lookup tests. Plain data:
+    tests/test_mamba2_layout.py inspects that very compiled program, so the run's shared XLA cache
+    (tests/conftest.py) compiles it once."""
+    import ssdkit
+    from ssdkit.models import mamba2
+
+    cfg = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=24, pad_vocab_size_multiple=8, d_state=8,
+                              headdim=16, chunk_size=8, tie_embeddings=False)
+    spec = ssdkit.Speculative(ssdkit.PromptLookup(), draft_tokens=4, round_costs=(1.0, 1.2, 1.3, 1.5))
+    return cfg, spec, dict(batch=3, prompt_len=16, max_new_tokens=96, eos_token_id=3)

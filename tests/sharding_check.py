@@ -1,7 +1,15 @@
 """Run by tests/test_sharding.py in a subprocess with 8 host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``): every mesh's sharded prefill, loss, gradients,
-optimiser steps and greedy generation against the same program on one device. Prints one JSON line of
-errors per mesh; any failed check raises (non-zero exit)."""
+optimiser steps and greedy generation (under the mesh, prompts right-padded as ``ssdkit generate --mesh``
+pads them) against the same program on one device. Prints one JSON line of errors per mesh (and per
+command); any failed check raises (non-zero exit).
+
+    python tests/sharding_check.py [--long] [MESH ...]
+
+Every run checks greedy generation outside the mesh context too (the sharded inputs alone), ``ssdkit train
+--mesh`` against the run on one device, and ``ssdkit generate --mesh`` with the shipped model against the
+command on one device. The default run passes one mesh with three axes at once (fsdp=2,model=2,seq=2);
+``-m long`` passes seven more meshes."""
 
 from __future__ import annotations
 
@@ -21,8 +29,13 @@ from ssdkit.models import mamba2, training
 from ssdkit.models.mamba2 import sharding as msh
 from tests.helpers import assert_same_greedy_tokens, greedy_margins
 
+# the smallest sizes whose embedding and per-head projections reach ssdkit.sharding.MIN_SHARDED_SIZE (else
+# fsdp replicates them and there is nothing to gather); 8 heads
 CFG = mamba2.Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=8)
-B, T, STEPS = 8, 24, 3
+B, T, STEPS, NEW = 8, 32, 3, 8  # rows split 8 ways at most
+#: generation's right-padded prompts of T - NEW = 24 positions (over seq=8 pieces of 3, the conv's 3 past
+#: inputs): rows end in the first, second, ... piece of the seq axis
+LENGTHS = (24, 5, 13, 24, 3, 9, 18, 11)
 
 
 def rel_err(a, b) -> float:
@@ -46,12 +59,23 @@ def run_steps(step, state, batch):
     return state, np.asarray(losses)
 
 
+def ragged_margins(params, prompt, lengths, generated):
+    """Greedy margins of each row's generated tokens, from one forward over its prompt and continuation
+    (right-padded to T)."""
+    full = np.zeros((B, T), np.int32)
+    for r, n in enumerate(lengths):
+        full[r, :n], full[r, n:n + NEW] = np.asarray(prompt)[r, :n], np.asarray(generated)[r]
+    logits = np.asarray(mamba2.forward(params, CFG, jnp.asarray(full)))
+    return np.stack([greedy_margins(logits[r, n - 1:n - 1 + NEW]) for r, n in enumerate(lengths)])
+
+
 def main(meshes: list[str]) -> None:
+    """Every check on each mesh."""
     assert len(jax.devices()) == 8, jax.devices()
     key = jax.random.key(0)
-    params = mamba2.init_params(CFG, key, stacked=True)
+    params = jax.jit(mamba2.init_params, static_argnums=0, static_argnames="stacked")(CFG, key, stacked=True)
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, CFG.vocab_size, jnp.int32)
-    seg = jnp.asarray(np.repeat(np.arange(3), [10, 8, 6])[None].repeat(B, 0), jnp.int32)
+    seg = jnp.asarray(np.repeat(np.arange(3), [13, 11, 8])[None].repeat(B, 0), jnp.int32)
     # eps = 1e-4, not 1e-8: Adam divides by sqrt(v) + eps, so with a tiny eps a gradient entry that is pure
     # rounding noise (~1e-9 where the largest is ~1e-2; the two programs sum in different orders) moves its
     # weight by up to ~lr either way. With eps = 1e-4 the update is Lipschitz in the gradient (constant
@@ -67,10 +91,11 @@ def main(meshes: list[str]) -> None:
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(params, tokens, seg)
     ref_state, ref_losses = run_steps(training.make_step(CFG, optimizer, remat="layer"),
                                       ssdkit.TrainState.create(copy(params), optimizer), (tokens, seg))
-    prompt = tokens[:, :6]
-    ref_gen = mamba2.generate(params, CFG, prompt, max_new_tokens=8)
-    ref_full = jnp.concatenate([prompt, ref_gen.tokens], axis=1)
-    margins = greedy_margins(mamba2.forward(params, CFG, ref_full)[:, 5:-1])
+    prompt, lengths = tokens[:, :T - NEW], jnp.asarray(LENGTHS, jnp.int32)  # with NEW tokens as long as `tokens`
+    ref_gen = mamba2.generate(params, CFG, prompt, max_new_tokens=NEW, lengths=lengths)
+    margins = ragged_margins(params, prompt, LENGTHS, ref_gen.tokens)
+    ref_plain = mamba2.generate(params, CFG, prompt, max_new_tokens=NEW)
+    plain_margins = ragged_margins(params, prompt, (T - NEW,) * B, ref_plain.tokens)
 
     for spec in meshes:
         mesh = sharding.make_mesh(spec)
@@ -94,7 +119,7 @@ def main(meshes: list[str]) -> None:
         errors["logits"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
         with jax.set_mesh(mesh):  # traced under the mesh: gather_weights gathers each layer's weights
             errors["logits_under_mesh"] = rel_err(mamba2.forward(p, CFG, t), ref_logits)
-            hlo = jax.jit(mamba2.forward, static_argnums=1).lower(p, CFG, t).compile().as_text()
+            hlo = mamba2.model._forward.lower(p, CFG, t, False).compile().as_text()  # the program just run
         if mesh.shape["fsdp"] > 1:
             heads = f"{CFG.nheads // m},{2 * CFG.headdim},{CFG.d_model}"
             assert re.search(rf"f32\[(1,)?{heads}\]\S* all-gather", hlo), "no in_proj_heads gather"
@@ -114,9 +139,16 @@ def main(meshes: list[str]) -> None:
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(p, t, s)
         errors["loss"] = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
         errors["grads"] = rel_err(grads, ref_grads)
-        gen = mamba2.generate(p, CFG, msh.shard_batch(prompt, mesh), max_new_tokens=8)
+        with jax.set_mesh(mesh):  # as `ssdkit generate --mesh` runs it: prompts right-padded, split over seq
+            gen = mamba2.generate(p, CFG, msh.shard_batch(prompt, mesh), max_new_tokens=NEW,
+                                  lengths=msh.shard_batch(lengths, mesh))
         assert_same_greedy_tokens(gen.tokens, ref_gen.tokens, margins, tie=1e-4, name=f"generate on {spec}")
         errors["generated_equal"] = bool(np.array_equal(np.asarray(gen.tokens), np.asarray(ref_gen.tokens)))
+        # the sharded inputs alone, outside the mesh context
+        gen = mamba2.generate(p, CFG, msh.shard_batch(prompt, mesh), max_new_tokens=NEW)
+        assert_same_greedy_tokens(gen.tokens, ref_plain.tokens, plain_margins, tie=1e-4,
+                                  name=f"generate outside the mesh context on {spec}")
+        errors["plain_generated_equal"] = bool(np.array_equal(np.asarray(gen.tokens), np.asarray(ref_plain.tokens)))
 
         state = ssdkit.TrainState.create(copy(p), optimizer)  # the step donates its state
         specs = msh.train_state_specs(state, optimizer, mesh)
@@ -209,5 +241,6 @@ def check_generate_command(mesh: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:] or ["fsdp=2,model=2,seq=2"])
+    # the commands: a training run on a mesh, and generation with the shipped model
     check_train_command("data=2,model=2,seq=2")
     check_generate_command("model=2,seq=4")

@@ -284,11 +284,19 @@ def test_transformers_sharded_safetensors(transformers, tmp_path):
 
 
 # ------------------------------------------------------------------------------ save_checkpoint
+def _random_params(cfg: Mamba2Config, seed: int = 0, dtype=jnp.float32):
+    """Params of ``init_params``' structure, shapes and dtypes, with values drawn by numpy (the files are
+    under test, not the initialisation: nothing compiles)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: mamba2.init_params(cfg, jax.random.key(0), dtype))
+    return jax.tree_util.tree_map(lambda t: jnp.asarray(rng.standard_normal(t.shape).astype(t.dtype)), shapes)
+
+
 @pytest.mark.parametrize("tie,ngroups,dtype", [(True, 1, jnp.float32), (False, 2, jnp.float32),
                                                (True, 2, jnp.bfloat16)])
 def test_save_load_round_trip_is_exact(tmp_path, tie, ngroups, dtype):
     cfg = Mamba2Config(**TINY, ngroups=ngroups, tie_embeddings=tie)
-    params = mamba2.init_params(cfg, jax.random.key(0), dtype)
+    params = _random_params(cfg, 0, dtype)
     mamba2.save_checkpoint(params, cfg, tmp_path / "rt")
     back, cfg_back = mamba2.load_checkpoint(tmp_path / "rt")
     assert cfg_back.padded_vocab_size == cfg.padded_vocab_size
@@ -305,7 +313,7 @@ def test_save_load_round_trip_is_exact(tmp_path, tie, ngroups, dtype):
 @pytest.mark.parametrize("tie,ngroups", [(True, 1), (False, 2)])
 def test_save_checkpoint_loads_in_transformers(transformers, tmp_path, tie, ngroups):
     cfg = Mamba2Config(**TINY, ngroups=ngroups, tie_embeddings=tie)
-    params = mamba2.init_params(cfg, jax.random.key(1))
+    params = _random_params(cfg, 1)
     mamba2.save_checkpoint(params, cfg, tmp_path / "ours")
     model, info = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -320,7 +328,7 @@ def test_save_checkpoint_loads_in_transformers(transformers, tmp_path, tie, ngro
 
 def test_save_checkpoint_rejects_inconsistent_params(tmp_path):
     cfg = Mamba2Config(**TINY)
-    params = mamba2.init_params(cfg, jax.random.key(0))
+    params = _random_params(cfg)
     with pytest.raises(ValueError, match=r"params.layers\[0\].in_proj_groups has shape"):
         mamba2.save_checkpoint(params, dataclasses.replace(cfg, d_state=16), tmp_path / "a")
     with pytest.raises(ValueError, match="ties the embeddings but params.lm_head is set"):
@@ -380,7 +388,7 @@ def test_misshaped_tensors_are_named(torch, tmp_path, name, shape, expected):
 
 def test_safetensors_mismatch_is_named(tmp_path):
     cfg = Mamba2Config(**TINY)
-    mamba2.save_checkpoint(mamba2.init_params(cfg, jax.random.key(0)), cfg, tmp_path / "st")
+    mamba2.save_checkpoint(_random_params(cfg), cfg, tmp_path / "st")
     config = json.loads((tmp_path / "st" / "config.json").read_text())
     (tmp_path / "st" / "config.json").write_text(json.dumps(dict(config, state_size=16)))
     with pytest.raises(CheckpointError, match=r"tensor backbone\.layers\.0\.mixer\.in_proj\.weight has shape "
@@ -394,7 +402,7 @@ def test_missing_directory_config_and_weights(tmp_path):
         mamba2.load_checkpoint(tmp_path / "nowhere")
     cfg = Mamba2Config(**TINY)
     st = tmp_path / "st"
-    mamba2.save_checkpoint(mamba2.init_params(cfg, jax.random.key(0)), cfg, st)
+    mamba2.save_checkpoint(_random_params(cfg), cfg, st)
     (st / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="holds no weights: expected model.safetensors"):
         mamba2.load_checkpoint(st)
@@ -409,7 +417,7 @@ def test_missing_directory_config_and_weights(tmp_path):
 def test_truncated_safetensors(tmp_path):
     cfg = Mamba2Config(**TINY)
     st = tmp_path / "st"
-    mamba2.save_checkpoint(mamba2.init_params(cfg, jax.random.key(0)), cfg, st)
+    mamba2.save_checkpoint(_random_params(cfg), cfg, st)
     raw = (st / "model.safetensors").read_bytes()
     for cut in (len(raw) - 100, 40, 4):
         (st / "model.safetensors").write_bytes(raw[:cut])

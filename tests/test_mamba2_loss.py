@@ -141,6 +141,7 @@ def test_loss_rejects_bad_input():
         mamba2.loss(params, cfg, _tokens(2, 4), loss_mask=jnp.ones((2, 5), bool))
 
 
+@pytest.mark.compiled
 def test_blockwise_head_never_builds_the_full_logits():
     """Structural: the compiled loss and its gradient hold at most one block of logits at a time."""
     cfg = dataclasses.replace(CFG, vocab_size=4000, n_layer=1)  # the head is the subject: one layer

@@ -30,6 +30,16 @@ transformers = pytest.importorskip("transformers")
 
 PARITY_RTOL = 1e-5
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_on_one_thread():
+    """Models this small run fastest on one thread; more spin-wait (and burn CPU) on a busy machine, e.g. the
+    suite's own parallel workers. Put back afterwards: torch's setting is process-wide."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 CONFIGS = {
     # Several chunks per sequence, lengths not a multiple of the chunk. An untied LM head makes greedy
     # decoding of a random model wander over the vocabulary (~30-50 distinct tokens in 64 steps); with

@@ -16,15 +16,20 @@ import pytest
 
 import ssdkit
 from ssdkit.models import evaluation, mamba2, text
-from tests.helpers import assert_same_greedy_tokens, greedy_margins
+from tests.helpers import assert_same_greedy_tokens, cli_on_the_suite_cache, greedy_margins
 
-# Compares floats from compiled programs: rerun with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (README).
-pytestmark = pytest.mark.numerics
+# Only the held-out figure compares floats from compiled programs (numerics: rerun with
+# XLA_FLAGS=--xla_cpu_max_isa=AVX2, README); the token checks go through the near-tie helper.
 
 
 @pytest.fixture(scope="module")
 def shipped():
     return mamba2.load_pretrained()
+
+
+@pytest.fixture(autouse=True)
+def _cli_cache(monkeypatch):
+    yield from cli_on_the_suite_cache(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +58,35 @@ def test_greedy_is_deterministic_and_matches_the_record(shipped, record):
     np.testing.assert_array_equal(runs[0], runs[1])  # one program, same input: bit for bit
     # Against the tokens recorded on another machine (another compiled program): equal up to the first
     # near tie. The margins come from a float32 forward over the recorded sequence; float32 logits of
-    # O(10) differ between programs by ~1e-5, so a decision within 1e-3 may flip.
-    full = jnp.concatenate([ids, jnp.asarray([entry["tokens"]], jnp.int32)], axis=1)
-    logits = mamba2.forward(shipped.params, shipped.cfg, full)[:, ids.shape[1] - 1: -1]
-    assert_same_greedy_tokens(runs[0][:, :n], np.asarray([entry["tokens"]]), greedy_margins(logits), tie=1e-3)
+    # O(10) differ between programs by ~1e-5, so a decision within 1e-3 may flip. They are needed (and
+    # the forward compiled) only where the tokens differ.
+    recorded = np.asarray([entry["tokens"]])
+    if not np.array_equal(runs[0][:, :n], recorded):
+        full = jnp.concatenate([ids, jnp.asarray(recorded, jnp.int32)], axis=1)
+        logits = mamba2.forward(shipped.params, shipped.cfg, full)[:, ids.shape[1] - 1: -1]
+        assert_same_greedy_tokens(runs[0][:, :n], recorded, greedy_margins(logits), tie=1e-3)
     assert "\ufffd" not in shipped.tokenizer.decode(runs[0][0].tolist())
 
 
 def test_speculative_greedy_on_real_code(shipped):
     """Prompt lookup drafting for the shipped model on Python source (a function repeating a pattern):
-    drafts are accepted, and the tokens are plain greedy decoding's up to a near tie (tie bound as above)."""
+    drafts are accepted, and the tokens are greedy decoding's up to a near tie (tie bound as above): each is
+    the top logit of a float32 forward over the prompt and the tokens before it (what plain greedy decoding
+    picks, without compiling its loop as well)."""
     source = "".join(f"    def get_{name}(self):\n        return self._{name}\n\n"
                      for name in ("name", "path", "size", "mode", "owner"))
     ids = jnp.asarray(text.encode(shipped.tokenizer, "class Record:\n" + source + "    def get_")[None])
-    plain = mamba2.generate(shipped.params, shipped.cfg, ids, max_new_tokens=64)
     spec = mamba2.generate(shipped.params, shipped.cfg, ids, max_new_tokens=64,
                            speculative=ssdkit.Speculative(draft_tokens=8, adaptive=False))
-    full = jnp.concatenate([ids, plain.tokens], axis=1)
-    logits = mamba2.forward(shipped.params, shipped.cfg, full)[:, ids.shape[1] - 1: -1]
-    assert_same_greedy_tokens(spec.tokens, plain.tokens, greedy_margins(logits), tie=1e-3)
+    full = jnp.concatenate([ids, spec.tokens], axis=1)
+    logits = np.asarray(mamba2.forward(shipped.params, shipped.cfg, full)[:, ids.shape[1] - 1: -1])
+    assert_same_greedy_tokens(spec.tokens, np.argmax(logits, axis=-1), greedy_margins(logits), tie=1e-3)
     stats = spec.speculation
     # 42 of 201 drafts held when this was written (28 passes for 64 tokens): ask for 3/4 of that
     assert int(np.sum(stats.accepted)) >= 32 and int(stats.passes) <= 42, stats
 
 
+@pytest.mark.numerics
 def test_held_out_sample_bits_per_byte_equals_the_record(shipped, record):
     root = Path(sysconfig.get_paths()["stdlib"])
     sample = record["sample"]
@@ -100,5 +110,6 @@ def test_generate_and_eval_use_it_by_default(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("def add(a, b):") and "tokens/s" in captured.err
     (tmp_path / "f.py").write_text("x = 1\n")
-    assert main(["eval", "--model", "default", "--text", str(tmp_path / "f.py"), "--no-progress"]) == 0
+    # one row of windows: the held-out figure's evaluation program (compiled once)
+    assert main(["eval", "--model", "default", "--text", str(tmp_path / "f.py"), "--batch", "1", "--no-progress"]) == 0
     assert "1 files, 6 bytes, 7 target tokens" in capsys.readouterr().out

@@ -1,6 +1,10 @@
-"""Scale-out on JAX's SPMD machinery: mesh parsing, the fsdp rule, and (in a subprocess with 8 host
-devices, tests/sharding_check.py) sharded prefill, loss, gradients, AdamW steps and generation equal to
-one device, with the state kept sharded and only per-layer weights gathered."""
+"""Scale-out on JAX's SPMD machinery: mesh parsing, the fsdp rule, and (in subprocesses with 4 or 8 host
+devices: tests/sharding_check.py, tests/spmd_check.py, tests/multiprocess_check.py) sharded prefill, loss,
+gradients, AdamW steps and generation equal to one device, with the state kept sharded and only per-layer
+weights gathered; the scan and conv's mesh forms equal to one device; and two processes equal to one.
+
+The subprocesses compile as the run does (its ``XLA_FLAGS``): each check compares a sharded program with the
+one-device program compiled alike."""
 
 from __future__ import annotations
 
@@ -16,8 +20,19 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ssdkit import sharding
+from tests.helpers import cli_on_the_suite_cache
 
 ROOT = Path(__file__).resolve().parents[1]
+
+def _env(devices: int) -> dict[str, str]:
+    """A check subprocess's environment: ``devices`` host devices, the run's own ``XLA_FLAGS`` (its code
+    generation: README's first pass compiles at XLA's cheapest), and ``ssdkit generate``'s persistent XLA
+    cache in the suite's run cache (tests/conftest.py), not ~/.cache."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if jax.config.jax_compilation_cache_dir:
+        env["SSDKIT_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    return env
 
 
 def test_parse_and_make_mesh():
@@ -42,32 +57,41 @@ def test_fsdp_rule():
     assert sharding.fsdp_spec((3, 99999), fake) == P(None, None)  # nothing divisible
 
 
-@pytest.mark.parametrize("meshes", [["fsdp=2,model=2,seq=2"],  # three axes at once; the others with -m long
-                                    pytest.param(["data=8", "data=4,fsdp=2", "fsdp=8", "seq=8", "model=8",
-                                                  "data=2,model=4", "data=2,fsdp=2,seq=2"], marks=pytest.mark.long)])
+#: the long run's meshes: every axis alone and in pairs
+LONG_MESHES = ["data=8", "data=4,fsdp=2", "fsdp=8", "seq=8", "model=8", "data=2,model=4",
+               "data=2,fsdp=2,seq=2"]
+
+
+@pytest.mark.parametrize("meshes", [["fsdp=2,model=2,seq=2"],  # three axes at once; data in the commands
+                                    pytest.param(LONG_MESHES, marks=pytest.mark.long)],
+                         ids=["fsdp-model-seq", "long"])
 def test_sharded_programs_equal_one_device(meshes):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_check.py"), *meshes], env=env,
-                          capture_output=True, text=True, timeout=900)
+    """tests/sharding_check.py: per mesh, sharded prefill, decode, loss, gradients, AdamW steps and greedy
+    generation (prompts right-padded and split over seq, as `ssdkit generate --mesh` runs them) equal one
+    device's, and so does generation from the sharded inputs outside the mesh context; `ssdkit train --mesh`
+    and `ssdkit generate --mesh` (the shipped model) equal the commands on one device."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_check.py"), *meshes],
+                          env=_env(8), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.count('"mesh"') == len(meshes) and "train_command_mesh" in proc.stdout, proc.stdout
-    assert "generate_command_mesh" in proc.stdout, proc.stdout
+    assert proc.stdout.count('"mesh"') == len(meshes) and proc.stdout.count('"generated_equal"') == len(meshes)
+    assert proc.stdout.count('"plain_generated_equal"') == len(meshes), proc.stdout
+    assert "train_command_mesh" in proc.stdout and "generate_command_mesh" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("args,scans", [([], 6), pytest.param(["--float32"], 12, marks=pytest.mark.long)],
-                         ids=["float64", "float64-and-float32"])
-def test_scan_and_conv_on_meshes_equal_one_device(args, scans):
+@pytest.mark.parametrize("devices,args,counts", [(4, [], (5, 1)),
+                                                 pytest.param(8, ["--float32"], (12, 4), marks=pytest.mark.long)],
+                         ids=["4-devices-float64", "8-devices-float64-float32"])
+def test_scan_and_conv_on_meshes_equal_one_device(devices, args, counts):
     """ssd_scan and causal_conv1d under meshes with seq and model axes (tests/spmd_check.py): values and
     gradients equal the one-device calls (float64 to 1e-13; with --float32, under -m long, float32 to 1e-5
-    of the largest entry)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spmd_check.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=900)
+    of the largest entry). On 4 devices every branch of the mesh forms; on 8 (-m long) the meshes of 8,
+    three axes at once among them, and every head-group case."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spmd_check.py"), *args],
+                          env=_env(devices), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    scans, heads = counts
     assert proc.stdout.count('"scan"') == scans and proc.stdout.count('"conv"') == 4 and '"errors"' in proc.stdout
-    assert proc.stdout.count('"heads"') == 4, proc.stdout
+    assert proc.stdout.count('"heads"') == heads, proc.stdout
 
 
 def _free_port() -> int:
@@ -78,18 +102,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.long  # two processes compiling every program (about 2 CPU-minutes); sharded programs run by default above
-def test_two_processes_equal_one(tmp_path):
-    """2 processes x 4 host devices on 127.0.0.1 (jax.distributed, gloo): a data=2,fsdp=4 prefill and two
-    training steps equal one process's; the train state saved by both processes (each its shards) restores
-bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are always reaped."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+@pytest.fixture
+def cli_cache(monkeypatch):
+    yield from cli_on_the_suite_cache(monkeypatch)
+
+
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.long)], ids=["minimal", "full"])
+def test_two_processes_equal_one(tmp_path, full, cli_cache):
+    """2 processes x 4 host devices on 127.0.0.1 (jax.distributed, gloo): a data=2,fsdp=4 prefill equals one
+    process's; the train state saved by both processes (each its shards) restores bit for bit onto a
+    data=4,fsdp=2 mesh; bounded in time, and both processes are always reaped. The full run (-m long) adds
+    two training steps against one process's, and `ssdkit train --mesh` and `ssdkit generate --mesh` on
+    both processes against the commands in this one."""
     port = _free_port()
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]  # noqa: SIM115 - closed below
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multiprocess_check.py"), str(i), "2", str(port),
-                              str(tmp_path)],
-                              env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                               str(tmp_path), *([] if full else ["--minimal"])],
+                              env=_env(4), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
     try:
         codes = [p.wait(timeout=600) for p in procs]
     finally:
@@ -103,9 +133,12 @@ bit for bit onto a data=4,fsdp=2 mesh; bounded in time, and both processes are a
         out.append(f.read())
         f.close()
     assert codes == [0, 0], "\n\n".join(o[-3000:] for o in out)
-    assert '"params_after_steps"' in out[0] and '"restored_on_4x2_equal": true' in out[0], out[0][-2000:]
+    assert '"logits"' in out[0] and '"restored_on_4x2_equal": true' in out[0], out[0][-2000:]
     state_dir = tmp_path / "checkpoints" / "2" / "state"  # orbax's OCDBT: one store per process
     assert (state_dir / "ocdbt.process_0").is_dir() and (state_dir / "ocdbt.process_1").is_dir()
+    if not full:
+        return
+    assert '"params_after_steps"' in out[0], out[0][-2000:]
     # `ssdkit train --mesh data=2,fsdp=4` on both processes: the losses and exported weights of one process
     sys.path.insert(0, str(ROOT))
     from ssdkit.models import mamba2, training

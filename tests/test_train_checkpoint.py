@@ -17,31 +17,39 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssdkit.models import mamba2
+import ssdkit
+from ssdkit.models import mamba2, training
 from ssdkit.training.checkpoints import COMMIT_FILE, TrainCheckpointer
-from ssdkit.training.step import TrainState, adamw, make_train_step
+from ssdkit.training.step import TrainState
 
-CFG = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=40, d_state=8, headdim=16, chunk_size=8)
+# The run is `ssdkit train`'s on tests/test_training_cli.py's tiny flags (byte vocabulary, batch 4 x 24,
+# --lr 1e-2 --warmup-steps 1 --steps 4): the same compiled steps, a fresh run's and a resumed run's
+# (restored arrays are committed to their device, fresh ones are not: two programs), built once a run.
+CFG = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=257, d_state=8, headdim=16, chunk_size=8)
 REPO = Path(__file__).resolve().parents[1]
-SEED, N, K = 1234, 5, 2  # N steps in all, the checkpoint after K
+SEED, N, K = 1234, 4, 2  # N steps in all, the checkpoint after K
 
 
 def _optimizer():
     # A schedule that depends on the step count in opt_state: resuming with a lost count would diverge.
-    return adamw(1e-2, total_steps=N, warmup_steps=2)
+    return ssdkit.adamw(1e-2, total_steps=N, warmup_steps=1)
 
 
 def _batch(step: int):
-    """The data stream, keyed by step: the data position to resume from is the step itself."""
-    return jnp.asarray(np.random.default_rng(SEED + step).integers(0, CFG.vocab_size, (2, 16)), jnp.int32)
+    """The data stream, keyed by step: the data position to resume from is the step itself. Packed rows:
+    (tokens, segment_ids), as ``ssdkit train`` feeds its step."""
+    rng = np.random.default_rng(SEED + step)
+    tokens = rng.integers(0, CFG.vocab_size, (4, 24))
+    segments = np.cumsum(rng.random((4, 24)) < 0.1, axis=1)
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(segments, jnp.int32)
 
 
 def _new_state():
-    return TrainState.create(mamba2.init_params(CFG, jax.random.key(SEED)), _optimizer())
+    return TrainState.create(mamba2.init_params(CFG, jax.random.key(SEED), stacked=True), _optimizer())
 
 
 def _step_fn():
-    return make_train_step(lambda params, tokens: mamba2.loss(params, CFG, tokens), _optimizer())
+    return training.make_step(CFG, _optimizer(), remat="layer")
 
 
 def _host(tree):
@@ -53,6 +61,16 @@ def _assert_trees_equal(a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         assert np.asarray(x).dtype == np.asarray(y).dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _subprocess_env() -> dict[str, str]:
+    """A child process on the CPU with the suite's persistent XLA cache (tests/conftest.py): what it
+    compiles is shared with the rest of the run, and what the run compiled is not compiled again."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if jax.config.jax_compilation_cache_dir:
+        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
 
 
 def resume_main(directory: str) -> None:
@@ -83,7 +101,7 @@ def straight(tmp_path_factory):
     that both compile at once) resumes from that checkpoint: (directory, state after K, after N, process)."""
     directory = tmp_path_factory.mktemp("run")
     script = f"from tests.test_train_checkpoint import resume_main; resume_main({str(directory)!r})"
-    resumed = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    resumed = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_subprocess_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         step_fn, state = _step_fn(), _new_state()
@@ -106,19 +124,20 @@ def _toy_state(v: float) -> TrainState:
 
 
 def test_round_trip_is_exact(straight, tmp_path):
-    """Mamba-2 params and AdamW moments after real steps, into concrete and eval_shape templates."""
+    """Mamba-2 params and AdamW moments after real steps, into concrete and eval_shape templates, in both
+    layouts (stacked layers, as trained, and per layer)."""
     directory, at_k, after_n, _ = straight
     with TrainCheckpointer(directory) as ckpt:
         state, meta = ckpt.restore(_new_state(), step=K)  # a concrete template
         assert meta == {"data_position": K, "seed": SEED}
         assert isinstance(state, TrainState) and int(state.step) == K
         _assert_trees_equal(_host(state), at_k)
-    stacked = dataclasses.replace(after_n, params=mamba2.stack_layers(after_n.params))
+    per_layer = dataclasses.replace(after_n, params=mamba2.unstack_layers(after_n.params))
     with TrainCheckpointer(tmp_path) as ckpt:
-        ckpt.save(N, stacked, {"note": [1, "two", None, 3.5, {"nested": True}]})
-        state, meta = ckpt.restore(jax.eval_shape(lambda: stacked))
+        ckpt.save(N, per_layer, {"note": [1, "two", None, 3.5, {"nested": True}]})
+        state, meta = ckpt.restore(jax.eval_shape(lambda: per_layer))
         assert meta == {"note": [1, "two", None, 3.5, {"nested": True}]}
-        _assert_trees_equal(_host(state), stacked)
+        _assert_trees_equal(_host(state), per_layer)
 
 
 def test_resume_in_a_new_process_equals_the_uninterrupted_run(straight):
@@ -166,8 +185,7 @@ _KILLED_SAVE = textwrap.dedent("""
 
 
 def test_a_save_killed_before_its_commit_is_never_restored(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], cwd=REPO, env=_subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr[-4000:])
     # What the kill left: step 3's arrays written into orbax's temporary directories, never renamed.
@@ -205,7 +223,7 @@ def test_mismatches_and_missing_checkpoints_are_clear_errors(tmp_path):
         (tmp_path / "run").mkdir()
         with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
             ckpt.restore(template(CFG))
-        ckpt.save(0, _new_state())
+        ckpt.save(0, jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape, t.dtype), template(CFG)))  # per layer
         with pytest.raises(ValueError, match=r"in the template but not in the checkpoint \(.*params\.layers\.1\."):
             ckpt.restore(template(dataclasses.replace(CFG, n_layer=2)))
         with pytest.raises(ValueError, match=r"shape mismatches \(.*params\.layers\.0\.norm: template \(48,\) vs "

@@ -10,6 +10,7 @@ import pytest
 from ssdkit import xla_options
 
 
+@pytest.mark.compiled
 def test_cpu_training_keeps_ynnpack_to_matrix_products(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     options = xla_options.training_compiler_options("cpu")
