@@ -23,7 +23,7 @@ from ssdkit.core.scan import preferred_chunk_size, ssd_scan
 from ssdkit.core.step import ssd_step
 from ssdkit.dtypes import accumulation_dtype, sequence_matmul_dtype
 from ssdkit.inference.drafts import DraftModel, DraftSource, PromptLookup, Speculative
-from ssdkit.inference.loop import generate, generate_stream
+from ssdkit.inference.loop import generate, generate_stream, lower_generate
 from ssdkit.inference.protocol import GenerationResult, LanguageModel, SpeculationStats, SpeculativeModel
 from ssdkit.inference.sampling import Greedy, Sample, make_sampler
 from ssdkit.training.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
@@ -50,6 +50,7 @@ __all__ = [
     "gated_rms_norm",
     "generate",
     "generate_stream",
+    "lower_generate",
     "head_cross_entropy",
     "make_sampler",
     "make_train_step",

@@ -1,8 +1,8 @@
 """Run by tests/test_sharding.py in a subprocess with 8 host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``): every mesh's sharded prefill, loss, gradients,
-optimiser steps and greedy generation (under the mesh, prompts right-padded as ``ssdkit generate --mesh``
-pads them) against the same program on one device. Prints one JSON line of errors per mesh (and per
-command); any failed check raises (non-zero exit).
+optimiser steps and greedy generation, plain and speculative (under the mesh, prompts right-padded as
+``ssdkit generate --mesh`` pads them) against the same program on one device. Prints one JSON line of
+errors per mesh (and per command); any failed check raises (non-zero exit).
 
     python tests/sharding_check.py [--long] [MESH ...]
 
@@ -36,6 +36,8 @@ B, T, STEPS, NEW = 8, 32, 3, 8  # rows split 8 ways at most
 #: generation's right-padded prompts of T - NEW = 24 positions (over seq=8 pieces of 3, the conv's 3 past
 #: inputs): rows end in the first, second, ... piece of the seq axis
 LENGTHS = (24, 5, 13, 24, 3, 9, 18, 11)
+#: speculative generation's drafts: prompt lookup, 2 a round whenever it finds any (one verify program)
+SPECULATIVE = ssdkit.Speculative(ssdkit.PromptLookup(), draft_tokens=2, adaptive=False)
 
 
 def rel_err(a, b) -> float:
@@ -149,6 +151,15 @@ def main(meshes: list[str]) -> None:
         assert_same_greedy_tokens(gen.tokens, ref_plain.tokens, plain_margins, tie=1e-4,
                                   name=f"generate outside the mesh context on {spec}")
         errors["plain_generated_equal"] = bool(np.array_equal(np.asarray(gen.tokens), np.asarray(ref_plain.tokens)))
+        # speculative (prompt lookup, greedy): plain greedy's one-device tokens. Past the prefill nothing splits
+        # over seq: a round verifies k + 1 = 3 tokens, which no seq axis > 1 divides (ssdkit.core.mesh)
+        with jax.set_mesh(mesh):
+            gen = mamba2.generate(p, CFG, msh.shard_batch(prompt, mesh), max_new_tokens=NEW,
+                                  lengths=msh.shard_batch(lengths, mesh), speculative=SPECULATIVE)
+        assert_same_greedy_tokens(gen.tokens, ref_gen.tokens, margins, tie=1e-4, name=f"speculative on {spec}")
+        assert int(gen.speculation.verifies) > 0, gen.speculation  # drafts were verified under the mesh
+        errors["speculative_equal"] = bool(np.array_equal(np.asarray(gen.tokens), np.asarray(ref_gen.tokens)))
+        errors["speculative_command_equal"] = check_speculative_command(spec, params, prompt, ref_gen.tokens, margins)
 
         state = ssdkit.TrainState.create(copy(p), optimizer)  # the step donates its state
         specs = msh.train_state_specs(state, optimizer, mesh)
@@ -184,6 +195,29 @@ def main(meshes: list[str]) -> None:
         assert errors["logits"] < 1e-5 and errors["logits_under_mesh"] < 1e-5 and errors["loss"] < 1e-5, errors
         assert errors["grads"] < 1e-4 and errors["step_losses"] < 1e-5 and errors["decode_step"] < 1e-5, errors
         assert errors["params_after_steps"] < 1e-4, errors
+
+
+def check_speculative_command(mesh: str, params, prompt, expected, margins, row: int = 2) -> bool:
+    """``ssdkit generate --speculative lookup --mesh``, greedy, on the checkpoint of ``params`` and row ``row`` of the
+    prompts (13 ids: right-padded to split over seq): the one-device tokens of that row (``expected``, ``margins``:
+    plain greedy generation's, which speculative decoding equals). Returns whether they are equal outright."""
+    import contextlib
+    import io
+    import tempfile
+
+    from ssdkit.models import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mamba2.save_checkpoint(params, CFG, tmp)
+        ids = ",".join(str(int(t)) for t in np.asarray(prompt)[row, :LENGTHS[row]])
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            assert cli.main(["generate", "--model", tmp, "--prompt-ids", ids, "--max-new-tokens", str(NEW),
+                             "--speculative", "lookup", "--draft-tokens", "1", "--mesh", mesh]) == 0
+    got = np.asarray([int(t) for t in buf.getvalue().split()])
+    assert_same_greedy_tokens(got, np.asarray(expected)[row], np.asarray(margins)[row], tie=1e-4,
+                              name=f"ssdkit generate --speculative --mesh {mesh}")
+    return bool(np.array_equal(got, np.asarray(expected)[row]))
 
 
 def train_run_config(data: str, out: str, mesh: str | None) -> training.TrainRunConfig:

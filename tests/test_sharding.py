@@ -68,13 +68,16 @@ LONG_MESHES = ["data=8", "data=4,fsdp=2", "fsdp=8", "seq=8", "model=8", "data=2,
 def test_sharded_programs_equal_one_device(meshes):
     """tests/sharding_check.py: per mesh, sharded prefill, decode, loss, gradients, AdamW steps and greedy
     generation (prompts right-padded and split over seq, as `ssdkit generate --mesh` runs them) equal one
-    device's, and so does generation from the sharded inputs outside the mesh context; `ssdkit train --mesh`
-    and `ssdkit generate --mesh` (the shipped model) equal the commands on one device."""
+    device's, and so does generation from the sharded inputs outside the mesh context, speculative generation
+    (prompt lookup; its verifies of k + 1 tokens unsplit over seq) in the library and through `ssdkit generate
+    --speculative lookup --mesh`; `ssdkit train --mesh` and `ssdkit generate --mesh` (the shipped model) equal
+    the commands on one device."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_check.py"), *meshes],
                           env=_env(8), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.count('"mesh"') == len(meshes) and proc.stdout.count('"generated_equal"') == len(meshes)
     assert proc.stdout.count('"plain_generated_equal"') == len(meshes), proc.stdout
+    assert proc.stdout.count('"speculative_command_equal"') == len(meshes), proc.stdout
     assert "train_command_mesh" in proc.stdout and "generate_command_mesh" in proc.stdout, proc.stdout
 
 

@@ -30,8 +30,10 @@ import ssdkit
 from ssdkit import Recurrence, RecurrentCache
 from ssdkit._typing import Lengths, Logits, Mask, SegmentIds, SeqLogits, StepTokens, Tokens
 from ssdkit.core.layers import is_per_layer, unstack
+from ssdkit.core.mesh import unsplit_sequence
 from ssdkit.core.rollback import check_accepted
 from ssdkit.dtypes import check_integer, check_lengths, is_concrete, readable, sequence_matmul_dtype
+from ssdkit.inference import loop as generation_loop
 from ssdkit.models.mamba2 import sharding as mamba2_sharding
 from ssdkit.models.mamba2.config import Mamba2Config
 from ssdkit.models.mamba2.params import Mamba2LayerParams, Mamba2Params
@@ -416,9 +418,10 @@ def _layer_verify(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, cache: Rec
 
 @functools.partial(inference_jit, static_argnames=("cfg",))
 def _verify(params, cfg, tokens, cache):
-    residual = _embed(params, tokens)
-    residual, record = ssdkit.scan_layers(functools.partial(_layer_verify, cfg), params.layers, residual, cache)
-    logits, _ = _logits(cfg, params, residual, sequence=True)
+    with unsplit_sequence():  # k tokens: computed whole on every device of a mesh's seq axis (ssdkit.core.mesh)
+        residual = _embed(params, tokens)
+        residual, record = ssdkit.scan_layers(functools.partial(_layer_verify, cfg), params.layers, residual, cache)
+        logits, _ = _logits(cfg, params, residual, sequence=True)
     return logits, record
 
 
@@ -430,6 +433,8 @@ def verify(
     ``logits[:, t]`` are the logits after ``tokens[:, t]`` (what ``decode_step`` fed the same tokens one by
     one returns); ``cache`` is not changed. :func:`commit` then keeps any prefix of the k tokens, row by
     row, without a second pass (``ssdkit.core.rollback``).
+    Under a mesh with a ``seq`` axis the k tokens are not split over it (any k works; each ``seq`` device
+    computes them, ``ssdkit.core.mesh.unsplit_sequence``).
     """
     _check_tokens(cfg, tokens, 2)
     if np.shape(tokens)[1] < 1:
@@ -532,11 +537,43 @@ def generate(
     ``speculative`` decodes speculatively (``ssdkit.Speculative``: prompt lookup, or a draft Mamba-2 as
     ``DraftModel(Mamba2LM(draft_cfg))`` with ``draft_params``); the result then has ``speculation`` stats.
     """
+    return _generation_request(ssdkit.generate, params, cfg, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                               eos_token_id, lengths, key, speculative, draft_params)
+
+
+def _generation_request(entry, params, cfg, prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                        lengths, key, speculative, draft_params):
+    """``entry`` (``ssdkit.generate`` or ``lower_generate``) called with :func:`generate`'s request."""
     sampler, key = _generation_args(cfg, prompt_ids, lengths, temperature, top_k, top_p, key)
-    return ssdkit.generate(
+    return entry(
         Mamba2LM(cfg), params, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
         eos_token_id=eos_token_id, prompt_lengths=lengths, speculative=speculative, draft_params=draft_params,
     )
+
+
+def lower_generate(
+    params: Mamba2Params,
+    cfg: Mamba2Config,
+    prompt_ids: Tokens,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    lengths: Lengths | None = None,
+    key: jax.Array | None = None,
+    speculative: ssdkit.Speculative | None = None,
+    draft_params: Mamba2Params | None = None,
+) -> generation_loop.LoweredGeneration:
+    """The program :func:`generate` runs for this request (same arguments), lowered ahead of time: compile it,
+    then run it once (``ssdkit.inference.loop.lower_generate``)::
+
+        compiled = mamba2.lower_generate(params, cfg, prompt_ids, max_new_tokens=64).compile()
+        out = compiled()   # what mamba2.generate(params, cfg, prompt_ids, max_new_tokens=64) returns
+    """
+    return _generation_request(generation_loop.lower_generate, params, cfg, prompt_ids, max_new_tokens, temperature,
+                               top_k, top_p, eos_token_id, lengths, key, speculative, draft_params)
 
 
 def generate_stream(

@@ -34,13 +34,22 @@ Communication per layer and device: the scan all-gathers ``devices · B' · H' �
 
 Each device runs the single-device kernels on its share: :func:`ssdkit.core.chunked.chunked_scan` and
 :func:`ssdkit.core.conv_kernels.conv_sequence`.
+
+**Short sequences.** A few tokens (speculative decoding's verify of k + 1, a draft model's queue) gain nothing
+from a split over ``seq`` and often cannot be split (k + 1 positions in equal pieces of at least K-1). Traced
+inside :func:`unsplit_sequence`, the scan and the conv leave the sequence whole: every device of ``seq``
+computes it (replicated over ``seq``), heads still split over ``model`` and rows over the batch axes. The
+speculative loop traces everything after the prefill this way, and so does Mamba-2's ``verify``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +65,29 @@ from ssdkit.sharding import BATCH_AXES
 SEQ_AXIS = "seq"
 HEAD_AXIS = "model"
 
+_UNSPLIT = contextvars.ContextVar("ssdkit_unsplit_sequence", default=False)
+
+
+@contextlib.contextmanager
+def unsplit_sequence() -> Iterator[None]:
+    """Within it, :func:`ssdkit.ssd_scan` and :func:`ssdkit.causal_conv1d` traced under a mesh do not split the
+    sequence over its ``seq`` axis: each device of ``seq`` computes the whole sequence (replicated over
+    ``seq``; heads still over ``model``, rows over the batch axes). For short sequences of any length, e.g.
+    the k + 1 tokens a speculative round verifies. Read while tracing: wrap the trace, not the call of a
+    compiled program. Both forms compute the same values (to float rounding); only memory and work differ.
+    The setting is not part of ``jax.jit``'s cache key: a function jitted on its own keeps the form it was
+    first traced in for equal arguments and mesh (either is correct).
+    """
+    token = _UNSPLIT.set(True)
+    try:
+        yield
+    finally:
+        _UNSPLIT.reset(token)
+
 
 def _axis_sizes() -> tuple[int, int]:
-    """(devices on ``seq``, devices on ``model``) of the mesh being traced under (1 where absent)."""
+    """(devices on ``seq``, devices on ``model``) of the mesh being traced under (1 where absent; ``seq``
+    counts 1 inside :func:`unsplit_sequence`)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1, 1
@@ -67,7 +96,7 @@ def _axis_sizes() -> tuple[int, int]:
     def size(axis):
         return mesh.shape[axis] if axis in mesh.axis_names and axis not in manual else 1
 
-    return size(SEQ_AXIS), size(HEAD_AXIS)
+    return (1 if _UNSPLIT.get() else size(SEQ_AXIS)), size(HEAD_AXIS)
 
 
 def scan_active(num_heads: int) -> bool:

@@ -8,7 +8,9 @@ grow with it. Token ``i`` is sampled with the key ``fold_in(key, i)`` (``ssdkit.
 row is done after it emits ``eos_token_id``; its later positions hold ``pad_token_id``; the loop ends when
 every row is done or ``max_new_tokens`` tokens are written. :func:`generate_stream` yields the same tokens
 one device call per step, for interactive use. With ``speculative=``, :func:`generate` runs the
-speculative loop instead (``ssdkit.inference.speculative``).
+speculative loop instead (``ssdkit.inference.speculative``). :func:`lower_generate` gives the very program
+:func:`generate` runs for a request, traced and lowered ahead of time, to compile and run as two steps
+(``ssdkit generate`` reports compilation apart this way).
 """
 
 from __future__ import annotations
@@ -218,22 +220,91 @@ def generate(
         :class:`GenerationResult` with ``tokens`` (batch, max_new_tokens) int32, ``lengths`` (batch,) and,
         when speculative, ``speculation`` (:class:`SpeculationStats`).
     """
+    program, args, static = _program(
+        model, params, prompt, max_new_tokens=max_new_tokens, sampler=sampler, key=key, eos_token_id=eos_token_id,
+        prompt_lengths=prompt_lengths, pad_token_id=pad_token_id, speculative=speculative, draft_params=draft_params,
+    )
+    return program(*args, **static)
+
+
+def _program(model, params, prompt, *, max_new_tokens, sampler, key, eos_token_id, prompt_lengths, pad_token_id,
+             speculative, draft_params):
+    """Check a :func:`generate` request; return the jitted program that runs it, its positional arguments (the
+    model first: static) and its static keyword arguments."""
     max_new_tokens, eos, pad = _validate(
         model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
     )
     prompt, lengths = _as_inputs(prompt, prompt_lengths)
+    static = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
     if speculative is not None:
         check_speculative(model, sampler, speculative, draft_params)
-        return generate_speculative(
-            model, params, draft_params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler,
-            eos_token_id=eos, pad_token_id=pad, speculative=speculative,
-        )
+        args = (model, params, draft_params, prompt, lengths, key)
+        return generate_speculative, args, dict(static, speculative=speculative)
     if draft_params is not None:
         raise ValueError("draft_params is for speculative decoding with a DraftModel; pass speculative= too")
-    return _generate(
-        model, params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler, eos_token_id=eos,
-        pad_token_id=pad,
+    return _generate, (model, params, prompt, lengths, key), static
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledGeneration:
+    """A generation request's program, compiled (:meth:`LoweredGeneration.compile`). Calling it runs the
+    program once on the request's arguments and returns its :class:`GenerationResult` (dispatched
+    asynchronously, as :func:`generate`'s). ``compiled`` is the ``jax.stages.Compiled`` (``as_text()``,
+    ``memory_analysis()``, ``cost_analysis()``)."""
+
+    compiled: jax.stages.Compiled
+    args: tuple  # the program's dynamic arguments
+
+    def __call__(self) -> GenerationResult:
+        return self.compiled(*self.args)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredGeneration:
+    """A generation request's program, traced and lowered (:func:`lower_generate`); ``lowered`` is the
+    ``jax.stages.Lowered`` (``as_text()``, ``cost_analysis()``)."""
+
+    lowered: jax.stages.Lowered
+    args: tuple  # the program's dynamic arguments
+
+    def compile(self) -> CompiledGeneration:
+        """Compile the program with XLA (the persistent compilation cache applies, if turned on)."""
+        return CompiledGeneration(self.lowered.compile(), self.args)
+
+
+def lower_generate(
+    model: LanguageModel,
+    params: Any,
+    prompt: Tokens,
+    *,
+    max_new_tokens: int,
+    sampler: Sampler = Greedy(),
+    key: jax.Array | None = None,
+    eos_token_id: int | None = None,
+    prompt_lengths: Lengths | None = None,
+    pad_token_id: int = 0,
+    speculative: Speculative | None = None,
+    draft_params: Any = None,
+) -> LoweredGeneration:
+    """The program :func:`generate` runs for this request (same arguments, same checks), traced and lowered
+    now, to compile and run as separate steps::
+
+        lowered = ssdkit.lower_generate(model, params, prompt, max_new_tokens=64)   # trace + lower
+        compiled = lowered.compile()                                                  # XLA compiles
+        result = compiled()            # runs it once: the GenerationResult generate(...) would return
+
+    so a caller can time compilation and generation apart without running the generation twice. Tracing
+    happens here (for speculative decoding with estimated ``round_costs``, that includes lowering the
+    round programs for their cost analysis). Under a mesh, call ``lower_generate`` (and the compiled
+    program) inside ``with jax.set_mesh(mesh):`` as you would :func:`generate`. The compiled program is
+    the one :func:`generate` compiles and caches: with equal arguments, a later :func:`generate` call reuses
+    it (JAX's in-memory caches; also the persistent compilation cache when turned on).
+    """
+    program, args, static = _program(
+        model, params, prompt, max_new_tokens=max_new_tokens, sampler=sampler, key=key, eos_token_id=eos_token_id,
+        prompt_lengths=prompt_lengths, pad_token_id=pad_token_id, speculative=speculative, draft_params=draft_params,
     )
+    return LoweredGeneration(program.lower(*args, **static), args[1:])
 
 
 @functools.partial(inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"))

@@ -27,6 +27,11 @@ Rows accept independently. Acceptance is exact:
   top-k / top-p applied to both p and q). Prompt lookup's drafts are deterministic: q is one-hot.
 
 The random stream differs from plain sampling's (same distribution, different draws).
+
+Under a mesh (``jax.set_mesh``) the prefill splits the prompt over the ``seq`` axis as plain generation does;
+everything after it (the rounds' verifies of k + 1 tokens, a draft model's queue, the cost estimate) is
+traced inside :func:`ssdkit.core.mesh.unsplit_sequence`: such short sequences need no split (and k + 1
+rarely divides into pieces of the conv's K - 1 inputs), so each ``seq`` device computes them whole.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from ssdkit._typing import Lengths
+from ssdkit.core.mesh import unsplit_sequence
 from ssdkit.inference.costs import estimate_round_costs
 from ssdkit.inference.drafts import Evidence, Speculative, write_rows
 from ssdkit.inference.protocol import GenerationResult, SpeculationStats, prefill_and_sample, prepare_params
@@ -109,7 +115,8 @@ def speculative_loop(
     state = source.start(draft_params, prompt, lengths, token, room, big_k, logits.shape[-1])
     costs = spec.round_costs
     if spec.adaptive and costs is None:  # from the programs' shapes alone: no timing, no machine dependence
-        costs = estimate_round_costs(model, params, draft_params, cache, state, spec, sampler, batch)
+        with unsplit_sequence():  # the programs the rounds run (below)
+            costs = estimate_round_costs(model, params, draft_params, cache, state, spec, sampler, batch)
     out = jnp.full((batch, room), pad_token_id, jnp.int32).at[:, 0].set(token)
     done = jnp.zeros((batch,), bool) if eos_token_id is None else token == eos_token_id
     done |= max_new_tokens <= 1
@@ -120,12 +127,14 @@ def speculative_loop(
         return dataclasses.replace(s, choice=_choose(spec, costs, s, count), candidates=candidates, count=count)
 
     zeros = jnp.zeros((batch,), jnp.int32)
-    init = plan(_SpecState(
+    first = _SpecState(
         round=jnp.int32(0), last=token, out=out, lengths=jnp.ones((batch,), jnp.int32), done=done, cache=cache,
         source=state, accepted_ema=jnp.float32(0), rejected_ema=jnp.float32(0),
         stats=SpeculationStats(jnp.int32(0), jnp.int32(0), zeros, zeros), choice=jnp.int32(0), candidates=None,
         count=zeros,
-    ))
+    )
+    with unsplit_sequence():
+        init = plan(first)
     loop_key = None if key is None else jax.random.fold_in(key, 1)
 
     def counted(s: _SpecState, evidence: Evidence, decay: float) -> dict:
@@ -192,7 +201,8 @@ def speculative_loop(
         index = jnp.where(jnp.all(s.done), 0, jnp.where(s.choice == 0, 1, s.choice + 1))
         return lax.switch(index, branches, s)
 
-    final = lax.while_loop(cond, body, init)
+    with unsplit_sequence():  # past the prefill every sequence is short (module docstring)
+        final = lax.while_loop(cond, body, init)
     columns = jnp.arange(max_new_tokens)[None, :]
     tokens = jnp.where(columns < final.lengths[:, None], final.out[:, :max_new_tokens], pad_token_id)
     return tokens, final.lengths, final.stats
