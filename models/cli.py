@@ -4,7 +4,7 @@
                     [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
                     [--speculative lookup|MODEL_DIR [--draft-tokens K]]
     ssdkit eval     [--model DIR|default] --text FILE|DIR|python-stdlib:held-out [--tokenizer FILE]
-                    [--window 2048] [--batch 8] [--json F]
+                    [--encoding utf-8] [--errors strict] [--window 2048] [--batch 8] [--json F]
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
                     [--train [--train-lengths 512,2048] [--train-batch 1] [--remat none,layer]]
                     [--plot roofline.png]
@@ -153,10 +153,17 @@ def cmd_generate(args) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
     _checked_sampling(args)
-    if args.speculative is not None and args.mesh is not None:
-        raise CliError("--speculative runs on one device; drop --mesh")
+    if not -(2**63) <= args.seed < 2**63:  # jax.random.key's range
+        raise CliError(f"--seed must be an integer in -2**63..2**63-1, got {args.seed}")
     if args.draft_tokens is not None and args.speculative is None:
         raise CliError("--draft-tokens goes with --speculative lookup|MODEL_DIR")
+    if args.speculative is not None:  # the library's check of the draft length, before any model loads
+        import ssdkit
+
+        try:
+            ssdkit.Speculative(draft_tokens=_draft_tokens(args))
+        except ValueError as err:
+            raise CliError(str(err).replace("Speculative.draft_tokens", "--draft-tokens")) from None
     _initialize_distributed(args)
     _enable_compilation_cache()
     params, cfg, path, random_init = load_model(args.model, args.dtype, args.seed)
@@ -166,93 +173,129 @@ def cmd_generate(args) -> int:
         print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
     params, prompt, lengths, on_mesh = _on_mesh(args, params, cfg, ids)
     eos = text.eod_id(tokenizer) if tokenizer is not None else None
+    out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # noqa: SIM115 - one per process
     if args.speculative is not None:
-        return _generate_speculative(args, params, cfg, prompt, tokenizer, eos)
+        return _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out)
     t0 = time.perf_counter()
     stream = mamba2.generate_stream(
         params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, key=jax.random.key(args.seed), lengths=lengths,
     )
-    out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # noqa: SIM115 - one per process
     stamps: list[float] = []
+    compiling: list[float] = []  # seconds spent compiling by each stamp
     decoder = text.StreamDecoder(tokenizer) if tokenizer is not None else None
     if args.prompt is not None:
         out.write(args.prompt)
-    with on_mesh:
+    with on_mesh, _compile_clock() as compiled_for:
         for tokens in stream:
             tok = _first_row(tokens)
             stamps.append(time.perf_counter() - t0)
+            compiling.append(compiled_for())
             out.write(decoder.push(tok) if decoder is not None else f"{tok} ")
             out.flush()
             if eos is not None and tok == eos:
                 break
     out.write("\n")
-    # The first token includes prefill and its compilation, the second the decode step's compilation.
-    steady = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
-    print(f"[ssdkit] {len(stamps)} tokens; first after {stamps[0]:.2f} s (prefill + compile); "
-          f"{steady:.1f} tokens/s from the third token on", file=sys.stderr)
+    # The stream compiles its two programs (prefill + sample, decode step + sample) before the first token; the
+    # rate counts the decode steps after it, less any compilation after it.
+    decoding = stamps[-1] - stamps[0] - (compiling[-1] - compiling[0])
+    rate = f"{(len(stamps) - 1) / max(decoding, 1e-9):.1f} tokens/s after it" if len(stamps) > 1 else "no decode step"
+    print(f"[ssdkit] {len(stamps)} tokens; compiling {compiling[-1]:.2f} s (ahead of the first token, the prefill "
+          f"and decode programs); first token after {stamps[0]:.2f} s, compiling included; {rate}", file=sys.stderr)
     return 0
 
 
-def _generate_speculative(args, params, cfg, prompt, tokenizer, eos) -> int:
-    """``generate --speculative``: one compiled call, then the text, the acceptance rate and tokens/s."""
+@contextlib.contextmanager
+def _compile_clock():
+    """Within it: a function giving the seconds JAX has spent tracing, lowering and compiling programs since
+    the block began (``jax.monitoring``'s compile events)."""
+    from jax import monitoring
+
+    total = [0.0]
+
+    def listen(event: str, seconds: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            total[0] += seconds
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield lambda: total[0]
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+
+
+def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out) -> int:
+    """``generate --speculative``: the generation program compiled ahead (``mamba2.lower_generate``), then run
+    once; the text, the acceptance rate, the compile time and the generation's time apart."""
     import jax
 
     import ssdkit
     from ssdkit.models import mamba2, text
 
-    k = 8 if args.draft_tokens is None else args.draft_tokens
-    if not 1 <= k <= 64:
-        raise CliError(f"--draft-tokens must be in 1..64, got {k}")
+    k = _draft_tokens(args)
     draft_params = None
     if args.speculative == "lookup":
         draft = ssdkit.PromptLookup()
     else:
-        draft_params, draft_cfg, _, _ = load_model(args.speculative, args.dtype, args.seed)
+        try:
+            draft_params, draft_cfg, _, _ = load_model(args.speculative, args.dtype, args.seed)
+        except CliError as err:  # name the flag that gave the folder
+            message = str(err)
+            raise CliError(message.replace("--model", "--speculative", 1) if message.startswith("--model")
+                           else f"--speculative {args.speculative}: {message}") from None
         if draft_cfg.padded_vocab_size != cfg.padded_vocab_size:
             raise CliError(f"--speculative {args.speculative}: its vocabulary ({draft_cfg.padded_vocab_size} padded "
                            f"ids) differs from the model's ({cfg.padded_vocab_size}); a draft model needs the same")
         draft = ssdkit.DraftModel(mamba2.Mamba2LM(draft_cfg))
 
-    def run():
-        res = mamba2.generate(
+    with on_mesh:  # traced, compiled and run under the mesh, as mamba2.generate would be
+        t0 = time.perf_counter()
+        compiled = mamba2.lower_generate(
             params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, eos_token_id=eos, key=jax.random.key(args.seed),
+            top_p=args.top_p, eos_token_id=eos, lengths=lengths, key=jax.random.key(args.seed),
             speculative=ssdkit.Speculative(draft, draft_tokens=k), draft_params=draft_params,
-        )
+        ).compile()  # tracing includes the round costs' estimate
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = compiled()  # the one run: prefill and generation
         jax.block_until_ready(res.tokens)
-        return res
-
-    t0 = time.perf_counter()
-    res = run()  # compiles (and measures the round costs) once
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = run()  # the same call again, compiled: its time is the generation's
-    seconds = time.perf_counter() - t0
-    n = int(res.lengths[0])
-    ids = [int(t) for t in res.tokens[0, :n]]
+        seconds = time.perf_counter() - t0
+    n = int(_on_host(res.lengths)[0])
+    ids = [int(t) for t in _on_host(res.tokens)[0, :n]]
     if tokenizer is not None:
         decoder = text.StreamDecoder(tokenizer)
         body = "".join(decoder.push(t) for t in ids)
     else:
         body = "".join(f"{t} " for t in ids)
-    sys.stdout.write((args.prompt or "") + body + "\n")
-    stats = res.speculation
+    out.write((args.prompt or "") + body + "\n")
+    stats = res.speculation  # one row, wherever its shards live
+    drafted, accepted = (int(_on_host(a)[0]) for a in (stats.drafted, stats.accepted))
+    passes = int(_on_host(stats.passes)) + 1
     print(f"[ssdkit] {n} tokens; speculative ({args.speculative}, up to {k} drafts a round): "
-          f"{stats.acceptance_rate:.0%} of {int(stats.drafted[0])} drafted tokens accepted, "
-          f"{n / (int(stats.passes) + 1):.2f} tokens per weight pass ({int(stats.passes) + 1} passes, prefill "
-          f"included); {n / seconds:.1f} tokens/s with the prefill ({seconds * 1e3:.0f} ms; the first call, "
-          f"compiling, took {first:.1f} s)", file=sys.stderr)
+          f"{accepted / max(drafted, 1):.0%} of {drafted} drafted tokens accepted, "
+          f"{n / passes:.2f} tokens per weight pass ({passes} passes, prefill included); compiling {compile_s:.2f} s "
+          f"(ahead, once); generation {seconds * 1e3:.0f} ms, {n / seconds:.1f} tokens/s with the prefill",
+          file=sys.stderr)
     return 0
+
+
+def _draft_tokens(args) -> int:
+    """``--draft-tokens``, or its default."""
+    return 8 if args.draft_tokens is None else args.draft_tokens
 
 
 def _first_row(tokens) -> int:
     """Row 0 of a step's tokens, wherever its shards live (on several processes every one gets it)."""
-    if getattr(tokens, "is_fully_addressable", True):
-        return int(tokens[0])
+    return int(_on_host(tokens)[0])
+
+
+def _on_host(array):
+    """The whole ``array`` on this host, wherever its shards live (on several processes every one gets it)."""
+    if getattr(array, "is_fully_addressable", True):
+        return array
     from jax.experimental import multihost_utils
 
-    return int(multihost_utils.process_allgather(tokens, tiled=True)[0])
+    return multihost_utils.process_allgather(array, tiled=True)
 
 
 def _initialize_distributed(args) -> None:
@@ -272,7 +315,12 @@ def cmd_eval(args) -> int:
     if args.window < 1 or args.batch < 1:
         raise CliError(f"--window and --batch must be >= 1, got {args.window} and {args.batch}")
     try:
-        files = evaluation.text_files(args.text)
+        text.check_decoding(args.encoding, args.errors)
+    except ValueError as err:
+        raise CliError(str(err).replace("encoding must", "--encoding must").replace("errors must", "--errors must")
+                       ) from None
+    try:
+        files = evaluation.text_files(args.text, log=lambda line: print(f"[ssdkit] {line}", file=sys.stderr))
     except ValueError as err:
         raise CliError(str(err)) from None
     _enable_compilation_cache()
@@ -284,7 +332,7 @@ def cmd_eval(args) -> int:
             tokenizer = mamba2.load_tokenizer(path) if path is not None else None
             if tokenizer is None:
                 raise CliError(f"--model {args.model} has no tokenizer.json: give one with --tokenizer")
-        docs = evaluation.read_documents(files, tokenizer)
+        docs = evaluation.read_documents(files, tokenizer, encoding=args.encoding, errors=args.errors)
     except ValueError as err:
         raise CliError(str(err)) from None
     if random_init:
@@ -357,6 +405,13 @@ def cmd_bench(args) -> int:
     bad = [d for d in args.dtype.split(",") if d not in DTYPES]
     if bad:
         raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+    if args.plot:  # before minutes of measuring
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            from ssdkit.bench import BENCH_EXTRA_HINT
+
+            raise CliError(f"--plot needs matplotlib: {BENCH_EXTRA_HINT}")
     if args.train:
         from ssdkit.core.layers import REMAT_POLICIES
 
@@ -392,22 +447,34 @@ def cmd_train(args) -> int:
 
 
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
-    """One flag per TrainRunConfig field (``--seq-len`` for ``seq_len``); unset flags keep the config
-    file's value, then the field's default."""
+    """One flag per TrainRunConfig field (``--seq-len`` for ``seq_len``), grouped, with its line of
+    ``training.HELP``; unset flags keep the config file's value, then the field's default."""
 
-    from ssdkit.models.training import TrainRunConfig
+    from ssdkit.models.training import HELP, TrainRunConfig
 
-    t.add_argument("--config", default=None, help="a .toml or .json file with the same option names")
+    groups = {name: t.add_argument_group(name) for name in ("data", "model", "optimiser", "run", "mesh")}
+    groups["run"].add_argument("--config", default=None,
+                               help="a .toml or .json file with the same option names (flags given here win)")
     for f in dataclasses.fields(TrainRunConfig):
+        group, text = HELP[f.name]
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool",):
-            t.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"default {f.default}")
+            groups[group].add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                       help=text)
             continue
         kind = {"int": int, "float": float}.get(f.type, str)
-        t.add_argument(flag, dest=f.name, type=kind, default=None,
-                       help="required (here or in --config)" if f.default is dataclasses.MISSING else
-                       f"default {f.default}")
+        groups[group].add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
+                                   help=text + (" (required, here or in --config)"
+                                                if f.default is dataclasses.MISSING else ""))
+
+
+TRAIN_EXAMPLES = """examples:
+  a first run, about a minute on 2 cores (a small model on the Python standard library):
+    ssdkit train --data python-stdlib --out runs/first --steps 60 --d-model 64 --n-layer 2 \
+        --seq-len 256 --batch-size 4 --eval-every 30
+  the shipped model's recipe, about 70 minutes on 2 cores (resumable: rerun the same command):
+    ssdkit train --config configs/mamba2-stdlib-bytes.toml
+"""
 
 
 def _add_distributed_flag(p: argparse.ArgumentParser) -> None:
@@ -426,11 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate after the prompt (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p, in (0, 1] (default: all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (state stays float32)")
     g.add_argument("--speculative", default=None, metavar="lookup|MODEL_DIR",
                    help="decode speculatively: drafts from prompt lookup (n-grams of the prompt and the text so "
@@ -453,34 +521,47 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--remat", default="layer",
                    help="with --train: comma-separated remat policies: none, layer (ssdkit train's default), "
                         "matmuls")
-    b.add_argument("--prefill-lengths", default="128,512,2048")
-    b.add_argument("--prefill-batch", type=int, default=1)
-    b.add_argument("--decode-batches", default="1,16")
-    b.add_argument("--decode-steps", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--prefill-lengths", default="128,512,2048",
+                   help="comma-separated prompt lengths, in tokens, to time prefill at (default 128,512,2048)")
+    b.add_argument("--prefill-batch", type=int, default=1, help="rows per prefill (default 1)")
+    b.add_argument("--decode-batches", default="1,16", help="comma-separated batch sizes to time decoding at "
+                   "(default 1,16)")
+    b.add_argument("--decode-steps", type=int, default=32, help="decode steps per timed run (default 32)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per case; the median is reported (default 5)")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
-    b.add_argument("--plot", default=None, help="also write a roofline PNG here (needs matplotlib: ssdkit[bench])")
+    b.add_argument("--plot", default=None, help="also write a roofline PNG here (needs matplotlib: the bench extra)")
     b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="cross-entropy, perplexity and bits per byte over text files")
     e.add_argument("--model", default=None, help="checkpoint directory, or default: the shipped model (default)")
     e.add_argument("--text", required=True,
-                   help="a text file, a folder (every file, each a document), or python-stdlib:held-out")
+                   help="a text file, a folder (every text file, each a document; files with a NUL byte in their "
+                        "first 8 KiB are skipped), or python-stdlib:held-out")
     e.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model directory's)")
+    e.add_argument("--encoding", default="utf-8",
+                   help="how files are decoded for a text tokenizer (default utf-8; e.g. latin-1, cp1252); "
+                        "a byte-level model reads the bytes as they are")
+    e.add_argument("--errors", default="strict",
+                   help="undecodable bytes for a text tokenizer: strict (default) refuses the file, naming the "
+                        "byte offset; replace, ignore, backslashreplace decode anyway")
     e.add_argument("--window", type=int, default=2048, help="tokens per window (the result does not depend on it)")
     e.add_argument("--batch", type=int, default=8, help="rows of documents read side by side")
     e.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype")
-    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar on stderr (default on)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="prefill + decode of toy recurrences on the core, with timings")
-    d.add_argument("--prompt-len", type=int, default=512)
-    d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--prompt-len", type=int, default=512, help="tokens of random prompt to prefill (default 512)")
+    d.add_argument("--max-new-tokens", type=int, default=64, help="tokens to decode after it (default 64)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train Mamba-2 on a text file, a folder of text files or a .npy of ids")
+    t = sub.add_parser("train", help="train Mamba-2 on a text file, a folder of text files or a .npy of ids",
+                       description="Train Mamba-2 (or a toy recurrence) into --out; the same command resumes a "
+                                   "stopped run.", epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_flags(t)
     _add_distributed_flag(t)
     t.set_defaults(func=cmd_train)
@@ -495,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"ssdkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (what ssdkit train saved, if it says), the shell's 130
+        print(f"ssdkit {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ recurrence this is exact: no overlap, no truncated context, every target scored 
 does not depend on ``window`` or ``batch`` (tested). One compiled program serves every window.
 
 Figures: ``cross_entropy`` = Σ nll / targets (nats per token), ``perplexity`` = exp(cross_entropy),
-``bits_per_byte`` = Σ nll / (ln 2 · UTF-8 bytes of the texts). Every token after a document's first is a
+``bits_per_byte`` = Σ nll / (ln 2 · the files' sizes in bytes). Every token after a document's first is a
 target; with the byte tokenizer the first token is ``<|endoftext|>`` (a document boundary), so every byte
 and the end of the file are charged: ``bits_per_byte`` is then a code length, comparable with a
 compressor's output size.
@@ -36,7 +36,7 @@ class EvalResult:
 
     documents: int
     tokens: int  # targets scored
-    num_bytes: int  # UTF-8 bytes of the documents' texts
+    num_bytes: int  # bytes of the documents (a file's size)
     nll: float  # Σ -ln p(target), nats
     seconds: float
 
@@ -58,22 +58,29 @@ class EvalResult:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def text_files(spec: str | Path) -> list[Path]:
-    """The files to evaluate: a file, every file under a folder (sorted; hidden ones skipped), or a named
-    corpus part (``python-stdlib:held-out``, ``python-stdlib:train``, ``python-stdlib``)."""
+def text_files(spec: str | Path, *, log: Callable[[str], None] | None = None) -> list[Path]:
+    """The files to evaluate: a text file, the text files under a folder (``text.text_files_under``: sorted,
+    hidden ones and those that are not text skipped; ``log`` gets the counts), or a named corpus part
+    (``python-stdlib:held-out``, ``python-stdlib:train``, ``python-stdlib``). Nothing to read (a file that is
+    not text, a folder without text files, no bytes at all) is a ValueError naming it."""
     named = corpus.resolve(str(spec)) if not Path(spec).exists() else None
     if named is not None:
         stdlib, part = named
         return stdlib.paths(part)
     path = Path(spec)
     if path.is_file():
+        text.check_text_file(path)
+        if path.stat().st_size == 0:
+            raise ValueError(f"nothing to evaluate: {path} is empty")
         return [path]
-    if path.is_dir():
-        files = text.files_under(path)
-        if not files:
-            raise ValueError(f"no files under {path}")
-        return files
-    raise ValueError(f"{spec}: no such file or folder, and not a corpus ({', '.join(corpus.CORPORA)})")
+    if not path.is_dir():
+        raise ValueError(f"{spec}: no such file or folder, and not a corpus ({', '.join(corpus.CORPORA)})")
+    selection = text.text_files_under(path)
+    if all(f.stat().st_size == 0 for f in selection.taken):
+        raise ValueError(f"nothing to evaluate: the text files under {path} are all empty")
+    if log is not None:
+        log(selection.summary())
+    return selection.taken
 
 
 def evaluate(params, cfg: mamba2.Mamba2Config, docs: Iterable[Document], *, window: int = 2048, batch: int = 1,
@@ -128,12 +135,22 @@ def evaluate(params, cfg: mamba2.Mamba2Config, docs: Iterable[Document], *, wind
             nll_total, nll = nll_total + float(nll), jnp.zeros((), jnp.float32)
     if scored == 0 and n_docs == 0:
         raise ValueError("nothing to evaluate: no tokens")
+    if n_bytes == 0:
+        raise ValueError("nothing to evaluate: the documents hold no bytes (empty texts)")
     nll_total += float(nll)
     return EvalResult(documents=n_docs, tokens=scored, num_bytes=n_bytes, nll=nll_total,
                       seconds=time.perf_counter() - t0)
 
 
-def read_documents(files: Iterable[Path], tokenizer) -> Iterator[Document]:
-    """Each file as one document (UTF-8; undecodable bytes replaced), read when the caller asks for it."""
+def read_documents(files: Iterable[Path], tokenizer, *, encoding: str = "utf-8", errors: str = "strict"
+                   ) -> Iterator[Document]:
+    """Each file as one document, read when the caller asks for it: the byte tokenizer (or its
+    tokenizer.json, ``text.byte_level``) gets its bytes, another tokenizer.json its text decoded with
+    ``encoding``/``errors`` (strict: an undecodable file is a ValueError naming it and the byte offset).
+    ``num_bytes`` is the file's size; an empty file is a document of no bytes (the end-of-document token
+    alone, when the tokenizer has one)."""
+    text.check_decoding(encoding, errors)
+    tokenizer = text.byte_level(tokenizer)  # a byte model's tokenizer.json: read bytes
     for f in files:
-        yield text.encode_document(tokenizer, f.read_text(encoding="utf-8", errors="replace"))
+        docs = text.read_file_documents(f, tokenizer, encoding=encoding, errors=errors)
+        yield docs[0] if docs else text.encode_document(tokenizer, "")

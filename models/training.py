@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +38,60 @@ from ssdkit.training.data import ByteTokenizer, PackedRows, RowSampler, pack_doc
 from ssdkit.training.step import warmup_cosine
 
 MODEL_FLAGS = ("d_model", "n_layer", "d_state", "headdim", "chunk_size", "expand", "ngroups")
+#: (field, low, high, high included) for the float settings; the ones in POSITIVE exclude 0 too
+FLOAT_RANGES = (("lr", 0.0, 1.0, True), ("min_lr_ratio", 0.0, 1.0, True), ("weight_decay", 0.0, 1.0, True),
+                ("clip_norm", 0.0, math.inf, False), ("b1", 0.0, 1.0, False), ("b2", 0.0, 1.0, False),
+                ("held_out", 0.0, 1.0, False))
+POSITIVE = frozenset({"lr", "clip_norm"})
 ARCHS = ("mamba2", "retention", "gla")
+
+
+#: ``ssdkit train --help``: each TrainRunConfig field's group and one line (tests/test_training_cli.py checks
+#: that every field has one).
+HELP = {
+    "data": ("data", "a text file, a folder of text files (each a document), a .npy of token ids, or "
+                     "python-stdlib (the Python standard library's sources)"),
+    "tokenizer": ("data", "a tokenizer.json or a folder holding one (default: bytes, 257 ids)"),
+    "doc_separator": ("data", "split a single text file into documents at this string"),
+    "encoding": ("data", "with --tokenizer: how files are decoded to text (default utf-8); bytes are read as is"),
+    "errors": ("data", "with --tokenizer: undecodable bytes: strict (refuse, naming file and offset), replace, "
+                       "ignore"),
+    "held_out": ("data", "fraction of the documents held out for evaluation, in [0, 1) (default 0.05)"),
+    "arch": ("model", "mamba2, or a toy recurrence for comparisons: retention, gla"),
+    "model": ("model", "a Mamba-2 preset (130m, 370m, ...) instead of the shape flags"),
+    "init_from": ("model", "a checkpoint folder to start from (its weights and shape)"),
+    "d_model": ("model", "width of the residual stream (default 128)"),
+    "n_layer": ("model", "number of layers (default 2)"),
+    "d_state": ("model", "state size N per head (default 32)"),
+    "headdim": ("model", "channels per head P (default 32)"),
+    "chunk_size": ("model", "chunk length of the chunked scan, in tokens (default 64)"),
+    "expand": ("model", "inner width = expand x d_model (default 2)"),
+    "ngroups": ("model", "groups of heads sharing B and C (default 1)"),
+    "lr": ("optimiser", "peak learning rate, in (0, 1] (default 3e-3)"),
+    "warmup_steps": ("optimiser", "steps of linear warm-up from 0 (default 20)"),
+    "min_lr_ratio": ("optimiser", "final learning rate as a fraction of the peak, in [0, 1] (default 0.1)"),
+    "weight_decay": ("optimiser", "AdamW's decoupled weight decay on weight matrices, in [0, 1] (default 0.1)"),
+    "clip_norm": ("optimiser", "clip the gradient to this global L2 norm, > 0 (default 1.0)"),
+    "b1": ("optimiser", "Adam's first-moment decay, in [0, 1) (default 0.9)"),
+    "b2": ("optimiser", "Adam's second-moment decay, in [0, 1) (default 0.95)"),
+    "out": ("run", "the run's folder: checkpoints/, model/, log.jsonl, loss.png (default runs/mamba2)"),
+    "steps": ("run", "optimiser steps in all (default 200)"),
+    "seq_len": ("run", "tokens per row (default 256)"),
+    "batch_size": ("run", "rows per step (default 8)"),
+    "micro_batches": ("run", "split each batch into this many passes, gradients summed (default 1)"),
+    "compute_dtype": ("run", "float32 or bfloat16 matrix products (master weights stay float32)"),
+    "remat": ("run", "recompute in the backward pass: none, layer (default: 4x less memory, as fast on CPU), "
+                     "matmuls"),
+    "eval_every": ("run", "held-out loss every this many steps (default 50)"),
+    "eval_rows": ("run", "held-out rows per evaluation (default 64)"),
+    "save_every": ("run", "checkpoint and export every this many steps (default 100), and at the end"),
+    "keep": ("run", "checkpoints kept (default 3)"),
+    "seed": ("run", "seed of the weights, the held-out split and the batch order (default 0)"),
+    "progress": ("run", "a progress bar (default on)"),
+    "extend": ("run", "train a finished or stopped run beyond the --steps it began with, at its schedule's "
+                      "final learning rate"),
+    "mesh": ("mesh", "shard over the devices, e.g. data=4,fsdp=2 (axes data, fsdp, model, seq; docs/scaling.md)"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +102,8 @@ class TrainRunConfig:
     out: str = "runs/mamba2"
     tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None: UTF-8 bytes
     doc_separator: str | None = None  # split a single text file into documents at this string
+    encoding: str = "utf-8"  # with a tokenizer.json: how files are decoded to text (the byte tokenizer reads bytes)
+    errors: str = "strict"  # with a tokenizer.json: what undecodable bytes do (strict: refuse, naming file and offset)
     arch: str = "mamba2"  # mamba2, or a toy recurrence for comparisons: retention, gla (ssdkit.models.toy)
     model: str | None = None  # a preset ("130m", ...); None: a small model from the flags below
     init_from: str | None = None  # a checkpoint directory to continue from (weights and config)
@@ -76,6 +135,7 @@ class TrainRunConfig:
     keep: int = 3
     seed: int = 0
     progress: bool = True
+    extend: bool = False  # train a run further than the --steps it was started with (see _resume)
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "config") -> TrainRunConfig:
@@ -88,7 +148,10 @@ class TrainRunConfig:
             clean[name] = value
         if "data" not in clean:
             raise ValueError(f"{source}: the training data (data = PATH) is required")
-        return cls(**clean)
+        try:
+            return cls(**clean)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> dict:
@@ -105,20 +168,42 @@ class TrainRunConfig:
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from None
 
+    def _check_types(self) -> None:
+        """Each field's value has the field's type (a TOML or JSON file can hold anything): int fields take
+        ints, float fields ints or floats, str fields str (or None where the default is None)."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), f.type
+            if kind == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            elif kind == "int":
+                ok, want = isinstance(v, int) and not isinstance(v, bool), "an int"
+            elif kind == "float":
+                ok, want = isinstance(v, int | float) and not isinstance(v, bool), "a number"
+            else:
+                optional = kind.endswith("| None")
+                ok, want = isinstance(v, str) or (optional and v is None), "a string"
+            if not ok:
+                raise ValueError(f"{f.name} must be {want}, got {v!r} ({type(v).__name__})")
+
     def __post_init__(self):
+        self._check_types()
         for name in ("seq_len", "batch_size", "micro_batches", "steps", "eval_every", "eval_rows", "save_every",
                      "keep", *MODEL_FLAGS):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seq_len" else 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            if v < (2 if name == "seq_len" else 1):
+                raise ValueError(f"{name} must be an int >= {2 if name == 'seq_len' else 1}, got {v!r}")
+        if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        for name, lo, hi, closed in FLOAT_RANGES:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and lo <= v and (v <= hi if closed else v < hi)) or (name in POSITIVE and v <= 0):
+                bound = f"{'(' if name in POSITIVE else '['}{lo:g}, {hi:g}{']' if closed else ')'}"
+                raise ValueError(f"{name} must be a finite number in {bound}, got {v!r}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
-        if not 0 <= self.held_out < 1:
-            raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
+        text.check_decoding(self.encoding, self.errors)
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.mesh is not None:
@@ -148,29 +233,47 @@ class TrainSummary:
 
 
 # ------------------------------------------------------------------------------ data
-def _texts(path: Path, doc_separator: str | None) -> list[str]:
-    """One text per file of a folder (sorted by path), or a file's text (split at ``doc_separator``)."""
+def _file_documents(paths: list[Path], cfg: TrainRunConfig, tokenizer, separator: str | None = None
+                    ) -> list[Document]:
+    """The non-empty documents of ``paths`` (``text.read_file_documents``: bytes for the byte tokenizer, text
+    decoded per ``cfg.encoding``/``cfg.errors`` for a tokenizer.json)."""
+    return [doc for p in paths for doc in text.read_file_documents(p, tokenizer, encoding=cfg.encoding,
+                                                                   errors=cfg.errors, separator=separator)]
+
+
+def _texts(path: Path, cfg: TrainRunConfig, tokenizer, log: Callable[[str], None]) -> list[Document]:
+    """One document per text file of a folder (sorted by path; files that are not text skipped, the counts
+    logged), or a text file's (split at ``cfg.doc_separator``)."""
     if path.is_dir():
-        return [p.read_text(encoding="utf-8", errors="replace") for p in text.files_under(path)]
+        files = text.text_files_under(path)
+        log(f"[train] {files.summary()}")
+        return _file_documents(files.taken, cfg, tokenizer)
     if path.is_file():
-        whole = path.read_text(encoding="utf-8", errors="replace")
-        return whole.split(doc_separator) if doc_separator else [whole]
+        text.check_text_file(path)
+        return _file_documents([path], cfg, tokenizer, cfg.doc_separator)
     raise ValueError(f"training data {path} does not exist")
 
 
-def load_documents(cfg: TrainRunConfig, tokenizer) -> tuple[list[Document], list[Document], CorpusManifest | None]:
+def load_documents(cfg: TrainRunConfig, tokenizer, *, log: Callable[[str], None] | None = None
+                   ) -> tuple[list[Document], list[Document], CorpusManifest | None]:
     """The corpus as (training documents, held-out documents, the named corpus's manifest or None).
 
     A named corpus (``ssdkit.models.corpus``, e.g. ``python-stdlib``) is split by its own rule (a hash of each
     file's path, ``held_out`` of them); a folder or a file split at ``doc_separator`` by a seeded
-    permutation of its documents; a single document (a text or a ``.npy`` stream) by its tail."""
+    permutation of its documents; a single document (a text or a ``.npy`` stream) by its tail. Files are
+    read by ``ssdkit.models.text.read_file_documents`` (the byte tokenizer sees their bytes, all of them);
+    an empty corpus is a ValueError; ``log`` gets a folder's count of files taken and skipped."""
+    text.check_decoding(cfg.encoding, cfg.errors)
+    log = log or (lambda message: None)
+    if isinstance(tokenizer, ByteTokenizer) and (cfg.encoding, cfg.errors) != ("utf-8", "strict"):
+        log("[train] the byte tokenizer reads the files' bytes as they are: encoding and errors are not used")
     named = corpus.resolve(cfg.data, cfg.held_out) if cfg.held_out > 0 and not Path(cfg.data).exists() else None
     if named is not None:
         stdlib, part = named
         if part != "all":
             raise ValueError(f"train on {stdlib.name} (it holds out its own files), not {cfg.data}")
-        train = [text.encode_document(tokenizer, t) for t in stdlib.read("train") if t]
-        held = [text.encode_document(tokenizer, t) for t in stdlib.read("held-out") if t]
+        train = _file_documents(stdlib.paths("train"), cfg, tokenizer)
+        held = _file_documents(stdlib.paths("held-out"), cfg, tokenizer)
         return train, held, stdlib.manifest()
     path = Path(cfg.data)
     if path.suffix == ".npy" and path.is_file():
@@ -182,9 +285,9 @@ def load_documents(cfg: TrainRunConfig, tokenizer) -> tuple[list[Document], list
             raise ValueError(f"{path} must hold a 1-D integer array of token ids, got {ids.dtype} {ids.shape}")
         docs = [text.Document(ids.astype(np.int32), len(ids))]
     else:
-        docs = [text.encode_document(tokenizer, t) for t in _texts(path, cfg.doc_separator) if t]
+        docs = _texts(path, cfg, tokenizer, log)
     if not docs:
-        raise ValueError(f"no text in {path}")
+        raise ValueError(f"no text in {path}: " + ("its text files are all empty" if path.is_dir() else "empty"))
     if len(docs) >= 2:
         train_idx, held_idx = split_documents(len(docs), cfg.held_out, cfg.seed)
         return [docs[i] for i in train_idx], [docs[i] for i in held_idx], None
@@ -273,12 +376,12 @@ class _ToyFamily:
     @staticmethod
     def save(params, mcfg: ToyLM, folder: Path) -> None:
         """Safetensors, one tensor per PyTree path, and the config (toy.json)."""
-        from safetensors.numpy import save_file
+        from ssdkit.tensor_files import save_safetensors
 
         folder.mkdir(parents=True, exist_ok=True)
         flat = {jax.tree_util.keystr(path).lstrip("."): np.asarray(leaf)
                 for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-        save_file(flat, str(folder / "model.safetensors"))
+        save_safetensors(flat, folder / "model.safetensors")
         (folder / "toy.json").write_text(json.dumps({"mixer": type(mcfg.mixer).__name__,
                                                      **dataclasses.asdict(mcfg.cfg)}, indent=2) + "\n")
 
@@ -327,17 +430,91 @@ def _on_mesh(cfg: TrainRunConfig, mcfg, state, optimizer, log):
     return state, shardings, functools.partial(sharding.place, mesh=mesh, specs=batch_spec)
 
 
-def _resume(cfg: TrainRunConfig, checkpointer, state, log):
-    """The newest complete checkpoint's state if there is one (refusing one of another run): (state, its step)."""
+#: Settings a resumed run may change: where and how it runs, not what it computes (``data`` is checked by
+#: its contents; ``steps`` by the rule of :func:`_plan`).
+RESUME_FREE = frozenset({"data", "out", "mesh", "remat", "eval_every", "eval_rows", "save_every", "keep", "progress",
+                         "steps", "extend"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the checkpoints in ``out`` say about this call: resume from ``step`` (None: start afresh), the
+    learning-rate schedule's length, and the run's totals so far (``meta``: the checkpoint's record)."""
+
+    step: int | None
+    schedule_steps: int
+    meta: dict
+
+
+def _settings(cfg: TrainRunConfig) -> dict:
+    """The settings a checkpoint records and a resumed run must repeat."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+
+
+def _fingerprint(train_rows: PackedRows, held_rows: PackedRows | None) -> str:
+    """SHA-256 of the packed training and held-out rows: the data as the run reads it."""
+    h = hashlib.sha256()
+    for rows in (train_rows, held_rows):
+        if rows is not None:
+            h.update(np.ascontiguousarray(rows.tokens).tobytes())
+            h.update(np.ascontiguousarray(rows.segment_ids).tobytes())
+    return h.hexdigest()
+
+
+def _plan(cfg: TrainRunConfig, checkpointer, fingerprint: str) -> _Plan:
+    """Resume from the newest complete checkpoint when there is one, refusing one of another run.
+
+    A checkpoint records the run's settings (:func:`_settings`), its data's fingerprint, its ``--steps`` and
+    its schedule's length. Any difference is refused by name. ``--steps`` may only change with ``--extend``,
+    which trains further than the run was planned: the learning-rate schedule keeps its length, so the added
+    steps run at its final rate (``min_lr_ratio · lr``), with no jump."""
+    where = Path(cfg.out) / "checkpoints"
     step = checkpointer.latest_step()
     if step is None:
-        return state, None
-    state, meta = checkpointer.restore(state)
-    if meta.get("seed") != cfg.seed or meta.get("batch_size") != cfg.batch_size:
-        raise ValueError(f"{Path(cfg.out) / 'checkpoints'} was written by a run with another seed or batch size "
-                         f"({meta}); use another --out or the same options")
-    log(f"[train] resuming from step {step} in {Path(cfg.out) / 'checkpoints'}")
-    return state, step
+        if cfg.extend:
+            raise ValueError(f"--extend: no checkpoint in {where} to extend")
+        return _Plan(None, cfg.steps, {})
+    meta = checkpointer.meta(step)
+    if "settings" not in meta:  # written before runs recorded their settings
+        if meta.get("seed") != cfg.seed or meta.get("batch_size") != cfg.batch_size:
+            raise ValueError(f"{where} was written by a run with another seed or batch size; use another --out "
+                             f"or the same options")
+        return _Plan(step, cfg.steps, meta)
+    recorded = meta["settings"]
+    differ = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in _settings(cfg).items() if recorded.get(k) != v]
+    if meta.get("data") != fingerprint:
+        differ.append(f"the data ({cfg.data} packs to other rows)")
+    if differ:
+        raise ValueError(f"{where} holds a run with other settings: {'; '.join(differ)}. Resume it with its own "
+                         f"settings, or give another --out to start afresh")
+    planned = meta["steps"]
+    if cfg.steps != planned and not cfg.extend:
+        raise ValueError(f"{where} holds a run of {planned} steps (at step {step}): --steps {cfg.steps} would change "
+                         f"its learning-rate schedule. Add --extend to train it further at the schedule's final "
+                         f"rate, or give another --out to start afresh")
+    if cfg.extend and cfg.steps <= step:
+        raise ValueError(f"--extend: --steps {cfg.steps} must be above the run's step {step} in {where}")
+    return _Plan(step, meta["schedule_steps"], meta)
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` is a folder, or can be made one (checked before anything is read or written)."""
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: no permission to write in it")
+        return
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"--out {out} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot be created: no permission to write in {parent}")
+
+
+def _json_number(x: float) -> float | None:
+    """``x``, or None (JSON's null) where it is NaN or infinite: every line of log.jsonl is standard JSON."""
+    return x if math.isfinite(x) else None
 
 
 def _export(cfg: TrainRunConfig, params, mcfg, step: int, *, tokenizer, tokenizer_file, record: dict) -> None:
@@ -366,8 +543,32 @@ def _gathered(params):
     return multihost_utils.process_allgather(params, tiled=True)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says where the next run resumes."""
+
+
+@dataclasses.dataclass
+class _Interrupt:
+    """SIGINT while training: the first asks the loop to stop after the step it is in (then it saves a
+    checkpoint); a second stops at once (the newest checkpoint stays the resume point)."""
+
+    asked: bool = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+
 def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSummary:
     """Run (or resume) a training run into ``cfg.out``; returns the summary.
+
+    Resuming: the newest complete checkpoint in ``out/checkpoints``, when its recorded settings and data
+    match (:func:`_plan`). ``log.jsonl``'s ``tokens`` and ``seconds`` count the whole run, across resumes
+    (``seconds``: time spent training, compilation excluded). Ctrl-C (in the main thread) stops after the
+    current step, saves a checkpoint and raises :class:`TrainingInterrupted`; a second Ctrl-C stops at once.
+    Weights that become non-finite (a learning-rate schedule gone NaN) stop the run before anything is
+    saved (ValueError).
 
     On several processes (after ``jax.distributed.initialize``, with ``cfg.mesh`` over all their devices)
     every process runs this same call on the same data; checkpoints are written by all of them (each its
@@ -379,89 +580,149 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         log = _quiet
 
     out = Path(cfg.out)
+    _check_out(out)
     tokenizer, tokenizer_file = text.load(cfg.tokenizer)
-    train_docs, held_docs, manifest = load_documents(cfg, tokenizer)
+    train_docs, held_docs, manifest = load_documents(cfg, tokenizer, log=log)
     train_rows, held_rows = prepare_data(cfg, train_docs, held_docs)
+    fingerprint = _fingerprint(train_rows, held_rows)
+    checkpointer = TrainCheckpointer(out / "checkpoints", keep=cfg.keep)
+    plan = _plan(cfg, checkpointer, fingerprint)
+    run_log = out / "log.jsonl"
+    if plan.step is not None and plan.step >= cfg.steps:
+        checkpointer.close()
+        return _finished(cfg, plan, run_log, log)
+
     params, mcfg = _model(cfg, text.vocab_size(tokenizer))
     _check_vocab(train_rows, mcfg)
     sampler = RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
-
-    warmup = min(cfg.warmup_steps, cfg.steps - 1)
-    optimizer = ssdkit.adamw(cfg.lr, total_steps=cfg.steps, warmup_steps=warmup,
+    warmup = min(cfg.warmup_steps, plan.schedule_steps - 1)
+    optimizer = ssdkit.adamw(cfg.lr, total_steps=plan.schedule_steps, warmup_steps=warmup,
                              min_lr_ratio=cfg.min_lr_ratio, b1=cfg.b1, b2=cfg.b2,
                              weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-    schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=cfg.steps, min_ratio=cfg.min_lr_ratio)
+    schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=plan.schedule_steps,
+                             min_ratio=cfg.min_lr_ratio)
     state = ssdkit.TrainState.create(params, optimizer)
     shardings, put_batch = None, jnp.asarray
     if cfg.mesh is not None:  # parameters, optimiser state and batches on the mesh (ssdkit.models.mamba2.sharding)
         state, shardings, put_batch = _on_mesh(cfg, mcfg, state, optimizer, log)
-    step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
-                        compute_dtype=cfg.compute_dtype, shardings=shardings)
-
-    checkpointer = TrainCheckpointer(out / "checkpoints", keep=cfg.keep)
-    state, resumed_from = _resume(cfg, checkpointer, state, log)
+    if plan.step is not None:
+        state, _ = checkpointer.restore(state, plan.step)
+        log(f"[train] resuming from step {plan.step} in {out / 'checkpoints'}"
+            + (f" (extended from {plan.meta['steps']} to {cfg.steps} steps)" if cfg.extend else ""))
     start = int(state.step)
 
     out.mkdir(parents=True, exist_ok=True)
-    run_log = out / "log.jsonl"
-    if primary and resumed_from is None and run_log.exists():
-        run_log.unlink()
+    if primary:  # the log holds the steps up to the resume point (a killed run may have logged more)
+        kept = [] if plan.step is None or not run_log.exists() else [
+            line for line in run_log.read_text().splitlines() if json.loads(line)["step"] <= start]
+        run_log.write_text("".join(line + "\n" for line in kept))
     record = {"train_tokens": train_rows.tokens.size,
               "held_out_tokens": 0 if held_rows is None else held_rows.tokens.size,
               "corpus": None if manifest is None else manifest.to_dict(), "jax": jax.__version__}
+    tokens_before, seconds_before = plan.meta.get("tokens", 0), plan.meta.get("seconds", 0.0)
 
-    def export():
+    def batch_at(step):
+        idx = sampler.indices(step)
+        return put_batch(train_rows.tokens[idx]), put_batch(train_rows.segment_ids[idx])
+
+    log("[train] compiling the train step...")
+    t = time.perf_counter()
+    step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
+                        compute_dtype=cfg.compute_dtype, shardings=shardings).lower(state, batch_at(start)).compile()
+    log(f"[train] compiled in {time.perf_counter() - t:.1f} s")
+
+    def save(done):
+        meta = {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": done, "settings": _settings(cfg),
+                "data": fingerprint, "steps": cfg.steps, "schedule_steps": plan.schedule_steps,
+                "tokens": tokens_before + tokens_seen, "seconds": round(seconds_before + elapsed, 3),
+                "skipped": int(state.skipped)}
+        checkpointer.save(done, state, meta)
         params = _gathered(state.params)  # every process takes part, process 0 writes
         if primary:
-            _export(cfg, params, mcfg, int(state.step), tokenizer=tokenizer, tokenizer_file=tokenizer_file,
-                    record=record)
+            _export(cfg, params, mcfg, done, tokenizer=tokenizer, tokenizer_file=tokenizer_file, record=record)
 
     progress = _progress(cfg if primary else dataclasses.replace(cfg, progress=False), start)
     if cfg.progress and log is print:  # keep the bar intact
         from tqdm import tqdm
 
         log = tqdm.write
-    t0, tokens_seen, loss = time.perf_counter(), 0, float("nan")
+    interrupt = _Interrupt()
+    handler = threading.current_thread() is threading.main_thread() and jax.process_count() == 1
+    previous = signal.signal(signal.SIGINT, interrupt) if handler else None
+    t0, tokens_seen, elapsed, loss, saved = time.perf_counter(), 0, 0.0, float("nan"), plan.step
     held_loss = held_bpb = None
-    for step in range(start, cfg.steps):
-        idx = sampler.indices(step)
-        batch = (put_batch(train_rows.tokens[idx]), put_batch(train_rows.segment_ids[idx]))
-        state, m = step_fn(state, batch)
-        loss, tokens_seen = float(m.loss), tokens_seen + int(batch[0].size)
-        elapsed = time.perf_counter() - t0
-        rate = tokens_seen / max(elapsed, 1e-9)
-        progress(step + 1, {"loss": f"{loss:.4f}", "lr": f"{float(schedule(step)):.2e}", "tok/s": f"{rate:,.0f}"})
-        done = step + 1
-        entry = {"step": done, "loss": loss, "lr": float(schedule(step)), "seconds": round(elapsed, 3),
-                 "tokens": tokens_seen}
-        if held_rows is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-            held_loss, held_bpb = evaluate(state.params, mcfg, held_rows, batch_size=cfg.batch_size,
-                                           max_rows=cfg.eval_rows)
-            entry.update(held_out_loss=held_loss, held_out_bits_per_byte=held_bpb)
-            log(f"[train] step {done}: held-out loss {held_loss:.4f} nats/token, {held_bpb:.4f} bits/byte")
-        if primary:
-            with run_log.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            checkpointer.save(done, state, {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": done})
-            export()
-    progress(None, None)
-    checkpointer.close()
-    if start >= cfg.steps:
-        export()
+    try:
+        for step in range(start, cfg.steps):
+            batch = batch_at(step)
+            state, m = step_fn(state, batch)
+            loss, tokens_seen = float(m.loss), tokens_seen + int(batch[0].size)
+            done, elapsed = step + 1, time.perf_counter() - t0
+            if not bool(m.params_finite):
+                raise ValueError(f"step {done}: the weights became non-finite (NaN or Inf; learning rate "
+                                 f"{float(schedule(step)):g}); stopped without saving: "
+                                 + _resume_point(saved, out))
+            progress(done, {"loss": f"{loss:.4f}", "lr": f"{float(schedule(step)):.2e}",
+                            "tok/s": f"{tokens_seen / max(elapsed, 1e-9):,.0f}"})
+            entry = {"step": done, "loss": _json_number(loss), "lr": float(schedule(step)),
+                     "tokens": tokens_before + tokens_seen, "seconds": round(seconds_before + elapsed, 3)}
+            if held_rows is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                held_loss, held_bpb = evaluate(state.params, mcfg, held_rows, batch_size=cfg.batch_size,
+                                               max_rows=cfg.eval_rows)
+                entry.update(held_out_loss=_json_number(held_loss), held_out_bits_per_byte=_json_number(held_bpb))
+                log(f"[train] step {done}: held-out loss {held_loss:.4f} nats/token, {held_bpb:.4f} bits/byte")
+            if primary:
+                with run_log.open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            if done % cfg.save_every == 0 or done == cfg.steps or interrupt.asked:
+                save(done)
+                saved = done
+            if interrupt.asked and done < cfg.steps:
+                raise TrainingInterrupted(f"interrupted after step {done}: {_resume_point(saved, out)}")
+    except KeyboardInterrupt as err:
+        if isinstance(err, TrainingInterrupted):
+            raise
+        raise TrainingInterrupted(f"interrupted: {_resume_point(saved, out)}") from None
+    finally:
+        if handler:
+            signal.signal(signal.SIGINT, previous)
+        progress(None, None)
+        checkpointer.close()
     try:
         if primary:
             plot_log(run_log, out / "loss.png")
     except ImportError:
-        log("[train] matplotlib is not installed (pip install ssdkit[bench]): no loss.png")
-    summary = TrainSummary(steps=cfg.steps, tokens=tokens_seen, seconds=time.perf_counter() - t0, train_loss=loss,
-                           held_out_loss=held_loss, held_out_bits_per_byte=held_bpb, skipped=int(state.skipped),
-                           resumed_from=resumed_from)
-    log(f"[train] done: {summary.steps} steps, {summary.tokens:,} tokens this run in {summary.seconds:.1f} s; "
+        from ssdkit.bench import BENCH_EXTRA_HINT
+
+        log(f"[train] matplotlib is not installed ({BENCH_EXTRA_HINT}): no loss.png")
+    summary = TrainSummary(steps=cfg.steps, tokens=tokens_before + tokens_seen, seconds=seconds_before + elapsed,
+                           train_loss=loss, held_out_loss=held_loss, held_out_bits_per_byte=held_bpb,
+                           skipped=int(state.skipped), resumed_from=plan.step)
+    log(f"[train] done: {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.1f} s of training; "
         f"train loss {loss:.4f}" + ("" if held_loss is None else
                                     f", held-out loss {held_loss:.4f}, {held_bpb:.4f} bits/byte")
         + f"; {summary.skipped} non-finite steps skipped; weights in {out / 'model'}")
     return summary
+
+
+def _resume_point(saved: int | None, out: Path) -> str:
+    """Where the next run with the same command starts."""
+    if saved is None:
+        return f"no checkpoint yet, so the same command starts {out} afresh"
+    return f"the same command resumes from the checkpoint of step {saved} in {out / 'checkpoints'}"
+
+
+def _finished(cfg: TrainRunConfig, plan: _Plan, run_log: Path, log) -> TrainSummary:
+    """A run already at its last step: say so, and report its last figures (log.jsonl)."""
+    entries = [json.loads(line) for line in run_log.read_text().splitlines()] if run_log.exists() else []
+    last = entries[-1] if entries else {}
+    held = next((e for e in reversed(entries) if e.get("held_out_loss") is not None), {})
+    log(f"[train] {cfg.out} already finished its {plan.step} steps: nothing to train (a larger --steps with "
+        f"--extend trains it further; the weights are in {Path(cfg.out) / 'model'})")
+    return TrainSummary(steps=plan.step, tokens=plan.meta.get("tokens", 0), seconds=plan.meta.get("seconds", 0.0),
+                        train_loss=last.get("loss") if last.get("loss") is not None else float("nan"),
+                        held_out_loss=held.get("held_out_loss"),
+                        held_out_bits_per_byte=held.get("held_out_bits_per_byte"), skipped=plan.meta.get("skipped", 0),
+                        resumed_from=plan.step)
 
 
 def _quiet(message: str) -> None:

@@ -110,18 +110,21 @@ class RooflinePoint:
     intensity: float
 
 
+BENCH_EXTRA_HINT = "pip install 'ssdkit[bench]', or from a clone: pip install -e '.[bench]'"  # matplotlib
+
+
 def plot_roofline(ceilings: Sequence[Ceilings], points: Sequence[RooflinePoint], path: str | Path, *,
                   title: str = "") -> Path:
     """Write a log-log roofline PNG: for each measured ceiling the roof ``min(peak, bandwidth · intensity)``,
     and every point as achieved FLOP/s at its intensity, one marker colour per implementation.
 
-    Needs matplotlib (``pip install 'ssdkit[bench]'``); uses its object API (no pyplot global state).
+    Needs matplotlib (:data:`BENCH_EXTRA_HINT`); uses its object API (no pyplot global state).
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting the roofline needs matplotlib: pip install 'ssdkit[bench]'") from err
+        raise ImportError(f"plotting the roofline needs matplotlib: {BENCH_EXTRA_HINT}") from err
     if not ceilings:
         raise ValueError("plot_roofline needs at least one measured Ceilings")
     lo = min([0.1, *(p.intensity / 3 for p in points)])

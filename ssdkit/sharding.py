@@ -61,8 +61,12 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, *, devices: Sequence
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {', '.join(MESH_AXES)}")
     dims = tuple(int(sizes.get(a, 1)) for a in MESH_AXES)
     if math.prod(dims) != len(devices):
+        hint = ""
+        if all(d.platform == "cpu" for d in devices):
+            hint = (f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(dims)} set before "
+                    f"JAX starts gives that many host devices")
         raise ValueError(f"mesh {dict(zip(MESH_AXES, dims, strict=True))} has {math.prod(dims)} devices, but "
-                         f"{len(devices)} are given")
+                         f"{len(devices)} are given{hint}")
     return Mesh(np.asarray(devices, dtype=object).reshape(dims), MESH_AXES)
 
 

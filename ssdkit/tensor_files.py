@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import pickletools
 import reprlib
@@ -431,3 +432,19 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | Path, *,
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    # safetensors writes through a private (0600) temporary file: give the file the mode its siblings get
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where there is one: setting it, even back, is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -46,25 +49,64 @@ def _cli_cache(monkeypatch):
     yield from cli_on_the_suite_cache(monkeypatch)
 
 
-def test_generate_with_prompt_ids_and_speculative(ckpt, tmp_path, capsys):
+def _count_generation(monkeypatch) -> collections.Counter:
+    """Counts, as ``ssdkit generate`` runs: the speculative generation program's jitted calls ("call") and
+    lowerings ("lower"), runs of a compiled generation program ("run"), and the stream's prefill calls
+    ("prefill")."""
+    from ssdkit.inference import loop
+
+    counts = collections.Counter()
+    program, run, prefill = loop.generate_speculative, loop.CompiledGeneration.__call__, loop._stream_first
+
+    class Counted:
+        def __call__(self, *args, **kwargs):
+            counts["call"] += 1
+            return program(*args, **kwargs)
+
+        def lower(self, *args, **kwargs):
+            counts["lower"] += 1
+            return program.lower(*args, **kwargs)
+
+    def counted_run(self):
+        counts["run"] += 1
+        return run(self)
+
+    def counted_prefill(*args, **kwargs):
+        counts["prefill"] += 1
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "generate_speculative", Counted())
+    monkeypatch.setattr(loop.CompiledGeneration, "__call__", counted_run)
+    monkeypatch.setattr(loop, "_stream_first", counted_prefill)
+    return counts
+
+
+def test_generate_with_prompt_ids_and_speculative(ckpt, tmp_path, capsys, monkeypatch):
     """Plain greedy and sampled generation from --prompt-ids; then --speculative lookup and --speculative DIR
     (the checkpoint drafting for itself): plain greedy's tokens (one compiled program each, so equal
-    barring a near tie: none at these 12 steps), and the report."""
+    barring a near tie: none at these 12 steps), and the report. Each generation runs once: the speculative
+    program is lowered and compiled ahead, then run once (never called through jit, which would compile it
+    in the call); compile time and run time are reported apart."""
+    counts = _count_generation(monkeypatch)
     args = ["generate", "--model", str(ckpt), "--prompt-ids", PROMPT, "--max-new-tokens", NEW]
     assert main(args) == 0
     out = capsys.readouterr()
     plain = out.out.split()
     ids = [int(t) for t in plain]
     assert len(ids) == int(NEW) and all(0 <= i < CFG.padded_vocab_size for i in ids)
-    assert "tokens/s" in out.err
+    assert re.search(r"compiling \d+\.\d+ s .*; first token after \d+\.\d+ s.*; \d+\.\d tokens/s after it", out.err)
+    assert counts == {"prefill": 1}, counts
     assert main([*args, "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--seed", "3",
                  "--dtype", "bfloat16"]) == 0
     assert len(capsys.readouterr().out.split()) == int(NEW)
     for draft in ("lookup", str(ckpt)):
+        counts.clear()
         assert main([*args, "--speculative", draft, "--draft-tokens", "2"]) == 0
         out = capsys.readouterr()
         assert out.out.split() == plain
         assert "drafted tokens accepted" in out.err and "tokens per weight pass" in out.err
+        assert re.search(r"compiling \d+\.\d+ s \(ahead, once\); generation \d+ ms, \d+\.\d tokens/s", out.err), out.err
+        assert counts == {"lower": 1, "run": 1}, counts
     # a draft checkpoint of another vocabulary (weights never read: the check comes first)
     other = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=70, d_state=8, headdim=16, chunk_size=8)
     zeros = jax.tree_util.tree_map(lambda t: np.zeros(t.shape, t.dtype),
@@ -72,9 +114,12 @@ def test_generate_with_prompt_ids_and_speculative(ckpt, tmp_path, capsys):
     mamba2.save_checkpoint(zeros, other, tmp_path / "other")
     for extra, message in ((["--speculative", str(tmp_path / "other")], "differs from the model's"),
                            (["--draft-tokens", "3"], "goes with --speculative"),
-                           (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens must be in")):
+                           (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens must be an integer in"),
+                           (["--speculative", str(tmp_path / "none")], f"--speculative {tmp_path / 'none'}: no such"),
+                           (["--seed", str(2**64)], "--seed must be an integer in")):
         assert main([*args, *extra]) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.count("\n") == 0, err
 
 
 def test_generate_with_text_prompt(ckpt_with_tokenizer, capsys):

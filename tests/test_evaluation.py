@@ -161,3 +161,85 @@ def test_out_of_range_ids_are_refused(params):
         evaluation.evaluate(params, CFG, [bad])
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluation.evaluate(params, CFG, [])
+
+
+# ------------------------------------------------------------------ the bytes of the files (issue 23, items 1, 2)
+LATIN1 = ("caf\xe9 na\xefve r\xe9sum\xe9\n" * 2).encode("latin-1")  # not UTF-8: é, ï are single bytes
+
+
+def _one_line_error(capsys, *words) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("ssdkit eval: error:") and all(w in err for w in words), err
+    return err
+
+
+def _binary_files(folder):
+    """A compiled module and an image: not text (a NUL byte in their first bytes), skipped in folders."""
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00\x00\x00\x00" + bytes(range(256)))
+    (folder / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(40))
+
+
+def test_eval_cli_counts_the_real_bytes_of_a_latin1_file_and_skips_binaries(model, params, tmp_path, capsys):
+    """The byte model reads the file's bytes: its byte count and bits per byte are over its real size, and its
+    ids are the bytes (the same nll as the bytes scored directly); a folder's binary files are skipped."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "l1.txt").write_bytes(LATIN1)
+    _binary_files(folder)
+    out = tmp_path / "result.json"
+    with _jax_cache_config_kept():  # the programs of test_eval_cli_on_a_tiny_file_equals_forward (window 5, 8 rows)
+        assert main(["eval", "--model", str(model[2]), "--text", str(folder), "--window", "5", "--no-progress",
+                     "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "1 files, 36 bytes" in captured.out and "1 text files taken, 2 skipped" in captured.err
+    got = json.loads(out.read_text())
+    assert got["num_bytes"] == len(LATIN1) == 36 and got["tokens"] == len(LATIN1) + 1 and got["documents"] == 1
+    direct = evaluation.evaluate(params, model[1], [text.encode_document(ByteTokenizer(), LATIN1)], window=5, batch=8)
+    assert direct.num_bytes == len(LATIN1)
+    np.testing.assert_allclose(got["nll"], direct.nll, rtol=1e-6)
+    np.testing.assert_allclose(got["bits_per_byte"], direct.nll / math.log(2) / len(LATIN1), rtol=1e-6)
+
+
+def test_a_text_tokenizer_refuses_undecodable_bytes_or_decodes_as_told(model, tmp_path, capsys):
+    """A tokenizer.json that is not the byte tokenizer's needs text: strict UTF-8 refuses the file (its name
+    and the byte offset, pointing at --encoding/--errors); --encoding latin-1 reads it, over its real size."""
+    desc = ByteTokenizer.tokenizers_json()
+    desc["normalizer"] = {"type": "NFC"}  # another tokenizer (the same ids here), not the byte one
+    (tmp_path / "tokenizer.json").write_text(json.dumps(desc))
+    (tmp_path / "l1.txt").write_bytes(LATIN1)
+    assert isinstance(text.load(tmp_path)[0], Tokenizer)
+    args = ["eval", "--model", str(model[2]), "--tokenizer", str(tmp_path / "tokenizer.json"),
+            "--text", str(tmp_path / "l1.txt"), "--window", "5", "--no-progress"]
+    with _jax_cache_config_kept():
+        assert main(args) == 2
+        _one_line_error(capsys, "l1.txt", "byte 3", "not valid utf-8", "--encoding", "--errors")
+        assert main([*args, "--encoding", "latin-1", "--json", str(tmp_path / "r.json")]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["num_bytes"] == len(LATIN1)  # the file's size, not its UTF-8 text's (é, ï: 2 bytes each)
+    assert got["tokens"] == len(LATIN1.decode("latin-1").encode()) + 1  # byte-level BPE of the decoded text
+
+
+@pytest.mark.parametrize("setup,args,words", [
+    (lambda d: (d / "empty.txt").write_bytes(b""), ["--text", "{d}/empty.txt"], ["nothing to evaluate", "empty"]),
+    (lambda d: ((d / "a.txt").write_bytes(b""), (d / "b.txt").write_bytes(b""), _binary_files(d)), ["--text", "{d}"],
+     ["nothing to evaluate", "all empty"]),
+    (_binary_files, ["--text", "{d}"], ["no text files under", "2 files skipped"]),
+    (_binary_files, ["--text", "{d}/logo.png"], ["logo.png is not a text file", "NUL byte at offset 8"]),
+    (lambda d: None, ["--text", "{d}", "--encoding", "utf-9"], ["--encoding must be a text codec", "utf-9"]),
+    (lambda d: None, ["--text", "{d}", "--errors", "xmlcharrefreplace"], ["--errors must be one of", "strict"]),
+])
+def test_eval_cli_refuses_input_with_nothing_to_measure(tmp_path, capsys, setup, args, words):
+    """Before any model loads: one line, exit 2."""
+    setup(tmp_path)
+    assert main(["eval", *[a.replace("{d}", str(tmp_path)) for a in args], "--no-progress"]) == 2
+    _one_line_error(capsys, *words)
+
+
+def test_documents_of_no_bytes_are_refused(model, params):
+    """evaluate() itself: documents holding no bytes (empty files: <|endoftext|> twice) give no bits per byte."""
+    empty = text.encode_document(ByteTokenizer(), b"")
+    assert empty.ids.tolist() == [256, 256] and empty.num_bytes == 0
+    with pytest.raises(ValueError, match="no bytes"):
+        evaluation.evaluate(params, model[1], [empty, empty], window=5, batch=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+import ssdkit
 from ssdkit.models import bench, mamba2, training
 from ssdkit.models.toy import gla, retention
 from ssdkit.models.toy.lm import ToyConfig, ToyLM
@@ -85,6 +87,32 @@ def test_non_finite_loss_skips_the_update_and_is_counted(params):
     assert int(state.skipped) == 1 and int(state.step) == 3
     assert not np.array_equal(state.params.norm_f, params.norm_f) or not np.array_equal(
         state.params.layers.in_proj_heads, params.layers.in_proj_heads)
+
+
+def test_a_non_finite_learning_rate_is_reported_by_the_step(params):
+    """Finite gradients with a learning rate a schedule made NaN: the new weights are NaN, and the step
+    says so (``params_finite``) so that a loop can stop before saving them; finite steps say True."""
+    optimizer = ssdkit.adamw(lambda count: jnp.where(count >= 1, jnp.nan, 1e-3))
+    step = training.make_step(CFG, optimizer)
+    state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)
+    state, m = step(state, _batch())
+    assert bool(m.finite) and bool(m.params_finite)
+    state, m = step(state, _batch())
+    assert bool(m.finite) and not bool(m.params_finite)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0, got nan"),
+    ({"learning_rate": -1e-3}, "learning_rate must be a finite number > 0"),
+    ({"b2": 1.0}, "b2 must be a finite number in [0, 1), got 1.0"),
+    ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
+    ({"clip_norm": 0.0}, "clip_norm must be a finite number > 0"),
+    ({"min_lr_ratio": 2.0}, "min_lr_ratio must be a finite number in [0, 1]"),
+    ({"eps": 0.0}, "eps must be a finite number > 0"),
+])
+def test_adamw_refuses_impossible_settings(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ssdkit.adamw(**kwargs)
 
 
 def test_remat_policies_give_the_same_gradient(params):

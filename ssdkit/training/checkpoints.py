@@ -217,6 +217,15 @@ class TrainCheckpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return restored.state, dict(restored.meta)
 
+    def meta(self, step: int | None = None) -> dict[str, JSON]:
+        """Checkpoint ``step``'s ``meta`` alone (default: :meth:`latest_step`'s), without its state."""
+        steps = self.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' for step {step}'} in "
+                                    f"{self.directory}")
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
     # -- lifetime ------------------------------------------------------------------------------------
 
     def close(self) -> None:

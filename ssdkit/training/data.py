@@ -31,8 +31,10 @@ class ByteTokenizer:
     eod_id = 256
     eod_token = "<|endoftext|>"
 
-    def encode(self, text: str) -> np.ndarray:
-        data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    def encode(self, text: str | bytes) -> np.ndarray:
+        """``[256, *bytes]``: a str's UTF-8 bytes, or the given bytes as they are (a file's, undecoded)."""
+        raw = bytes(text) if isinstance(text, bytes | bytearray | memoryview) else text.encode("utf-8")
+        data = np.frombuffer(raw, np.uint8).astype(np.int32)
         return np.concatenate([np.array([self.eod_id], np.int32), data])
 
     def decode(self, ids) -> str:

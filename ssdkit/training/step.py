@@ -5,6 +5,7 @@ One jitted step with the train state donated::
     g      = Σ_i n_i · ∇ loss_i / Σ_i n_i          over micro-batches i (n_i: their target tokens)
     finite = isfinite(loss) ∧ isfinite(‖g‖)     (one reduction: any NaN or Inf in g makes ‖g‖ non-finite)
     params, opt_state = optimizer(g) if finite else unchanged     (a lax.cond; skipped += ¬finite)
+    params_finite = isfinite(Σ params · 0)     (a finite gradient with a non-finite learning rate: stop)
 
 Weights and optimiser state stay in float32 (master weights); ``compute_dtype`` casts the weight
 matrices (floating leaves with two or more axes) for the forward and backward pass only, so gradients
@@ -20,6 +21,7 @@ nor the embedding: mamba_ssm's convention).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +67,7 @@ class StepMetrics:
     tokens: jax.Array  # target tokens in the batch
     grad_norm: jax.Array  # global L2 norm of the (unclipped) gradient
     finite: jax.Array  # bool: whether the update was applied
+    params_finite: jax.Array  # bool: whether every weight is finite after the step (False: stop, restore a checkpoint)
 
 
 def _path_names(path) -> list[str]:
@@ -120,8 +123,22 @@ def adamw(
 
     ``learning_rate`` is the peak rate (a float, scheduled by :func:`warmup_cosine` when ``total_steps``
     is given) or any optax schedule. ``mask`` selects the leaves that get weight decay (default
-    :func:`decay_mask`; None decays every leaf). Every knob is a keyword.
+    :func:`decay_mask`; None decays every leaf). Every knob is a keyword; a non-finite or out-of-range
+    number is refused (ValueError naming it).
     """
+    def check(name, value, ok, want):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"adamw: {name} must be a finite number {want}, got {value!r}")
+
+    if not callable(learning_rate):
+        check("learning_rate", learning_rate, lambda v: v > 0, "> 0")
+    check("min_lr_ratio", min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]")
+    check("b1", b1, lambda v: 0 <= v < 1, "in [0, 1)")
+    check("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
+    check("eps", eps, lambda v: v > 0, "> 0")
+    check("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
+    if clip_norm is not None:
+        check("clip_norm", clip_norm, lambda v: v > 0, "> 0 (or None: no clipping)")
     schedule = learning_rate
     if total_steps is not None and not callable(learning_rate):
         schedule = warmup_cosine(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps,
@@ -209,14 +226,20 @@ def make_train_step(
 
         def update(params_opt):
             updates, opt_state = optimizer.update(grads, params_opt[1], params_opt[0])
-            return optax.apply_updates(params_opt[0], updates), opt_state
+            params = optax.apply_updates(params_opt[0], updates)
+            # finite gradients can still give a non-finite update (a learning rate that a schedule made NaN
+            # or Inf): Σ p·0 is NaN exactly when some new weight is (no overflow), and the reduction rides
+            # on the update's own pass
+            return params, opt_state, jnp.isfinite(optax.tree.sum(jax.tree_util.tree_map(lambda p: p * 0, params)))
 
         # a conditional, not a select: a skipped step leaves the donated buffers as they were, and a
         # taken one costs no extra pass over the parameters and optimiser state
-        params, opt_state = lax.cond(finite, update, lambda params_opt: params_opt, (state.params, state.opt_state))
+        params, opt_state, params_finite = lax.cond(
+            finite, update, lambda params_opt: (*params_opt, jnp.bool_(True)), (state.params, state.opt_state))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                skipped=state.skipped + (~finite).astype(jnp.int32))
-        metrics = StepMetrics(loss=loss, accuracy=correct / denom, tokens=tokens, grad_norm=grad_norm, finite=finite)
+        metrics = StepMetrics(loss=loss, accuracy=correct / denom, tokens=tokens, grad_norm=grad_norm, finite=finite,
+                              params_finite=params_finite)
         return new_state, metrics
 
     if shardings is None:
