@@ -592,54 +592,59 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         checkpointer.close()
         return _finished(cfg, plan, run_log, log)
 
-    params, mcfg = _model(cfg, text.vocab_size(tokenizer))
-    _check_vocab(train_rows, mcfg)
-    sampler = RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
-    warmup = min(cfg.warmup_steps, plan.schedule_steps - 1)
-    optimizer = ssdkit.adamw(cfg.lr, total_steps=plan.schedule_steps, warmup_steps=warmup,
-                             min_lr_ratio=cfg.min_lr_ratio, b1=cfg.b1, b2=cfg.b2,
-                             weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-    schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=plan.schedule_steps,
-                             min_ratio=cfg.min_lr_ratio)
-    state = ssdkit.TrainState.create(params, optimizer)
-    shardings, put_batch = None, jnp.asarray
-    if cfg.mesh is not None:  # parameters, optimiser state and batches on the mesh (ssdkit.models.mamba2.sharding)
-        state, shardings, put_batch = _on_mesh(cfg, mcfg, state, optimizer, log)
-    if plan.step is not None:
-        state, _ = checkpointer.restore(state, plan.step)
-        log(f"[train] resuming from step {plan.step} in {out / 'checkpoints'}"
-            + (f" (extended from {plan.meta['steps']} to {cfg.steps} steps)" if cfg.extend else ""))
-    start = int(state.step)
+    try:  # Ctrl-C while loading or compiling: nothing new was saved
+        params, mcfg = _model(cfg, text.vocab_size(tokenizer))
+        _check_vocab(train_rows, mcfg)
+        sampler = RowSampler(len(train_rows), cfg.batch_size, cfg.seed)
+        warmup = min(cfg.warmup_steps, plan.schedule_steps - 1)
+        optimizer = ssdkit.adamw(cfg.lr, total_steps=plan.schedule_steps, warmup_steps=warmup,
+                                 min_lr_ratio=cfg.min_lr_ratio, b1=cfg.b1, b2=cfg.b2,
+                                 weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
+        schedule = warmup_cosine(cfg.lr, warmup_steps=warmup, total_steps=plan.schedule_steps,
+                                 min_ratio=cfg.min_lr_ratio)
+        state = ssdkit.TrainState.create(params, optimizer)
+        shardings, put_batch = None, jnp.asarray
+        if cfg.mesh is not None:  # parameters, optimiser state and batches on the mesh (ssdkit.models.mamba2.sharding)
+            state, shardings, put_batch = _on_mesh(cfg, mcfg, state, optimizer, log)
+        if plan.step is not None:
+            state, _ = checkpointer.restore(state, plan.step)
+            log(f"[train] resuming from step {plan.step} in {out / 'checkpoints'}"
+                + (f" (extended from {plan.meta['steps']} to {cfg.steps} steps)" if cfg.extend else ""))
+        start = int(state.step)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if primary:  # the log holds the steps up to the resume point (a killed run may have logged more)
-        kept = [] if plan.step is None or not run_log.exists() else [
-            line for line in run_log.read_text().splitlines() if json.loads(line)["step"] <= start]
-        run_log.write_text("".join(line + "\n" for line in kept))
-    record = {"train_tokens": train_rows.tokens.size,
-              "held_out_tokens": 0 if held_rows is None else held_rows.tokens.size,
-              "corpus": None if manifest is None else manifest.to_dict(), "jax": jax.__version__}
-    tokens_before, seconds_before = plan.meta.get("tokens", 0), plan.meta.get("seconds", 0.0)
+        out.mkdir(parents=True, exist_ok=True)
+        if primary:  # the log holds the steps up to the resume point (a killed run may have logged more)
+            kept = [] if plan.step is None or not run_log.exists() else [
+                e for e in read_log(run_log) if e["step"] <= start]
+            run_log.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        record = {"train_tokens": train_rows.tokens.size,
+                  "held_out_tokens": 0 if held_rows is None else held_rows.tokens.size,
+                  "corpus": None if manifest is None else manifest.to_dict(), "jax": jax.__version__}
+        tokens_before, seconds_before = plan.meta.get("tokens", 0), plan.meta.get("seconds", 0.0)
 
-    def batch_at(step):
-        idx = sampler.indices(step)
-        return put_batch(train_rows.tokens[idx]), put_batch(train_rows.segment_ids[idx])
+        def batch_at(step):
+            idx = sampler.indices(step)
+            return put_batch(train_rows.tokens[idx]), put_batch(train_rows.segment_ids[idx])
 
-    log("[train] compiling the train step...")
-    t = time.perf_counter()
-    step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
-                        compute_dtype=cfg.compute_dtype, shardings=shardings).lower(state, batch_at(start)).compile()
-    log(f"[train] compiled in {time.perf_counter() - t:.1f} s")
+        log("[train] compiling the train step...")
+        t = time.perf_counter()
+        step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
+                            compute_dtype=cfg.compute_dtype, shardings=shardings)
+        step_fn = step_fn.lower(state, batch_at(start)).compile()
+        log(f"[train] compiled in {time.perf_counter() - t:.1f} s")
 
-    def save(done):
-        meta = {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": done, "settings": _settings(cfg),
-                "data": fingerprint, "steps": cfg.steps, "schedule_steps": plan.schedule_steps,
-                "tokens": tokens_before + tokens_seen, "seconds": round(seconds_before + elapsed, 3),
-                "skipped": int(state.skipped)}
-        checkpointer.save(done, state, meta)
-        params = _gathered(state.params)  # every process takes part, process 0 writes
-        if primary:
-            _export(cfg, params, mcfg, done, tokenizer=tokenizer, tokenizer_file=tokenizer_file, record=record)
+        def save(done):
+            meta = {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": done, "settings": _settings(cfg),
+                    "data": fingerprint, "steps": cfg.steps, "schedule_steps": plan.schedule_steps,
+                    "tokens": tokens_before + tokens_seen, "seconds": round(seconds_before + elapsed, 3),
+                    "skipped": int(state.skipped)}
+            checkpointer.save(done, state, meta)
+            params = _gathered(state.params)  # every process takes part, process 0 writes
+            if primary:
+                _export(cfg, params, mcfg, done, tokenizer=tokenizer, tokenizer_file=tokenizer_file, record=record)
+    except KeyboardInterrupt:
+        checkpointer.close()
+        raise TrainingInterrupted(f"interrupted before training: {_resume_point(plan.step, out)}") from None
 
     progress = _progress(cfg if primary else dataclasses.replace(cfg, progress=False), start)
     if cfg.progress and log is print:  # keep the bar intact
@@ -713,7 +718,7 @@ def _resume_point(saved: int | None, out: Path) -> str:
 
 def _finished(cfg: TrainRunConfig, plan: _Plan, run_log: Path, log) -> TrainSummary:
     """A run already at its last step: say so, and report its last figures (log.jsonl)."""
-    entries = [json.loads(line) for line in run_log.read_text().splitlines()] if run_log.exists() else []
+    entries = read_log(run_log) if run_log.exists() else []
     last = entries[-1] if entries else {}
     held = next((e for e in reversed(entries) if e.get("held_out_loss") is not None), {})
     log(f"[train] {cfg.out} already finished its {plan.step} steps: nothing to train (a larger --steps with "
@@ -765,33 +770,46 @@ def _progress(cfg: TrainRunConfig, start: int):
     return update
 
 
+def read_log(log_path: str | Path) -> list[dict]:
+    """The entries of a run's ``log.jsonl``, in file order, leaving out a line that is not JSON (the last
+    line of a run killed while writing it)."""
+    entries = []
+    for line in Path(log_path).read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
 def plot_log(log_path: str | Path, png: str | Path) -> None:
     """The loss curve of a run's ``log.jsonl``: training loss (a moving average over 1% of the steps) and
     the held-out figure against tokens seen, in bits per token (= bits per byte for the byte tokenizer)."""
     from matplotlib.figure import Figure
 
-    entries = {}
-    for line in Path(log_path).read_text().splitlines():
-        e = json.loads(line)
-        entries[e["step"]] = e  # a resumed run rewrites the steps after its checkpoint: the last one wins
+    entries = {e["step"]: e for e in read_log(log_path)}  # a step logged twice: the last one wins
     steps = sorted(entries)
-    if not steps:
+
+    def number(x):  # null: a non-finite figure
+        return math.nan if x is None else x
+
+    bits = np.array([number(entries[s]["loss"]) for s in steps], np.float64) / math.log(2)
+    if not np.any(np.isfinite(bits)):
         return
     tokens = np.array([entries[s]["tokens"] for s in steps], np.float64)
-    bits = np.array([entries[s]["loss"] for s in steps]) / math.log(2)
     width = max(1, len(steps) // 100)
     smooth = np.convolve(bits, np.ones(width) / width, mode="valid")
     fig = Figure(figsize=(7, 4), dpi=110)
     ax = fig.add_subplot()
     ax.plot(tokens, bits, color="0.8", lw=0.6, label="train (per step)")
     ax.plot(tokens[width - 1:], smooth, color="C0", lw=1.4, label=f"train ({width}-step mean)")
-    held = [(entries[s]["tokens"], entries[s]["held_out_loss"] / math.log(2)) for s in steps
+    held = [(entries[s]["tokens"], number(entries[s]["held_out_loss"]) / math.log(2)) for s in steps
             if "held_out_loss" in entries[s]]
     if held:
         ax.plot(*zip(*held, strict=True), "o-", color="C3", ms=3, lw=1.2, label="held-out")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy (bits per token)")
-    ax.set_ylim(bottom=0, top=min(float(np.max(bits)), 3 * float(np.median(bits))) * 1.05)
+    ax.set_ylim(bottom=0, top=min(float(np.nanmax(bits)), 3 * float(np.nanmedian(bits))) * 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -135,6 +135,45 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, capsys, monkeypatch):
     assert [e["step"] for e in log] == list(range(1, STEPS + 1)) and log[-1]["tokens"] == 96 * STEPS
 
 
+def test_log_is_standard_json_with_a_non_finite_loss(tmp_path, monkeypatch):
+    """A step whose loss is NaN (skipped by the step) is logged as null, so that every line of log.jsonl is
+    standard JSON; the loss curve is drawn around it, and a torn last line (a kill while writing) is
+    left out when the log is read."""
+    from ssdkit.models import training
+
+    real = training.make_step
+
+    def make_step_with_a_nan_loss(*args, **kwargs):
+        jitted = real(*args, **kwargs)
+
+        class Lowered:
+            def __init__(self, lowered):
+                self.lowered = lowered
+
+            def compile(self):
+                compiled, calls = self.lowered.compile(), []
+
+                def step(state, batch):
+                    state, m = compiled(state, batch)
+                    calls.append(None)
+                    return state, (dataclasses.replace(m, loss=m.loss * np.nan) if len(calls) == 2 else m)
+
+                return step
+
+        return type("Step", (), {"lower": lambda self, *a: Lowered(jitted.lower(*a))})()
+
+    monkeypatch.setattr(training, "make_step", make_step_with_a_nan_loss)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(_corpus(tmp_path)), "--out", str(out), *TINY, "--steps", str(STEPS),
+                 "--eval-every", "2", "--save-every", "3", "--held-out", "0.2"]) == 0
+    lines = (out / "log.jsonl").read_text().splitlines()
+    entries = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for line in lines]
+    assert entries[1]["loss"] is None and all(e["loss"] is not None for e in entries[:1] + entries[2:])
+    assert (out / "loss.png").stat().st_size > 0
+    (out / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "lo')
+    assert [e["step"] for e in training.read_log(out / "log.jsonl")] == list(range(1, STEPS + 1))
+
+
 def test_every_flag_has_a_line_of_help(capsys):
     """Every option of every subcommand says what it does; train's are grouped, with two examples."""
     from ssdkit.models.cli import build_parser
