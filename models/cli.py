@@ -371,6 +371,8 @@ def cmd_demo(args) -> int:
     from ssdkit import Greedy, generate
     from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
 
+    _positive_ints("--prompt-len", args.prompt_len)
+    _positive_ints("--max-new-tokens", args.max_new_tokens)
     _enable_compilation_cache()
     for name, mixer, conv in (("retention (scalar decay)", Retention(), 1), ("GLA (diagonal decay)", GLA(), 4)):
         cfg = ToyConfig(vocab_size=256, d_model=128, n_layer=4, num_heads=4, head_dim=32, state_dim=32,
@@ -399,9 +401,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _positive_ints(flag: str, value: str | int) -> None:
+    """``value`` (an int, or comma-separated ints) holds only ints >= 1: else a CliError naming ``flag``."""
+    items = [value] if isinstance(value, int) else value.split(",")
+    try:
+        ok = bool(items) and all(int(v) >= 1 for v in items)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CliError(f"{flag} must be {'an int' if isinstance(value, int) else 'comma-separated ints'} >= 1, "
+                       f"got {value!r}")
+
+
 def cmd_bench(args) -> int:
     from ssdkit.models import bench
 
+    for flag in ("prefill_lengths", "prefill_batch", "decode_batches", "decode_steps", "repeats", "train_lengths",
+                 "train_batch"):
+        _positive_ints("--" + flag.replace("_", "-"), getattr(args, flag))
     bad = [d for d in args.dtype.split(",") if d not in DTYPES]
     if bad:
         raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
@@ -434,7 +451,7 @@ def cmd_train(args) -> int:
     try:
         options = training.TrainRunConfig.from_file(args.config) if args.config else {}
         options.update(given)
-        cfg = training.TrainRunConfig.from_dict(options, source=args.config or "flags")
+        cfg = training.TrainRunConfig.from_dict(options, source=args.config)
     except (ValueError, TypeError) as err:
         raise CliError(str(err)) from None
     _initialize_distributed(args)

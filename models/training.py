@@ -138,20 +138,23 @@ class TrainRunConfig:
     extend: bool = False  # train a run further than the --steps it was started with (see _resume)
 
     @classmethod
-    def from_dict(cls, data: dict, *, source: str = "config") -> TrainRunConfig:
+    def from_dict(cls, data: dict, *, source: str | None = "config") -> TrainRunConfig:
+        """The config of ``data`` (option names with ``-`` or ``_``); errors name ``source`` (a config
+        file) when given."""
+        where = f"{source}: " if source else ""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         clean = {}
         for key, value in data.items():
             name = key.replace("-", "_")
             if name not in fields:
-                raise ValueError(f"{source}: unknown training option {key!r}")
+                raise ValueError(f"{where}unknown training option {key!r}")
             clean[name] = value
         if "data" not in clean:
-            raise ValueError(f"{source}: the training data (data = PATH) is required")
+            raise ValueError(f"{where}the training data (--data, or data = PATH in a config file) is required")
         try:
             return cls(**clean)
         except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
+            raise ValueError(f"{where}{err}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> dict:

@@ -140,6 +140,14 @@ def test_bench_flag_errors(capsys):
     assert "--remat 'all' is not one of none, layer, matmuls" in capsys.readouterr().err
     assert main(["bench", "--model", "d_model=big"]) == 2
     assert "is not a number" in capsys.readouterr().err
+    for flag, value, message in (("--prefill-lengths", "128,0", "comma-separated ints >= 1, got '128,0'"),
+                                 ("--decode-batches", "1,x", "comma-separated ints >= 1, got '1,x'"),
+                                 ("--repeats", "0", "--repeats must be an int >= 1, got 0"),
+                                 ("--decode-steps", "0", "--decode-steps must be an int >= 1, got 0"),
+                                 ("--prefill-batch", "-1", "--prefill-batch must be an int >= 1, got -1")):
+        assert main(["bench", "--model", TINY_TRAIN_MODEL, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_model_fields_on_the_command_line():

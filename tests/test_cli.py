@@ -149,6 +149,13 @@ def test_bad_flag_exits_with_usage(capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("flag", ["--prompt-len", "--max-new-tokens"])
+def test_demo_refuses_a_length_below_one(capsys, flag):
+    assert main(["demo", flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be an int >= 1, got 0" in err and err.count("\n") == 1, err
+
+
 def test_demo_runs(capsys):
     assert main(["demo", "--prompt-len", "20", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
