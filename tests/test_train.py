@@ -22,7 +22,7 @@ import ssdkit
 from ssdkit.models import bench, mamba2, training
 from ssdkit.models.toy import gla, retention
 from ssdkit.models.toy.lm import ToyConfig, ToyLM
-from ssdkit.training.step import TrainState, adamw, decay_mask, make_train_step, warmup_cosine
+from ssdkit.training.step import TrainState, adamw, cast_matrices, decay_mask, make_train_step, warmup_cosine
 from tests.helpers import TINY_TRAIN_BATCH, TINY_TRAIN_MODEL, assert_close
 
 CFG = bench.model_config(TINY_TRAIN_MODEL)
@@ -134,9 +134,14 @@ def test_remat_policies_give_the_same_gradient(params):
 
 def test_bfloat16_compute_keeps_float32_master_weights():
     """The loss sees bfloat16 matrices and float32 vectors; the step returns float32 master weights and a
-    finite loss. Per-layer params: ``cast_matrices`` goes by the number of axes, and stacked layers
-    (``ssdkit train``'s layout) give every layer vector (norms, A_log, dt_bias, D) a second one, so those
-    are cast too."""
+    finite loss. In either layout: stacked layers (``ssdkit train``'s) give every layer vector (norms,
+    biases, A_log, dt_bias, D) a second axis, and those stay float32 too."""
+    for stacked in (False, True):
+        layers = jax.eval_shape(lambda s=stacked: cast_matrices(mamba2.init_params(CFG, jax.random.key(0), stacked=s),
+                                                                jnp.bfloat16)).layers
+        layer = layers if stacked else layers[0]
+        kept = {k: v.dtype for k, v in vars(layer).items() if v.dtype == jnp.float32}
+        assert set(kept) == {"norm", "conv_x_bias", "conv_bc_bias", "dt_bias", "A_log", "D", "gate_norm"}, kept
     seen = []
 
     def loss_fn(p, batch):

@@ -148,15 +148,25 @@ def adamw(
     return optax.chain(*parts)
 
 
-def cast_matrices(params, dtype) -> Any:
-    """Floating leaves with two or more axes cast to ``dtype``; everything else unchanged."""
+#: Path components of vectors that keep float32 under a compute dtype, whatever their number of axes (a
+#: stack of layers gives each layer's vector a second one); names holding "norm" or "bias" too.
+FLOAT32_NAMES = frozenset({"A_log", "dt_bias", "D"})
 
-    def cast(leaf):
+
+def cast_matrices(params, dtype) -> Any:
+    """Weight matrices cast to ``dtype``: floating leaves with two or more axes, except norms, biases and
+    decays (a path name in :data:`FLOAT32_NAMES` or holding "norm" or "bias"), which stay as they are in
+    either layout, per layer or stacked."""
+
+    def cast(path, leaf):
+        names = _path_names(path)
+        if any(n in FLOAT32_NAMES or "norm" in n.lower() or "bias" in n.lower() for n in names):
+            return leaf
         if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and np.ndim(leaf) >= 2:
             return leaf.astype(dtype)
         return leaf
 
-    return jax.tree_util.tree_map(cast, params)
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _split_micro(batch, micro_batches: int):
