@@ -137,9 +137,12 @@ def _on_mesh(args, params, cfg, ids):
     except ValueError as err:
         raise CliError(f"--mesh: {err}") from None
     params = mamba2_sharding.shard_params(params, mesh)
+    # right padding is exact (lengths): the prompt splits into equal pieces over seq, each at least as long
+    # as the conv's past inputs (d_conv - 1), which a piece takes from the one before it
     pieces, lengths = mesh.shape["seq"], None
-    if len(ids) % pieces:  # right padding is exact (lengths): the prompt splits into equal pieces
-        prompt = jnp.pad(prompt, ((0, 0), (0, pieces - len(ids) % pieces)))
+    padded = pieces * max(-(-len(ids) // pieces), cfg.d_conv - 1 if pieces > 1 else 1)
+    if padded != len(ids):
+        prompt = jnp.pad(prompt, ((0, 0), (0, padded - len(ids))))
         lengths = jnp.asarray([len(ids)], jnp.int32)
     print(f"[ssdkit] mesh {dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr)
     return params, prompt, lengths, jax.set_mesh(mesh)
