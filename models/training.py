@@ -332,7 +332,7 @@ def _model(cfg: TrainRunConfig, vocab_size: int):
         toy_cfg = ToyConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
                             num_heads=cfg.expand * cfg.d_model // cfg.headdim, head_dim=cfg.headdim,
                             state_dim=cfg.d_state, num_groups=cfg.ngroups, chunk_size=cfg.chunk_size,
-                            conv_kernel=4 if cfg.arch == "gla" else 1, embedding_std=0.02)
+                            conv_kernel=4 if cfg.arch == "gla" else 1)
         model = ToyLM(toy_cfg, GLA() if cfg.arch == "gla" else Retention())
         return model.init(jax.random.key(cfg.seed)), model
     if cfg.model is not None:

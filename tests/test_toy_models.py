@@ -78,3 +78,13 @@ def test_chunked_prefill_continues_the_cache(name):
         assert_close(last, full[:, 2 * PREFIX - 1], rtol=1e-10, name="logits")
         assert_close(c2.state, stepped.state, rtol=1e-10, name="state")
         assert_close(c2.conv, stepped.conv, rtol=1e-10, name="conv window")
+
+
+def test_the_default_initialisation_starts_near_chance():
+    """ToyConfig's default embedding scale is the working one (0.02, as Mamba-2's and `ssdkit train`'s):
+    the first loss of a 16-token vocabulary is about ln 16 = 2.77 nats (with 1.0 and a tied head it was
+    17.8, and training stalled)."""
+    model = ToyLM(ToyConfig(vocab_size=16), Retention())
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 16)
+    loss, _ = jax.jit(model.loss)(model.init(jax.random.key(0)), tokens)
+    assert abs(float(loss) - np.log(16)) < 0.1, float(loss)
