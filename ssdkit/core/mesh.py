@@ -128,7 +128,10 @@ def _check_pieces(seq: int, n: int, what: str) -> None:
 # ------------------------------------------------------------------------------ the scan
 def sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids):
     """:func:`ssdkit.ssd_scan` (inputs already checked) on the mesh: sequence over ``seq``, heads over
-    ``model``."""
+    ``model``. Diagonal kinds only: a rank-one transition (``spec.rank_one``) is refused (not supported yet)."""
+    if spec.has_rank_one:
+        raise ValueError("sharded_ssd_scan: a rank-one transition (w, u; the delta-rule family) is not supported "
+                         "yet on a mesh that splits the sequence or the heads")
     batch, seq = x.shape[:2]
     n, m = _axis_sizes()
     _check_pieces(seq, n, "ssd_scan")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer
 
-from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqValues, State
+from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
 from ssdkit.core.conv_kernels import window_at
 from ssdkit.core.recurrence import DecayKind, Recurrence
 from ssdkit.core.scan import ssd_scan
@@ -51,14 +51,20 @@ class ScanRecord:
 
 
 def ssd_verify(
-    state: State, x: SeqValues, log_a: SeqLogDecay, b: SeqKeys, c: SeqKeys, *, chunk_size: int | None = None
+    state: State, x: SeqValues, log_a: SeqLogDecay, b: SeqKeys, c: SeqKeys, *, chunk_size: int | None = None,
+    w: SeqRankOne | None = None, u: SeqRankOne | None = None,
 ) -> tuple[SeqValues, ScanRecord]:
     """k steps from ``state`` in one chunked scan: ``(y (batch, k, H, P), record)``.
 
     ``y[:, t]`` equals the output of the t-th of k :func:`ssdkit.ssd_step` calls; ``record`` lets
     :func:`ssd_commit` return the state after any prefix of the k steps. ``chunk_size`` defaults to k.
-    Shapes as :func:`ssdkit.ssd_scan` (``state`` required).
+    Shapes as :func:`ssdkit.ssd_scan` (``state`` required). A rank-one transition (``w``, ``u``) is not
+    supported yet and is refused.
     """
+    if w is not None or u is not None:
+        raise ValueError("ssd_verify / ssd_commit with a rank-one transition (w, u; the delta-rule family) are not "
+                         "supported yet: verify with ssd_scan(..., w=w, u=u, initial_state=state) and step the "
+                         "accepted tokens with ssd_step")
     if state is None:
         raise ValueError("ssd_verify continues from a cache: pass its state (batch, H, P, N)")
     k = np.shape(x)[1] if np.ndim(x) >= 2 else 0
