@@ -273,5 +273,5 @@ def test_rank_one_inputs_are_checked():
     with pytest.raises(ValueError, match="ssd_verify / ssd_commit with a rank-one transition"):
         ssd_verify(s0, x, log_a, b, c, w=w, u=u)
     spec = Recurrence.from_inputs(x, log_a, b, w=w, u=u)
-    with pytest.raises(ValueError, match="rank-one transition .* not supported yet"):
+    with pytest.raises(ValueError, match="rank-one kind 'groups' needs w and u"):
         sharded_ssd_scan(spec, x, log_a, b, c, s0, None)
