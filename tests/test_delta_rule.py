@@ -271,5 +271,5 @@ def test_rank_one_inputs_are_checked():
         ssd_scan(x, -log_a, b, c, chunk_size=2, w=w, u=u)
     # not supported yet: refused, never a silent wrong answer
     spec = Recurrence.from_inputs(x, log_a, b, w=w, u=u)
-    with pytest.raises(ValueError, match="rank-one transition .* not supported yet"):
+    with pytest.raises(ValueError, match="rank-one kind 'groups' needs w and u"):
         sharded_ssd_scan(spec, x, log_a, b, c, s0, None)

@@ -68,8 +68,9 @@ def ssd_scan(
 
     Inside a chunk the rank-one part is solved in the UT form (a unit lower-triangular Q×Q system per
     chunk and head, by repeated squaring, no loop over positions); chunks are joined by a scan of
-    their (N×N) transitions (``ssdkit.core.chunked``). Not supported yet with ``w, u``: the mesh forms
-    (a mesh splitting seq or heads) and :func:`ssdkit.ssd_verify` / :func:`ssdkit.ssd_commit`.
+    their (N×N) transitions (``ssdkit.core.chunked``). The mesh forms take ``w, u`` too (heads and
+    sequence pieces, :func:`ssdkit.core.mesh.sharded_ssd_scan`). Not supported yet with ``w, u``:
+    :func:`ssdkit.ssd_verify` / :func:`ssdkit.ssd_commit`.
 
     Args:
         x: (batch, seq, H, P) values, any float dtype; ``y`` comes back in this dtype.
@@ -96,13 +97,7 @@ def ssd_scan(
     spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size, w=w, u=u)
     spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids, w=w, u=u)
     if scan_active(spec.num_heads):  # traced under a mesh with a seq or model axis: split over them
-        if spec.has_rank_one:
-            raise ValueError(
-                "ssd_scan with a rank-one transition (w, u) under a mesh that splits the sequence ('seq') or "
-                "the heads ('model') is not supported yet; scan outside the mesh or inside unsplit_sequence() "
-                "with no 'model' axis"
-            )
-        return sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids)
+        return sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
     if spec.has_rank_one:
         return chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
     return chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids)
