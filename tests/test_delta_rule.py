@@ -269,7 +269,7 @@ def test_rank_one_inputs_are_checked():
         ssd_scan(x, log_a, b, c, chunk_size=2, w=w.astype(np.int32), u=u.astype(np.int32))
     with pytest.raises(ValueError, match="log_a must be <= 0"):
         ssd_scan(x, -log_a, b, c, chunk_size=2, w=w, u=u)
-    # not supported yet: refused, never a silent wrong answer
+    # the mesh form called without the recurrence's w, u: refused, never a silent wrong answer
     spec = Recurrence.from_inputs(x, log_a, b, w=w, u=u)
     with pytest.raises(ValueError, match="rank-one kind 'groups' needs w and u"):
         sharded_ssd_scan(spec, x, log_a, b, c, s0, None)

@@ -69,8 +69,8 @@ def ssd_scan(
     Inside a chunk the rank-one part is solved in the UT form (a unit lower-triangular Q×Q system per
     chunk and head, by repeated squaring, no loop over positions); chunks are joined by a scan of
     their (N×N) transitions (``ssdkit.core.chunked``). The mesh forms take ``w, u`` too (heads and
-    sequence pieces, :func:`ssdkit.core.mesh.sharded_ssd_scan`). Not supported yet with ``w, u``:
-    :func:`ssdkit.ssd_verify` / :func:`ssdkit.ssd_commit`.
+    sequence pieces, :func:`ssdkit.core.mesh.sharded_ssd_scan`), and so do :func:`ssdkit.ssd_verify` /
+    :func:`ssdkit.ssd_commit` (speculative rollback).
 
     Args:
         x: (batch, seq, H, P) values, any float dtype; ``y`` comes back in this dtype.
