@@ -6,7 +6,7 @@ differences, so they are exact up to rounding and never overflow)::
 
     prefix[l]  = Σ_{j <= l} a_j              decay from the chunk start to l
     suffix[s]  = Σ_{j >  s} a_j              decay from s to the chunk end
-    seg[l, s]  = Σ_{s < j <= l} a_j          decay from s to l (l >= s), see _decay_matrix
+    seg[l, s]  = Σ_{s < j <= l} a_j          decay from s to l (l >= s), see decay_matrix
     total      = prefix[Q - 1]
 
 each chunk c with entering state H_c contributes::
@@ -76,7 +76,7 @@ def _sub_block(q: int) -> int:
     return max(d for d in range(1, min(q, 16) + 1) if q % d == 0)
 
 
-def _decay_matrix(a: jax.Array) -> jax.Array:
+def decay_matrix(a: jax.Array) -> jax.Array:
     """``exp(Σ_{s < j <= l} a_j)`` for l >= s and 0 above the diagonal: (..., Q) -> (..., Q, Q).
 
     The sum is never formed as ``cumsum[l] - cumsum[s]`` (that cancels digits when |cumsum| is large
@@ -164,7 +164,7 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
 
     prefix = jnp.cumsum(at, axis=-1)
     total = prefix[..., -1]
-    decay = _decay_matrix(at)  # scalar (z, r, l, s); diagonal (z, r, n, l, s)
+    decay = decay_matrix(at)  # scalar (z, r, l, s); diagonal (z, r, n, l, s)
     w = jnp.exp(_suffix_sums(at))  # decay from each source to the chunk end
     in_decay = jnp.exp(prefix)  # decay from the chunk start to each target
     xh = jnp.moveaxis(xz, 2, 1).reshape(z * r, q, p)  # (z·r, s, p)
@@ -238,7 +238,7 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
 
     With ``h_t = S_{t-1} w_t`` (a P-vector) the step is a diagonal recurrence with two rank-one inputs,
     ``S_t = S_{t-1} D_t + h_t ⊗ u_t + x_t ⊗ b_t``. Inside a chunk entered with state ``S_0``, with
-    ``Γ_t = D_1⋯D_t`` and decays ``Γ_t/Γ_s = exp(Σ_{s<j<=t} a_j)`` (:func:`_decay_matrix`, never a ratio)::
+    ``Γ_t = D_1⋯D_t`` and decays ``Γ_t/Γ_s = exp(Σ_{s<j<=t} a_j)`` (:func:`decay_matrix`, never a ratio)::
 
         h_t = S_0 (Γ_{t-1} w_t) + Σ_{s<t} [(u_s ⊙ Γ_{t-1}/Γ_s)·w_t] h_s + [(b_s ⊙ Γ_{t-1}/Γ_s)·w_t] x_s
 
@@ -308,7 +308,7 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
     prefix = jnp.cumsum(at, axis=-1)  # Σ_{j<=t} a_j: log Γ_t
     before = jnp.concatenate([jnp.zeros_like(prefix[..., :1]), prefix[..., :-1]], axis=-1)  # log Γ_{t-1}
     total = prefix[..., -1]
-    decay = _decay_matrix(at)  # Γ_t/Γ_s for t >= s: (k, l, s) or (k, n, l, s)
+    decay = decay_matrix(at)  # Γ_t/Γ_s for t >= s: (k, l, s) or (k, n, l, s)
     shifted = jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)  # Γ_{t-1}/Γ_s, s < t
     to_end = per_position(jnp.exp(_suffix_sums(at)))  # Γ_Q/Γ_s
 

@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, Float, Integer
 
 from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
-from ssdkit.core.chunked import _decay_matrix, unit_lower_solve
+from ssdkit.core.chunked import decay_matrix, unit_lower_solve
 from ssdkit.core.conv_kernels import window_at
 from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.core.scan import ssd_scan
@@ -183,7 +183,7 @@ def _verify_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u):
     """The k steps from ``state`` as one UT block: ``(y (batch, k, H, P) in x.dtype, h (batch, k, H, P))``.
 
     ``h = T (W̃ S_0ᵀ + L_bw x)`` and ``y`` as in :func:`ssd_verify`; the decay ratios ``Γ_t/Γ_s`` come from
-    ``ssdkit.core.chunked._decay_matrix`` (sums of log-decays, never ratios). Every contraction is batched
+    ``ssdkit.core.chunked.decay_matrix`` (sums of log-decays, never ratios). Every contraction is batched
     over (batch, head) merged; ``b, c`` (and per-group ``w, u``) are broadcast over the heads of a group.
     """
     batch, k = x.shape[:2]
@@ -213,7 +213,7 @@ def _verify_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u):
 
     prefix = jnp.cumsum(at, axis=-1)  # log Γ_t
     before = jnp.concatenate([jnp.zeros_like(prefix[..., :1]), prefix[..., :-1]], axis=-1)  # log Γ_{t-1}
-    decay = _decay_matrix(at)  # Γ_t/Γ_s, t >= s: (z, l, s) or (z, n, l, s)
+    decay = decay_matrix(at)  # Γ_t/Γ_s, t >= s: (z, l, s) or (z, n, l, s)
     shifted = jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)  # Γ_{t-1}/Γ_s, s < t
 
     def scores(left, right, dec):  # [t, s] = Σ_n left[t, n] right[s, n] dec[(n,) t, s]
