@@ -16,7 +16,7 @@ from ssdkit.core.cache import RecurrentCache
 from ssdkit.core.conv import causal_conv1d, causal_conv1d_step
 from ssdkit.core.layers import scan_layers, stack, unstack
 from ssdkit.core.norm import gated_rms_norm, rms_norm
-from ssdkit.core.recurrence import DecayKind, Recurrence
+from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.core.reference import ssd_reference
 from ssdkit.core.rollback import ScanRecord, conv_commit, ssd_commit, ssd_verify
 from ssdkit.core.scan import preferred_chunk_size, ssd_scan
@@ -39,6 +39,7 @@ __all__ = [
     "LanguageModel",
     "LossMetrics",
     "PromptLookup",
+    "RankOne",
     "RecurrentCache",
     "ScanRecord",
     "Recurrence",

@@ -8,6 +8,7 @@ Legend of dimension letters (jaxtyping axis names):
     chunk   number of chunks                q/k     position inside a chunk (Q = chunk size)
     width   K - 1, carried conv window      chan    conv / feature channels
     layers  stacked layers                  vocab   (padded) vocabulary
+    groups_or_heads  G or H: rank-one factors w, u per group (like b) or per head
 
 The recurrent state of one head is a (P, N) matrix, so a batch of states is
 ``(batch, heads, hdim, state)`` and always lives in float32 (float64 under x64 tests).
@@ -24,6 +25,8 @@ SeqDiagLogDecay = Float[Array, "batch seq heads state"]
 SeqLogDecay = SeqScalarLogDecay | SeqDiagLogDecay
 SeqKeys = Float[Array, "batch seq groups state"]
 SegmentIds = Int[Array, "batch seq"]
+# Rank-one factors w, u of a diagonal-plus-rank-one transition: per group (G) or per head (H).
+SeqRankOne = Float[Array, "batch seq groups_or_heads state"]
 
 # Single-step inputs.
 StepValues = Float[Array, "batch heads hdim"]
@@ -31,6 +34,7 @@ StepScalarLogDecay = Float[Array, "batch heads"]
 StepDiagLogDecay = Float[Array, "batch heads state"]
 StepLogDecay = StepScalarLogDecay | StepDiagLogDecay
 StepKeys = Float[Array, "batch groups state"]
+StepRankOne = Float[Array, "batch groups_or_heads state"]
 
 # Recurrent state (float32 or wider).
 State = Float[Array, "batch heads hdim state"]

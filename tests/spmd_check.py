@@ -8,9 +8,10 @@ the errors for sequences that do not split. Prints one JSON line per case; a fai
 With 4 devices (the default run) the cases run in float64 on meshes of 4, taking every branch of the mesh
 forms with few compiled programs (some cases on two meshes against one reference): seq alone and with
 rows over data or fsdp, heads over model with and without seq, B and C split by group, one group read by
-a run of heads, heads straddling groups. With 8 devices (``-m long``) each of the six scan cases and four
-head-group cases runs on its own mesh of 8, three axes at once among them, and ``--float32`` repeats the
-scan cases in float32."""
+a run of heads, heads straddling groups; and one rank-one (delta-rule, ``w, u``) case on seq and model
+together. With 8 devices (``-m long``) each of the six scan cases, four head-group cases and four rank-one
+cases (w, u per head and per group) runs on its own mesh of 8, three axes at once among them, and
+``--float32`` repeats the scan and rank-one cases in float32."""
 
 from __future__ import annotations
 
@@ -42,6 +43,17 @@ HEAD_CASES = {
     4: ((6, 3, "model=2,fsdp=2"),),
     8: ((8, 8, "model=8"), (8, 1, "model=4,seq=2"), (8, 2, "model=2,data=2,seq=2"), (6, 3, "model=2,data=4")),
 }
+#: the rank-one (delta-rule) cases: (w, u "per-head" or "per-group", decay, chunk, mesh). Gated-delta-rule
+#: inputs (per-channel gates: KDA), an initial state and resets, one at a piece start. On 4 devices one mesh
+#: with seq and model together (pieces combined, B and C split by group, w and u by head); on 8 (-m long)
+#: w and u per group, split by group or read by a run of heads.
+RANK_ONE_CASES = {
+    4: (("per-head", "scalar", 5, "model=2,seq=2"),),
+    8: (("per-head", "scalar", 5, "model=2,seq=4"), ("per-head", "diagonal", 8, "model=4,seq=2"),
+        ("per-group", "scalar", 16, "model=2,data=2,seq=2"), ("per-group", "diagonal", 5, "model=4,seq=2")),
+}
+#: per row: row 0 resets at 16 (4 devices) and 32 (8), a piece start on seq=2; row 1 carries its state across
+RANK_ONE_SEGMENTS = {4: ((5, 11, 9, 7), (9, 23)), 8: ((10, 22, 17, 15), (20, 44))}
 CONV_MESHES = {4: ("seq=4", "data=2,seq=2", "model=2,seq=2", "fsdp=2,seq=2"),
                8: ("seq=8", "data=2,seq=4", "model=2,seq=4", "fsdp=2,model=2,seq=2")}
 SEGMENTS = {4: (5, 12, 7, 8), 8: (10, 25, 13, 16)}  # four documents in a row of 8 * n positions
@@ -106,6 +118,43 @@ def check_scan(n: int, dtypes) -> None:
                           "y": y, "state": final, "grads": grads}
                 print(json.dumps(errors), flush=True)
                 assert max(errors["y"], errors["state"], errors["grads"]) < TOL[dtype], errors
+
+
+def check_rank_one(n: int, dtypes) -> None:
+    """A diagonal-plus-rank-one transition (``w, u``) on meshes against one device: Gated DeltaNet's
+    ``S_t = S_{t-1} α_t (I - β_t k_t k_tᵀ) + β_t v_t k_tᵀ`` (KDA with a per-channel gate), the gradients taken
+    with respect to q, k, v, g, β and the initial state."""
+    ks = jax.random.split(jax.random.key(3), 6)
+    batch, seq, heads, head_dim, state, groups = 2, 8 * n, 4, 8, 8, 2
+    seg = jnp.asarray(np.stack([np.repeat(np.arange(len(s)), s) for s in RANK_ONE_SEGMENTS[n]]), jnp.int32)
+    for dtype in dtypes:
+        for layout, decay, chunk, spec in RANK_ONE_CASES[n]:
+            kh = heads if layout == "per-head" else groups  # keys and queries: per head or per group
+            q = jax.random.normal(ks[0], (batch, seq, kh, state), dtype)
+            k = jax.random.normal(ks[1], (batch, seq, kh, state), dtype)
+            v = jax.random.normal(ks[2], (batch, seq, heads, head_dim), dtype)
+            g = -0.3 * jax.nn.softplus(jax.random.normal(ks[3], (batch, seq, heads) + (
+                (state,) if decay == "diagonal" else ()), dtype))
+            beta = jax.random.normal(ks[4], (batch, seq, kh), dtype)
+            h0 = jax.random.normal(ks[5], (batch, heads, head_dim, state), dtype)
+
+            def scan(q, k, v, g, beta, h0, chunk=chunk, layout=layout):
+                k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+                bk = jax.nn.sigmoid(beta)[..., None] * k
+                if layout == "per-head":  # w = -exp(g)·β·k (per channel for KDA), u = k
+                    alpha = jnp.exp(g) if g.ndim == 4 else jnp.exp(g)[..., None]
+                    w, u = -alpha * bk, k
+                else:  # per group: the delta rule's term beside the decay, A_t = diag(exp(g_t)) - β_t k_t k_tᵀ
+                    w, u = -bk, k
+                return ssdkit.ssd_scan(v, g, bk, q * state**-0.5, chunk_size=chunk, initial_state=h0,
+                                       segment_ids=seg, w=w, u=u)
+
+            args = (q, k, v, g, beta, h0)
+            [(_, (y, final), grads)] = compare(scan, args, tuple(range(6)), [spec], lowered_check=True)
+            errors = {"rank_one": spec, "dtype": jnp.dtype(dtype).name, "layout": layout, "decay": decay,
+                      "chunk": chunk, "y": y, "state": final, "grads": grads}
+            print(json.dumps(errors), flush=True)
+            assert max(errors["y"], errors["state"], errors["grads"]) < TOL[dtype], errors
 
 
 def check_head_groups(n: int) -> None:
@@ -173,6 +222,7 @@ if __name__ == "__main__":
     assert n in SCAN_CASES, jax.devices()
     # float64 sweeps every mesh; float32 (the same paths at the other precision) with --float32 (-m long)
     check_scan(n, (jnp.float64, jnp.float32) if "--float32" in sys.argv[1:] else (jnp.float64,))
+    check_rank_one(n, (jnp.float64, jnp.float32) if "--float32" in sys.argv[1:] else (jnp.float64,))
     check_head_groups(n)
     check_conv(n)
     check_errors(n)

@@ -81,18 +81,20 @@ def test_sharded_programs_equal_one_device(meshes):
     assert "train_command_mesh" in proc.stdout and "generate_command_mesh" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("devices,args,counts", [(4, [], (5, 1)),
-                                                 pytest.param(8, ["--float32"], (12, 4), marks=pytest.mark.long)],
+@pytest.mark.parametrize("devices,args,counts", [(4, [], (5, 1, 1)),
+                                                 pytest.param(8, ["--float32"], (12, 4, 8), marks=pytest.mark.long)],
                          ids=["4-devices-float64", "8-devices-float64-float32"])
 def test_scan_and_conv_on_meshes_equal_one_device(devices, args, counts):
     """ssd_scan and causal_conv1d under meshes with seq and model axes (tests/spmd_check.py): values and
     gradients equal the one-device calls (float64 to 1e-13; with --float32, under -m long, float32 to 1e-5
-    of the largest entry). On 4 devices every branch of the mesh forms; on 8 (-m long) the meshes of 8,
-    three axes at once among them, and every head-group case."""
+    of the largest entry). On 4 devices every branch of the mesh forms, a rank-one (delta-rule) transition
+    on seq and model together; on 8 (-m long) the meshes of 8, three axes at once among them, every
+    head-group case and rank-one w, u per head and per group."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spmd_check.py"), *args],
                           env=_env(devices), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    scans, heads = counts
+    scans, heads, rank_one = counts
+    assert proc.stdout.count('"rank_one"') == rank_one, proc.stdout
     assert proc.stdout.count('"scan"') == scans and proc.stdout.count('"conv"') == 4 and '"errors"' in proc.stdout
     assert proc.stdout.count('"heads"') == heads, proc.stdout
 

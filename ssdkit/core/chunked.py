@@ -6,7 +6,7 @@ differences, so they are exact up to rounding and never overflow)::
 
     prefix[l]  = Σ_{j <= l} a_j              decay from the chunk start to l
     suffix[s]  = Σ_{j >  s} a_j              decay from s to the chunk end
-    seg[l, s]  = Σ_{s < j <= l} a_j          decay from s to l (l >= s), see _decay_matrix
+    seg[l, s]  = Σ_{s < j <= l} a_j          decay from s to l (l >= s), see decay_matrix
     total      = prefix[Q - 1]
 
 each chunk c with entering state H_c contributes::
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssdkit.core.recurrence import DecayKind, Recurrence
+from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.dtypes import accumulation_dtype
 
 #: log-decay written at a sequence reset; exp() of any sum containing it is exactly 0.
@@ -52,11 +52,16 @@ def apply_resets(log_a: jax.Array, segment_ids: jax.Array) -> jax.Array:
     ``log_a`` is (batch, seq, H) or (batch, seq, H, N); ``segment_ids`` is (batch, seq). Step 0 never
     resets: an initial state belongs to the first segment of its row.
     """
-    reset = jnp.concatenate(
-        [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
+    reset = segment_starts(segment_ids)
     reset = reset.reshape(reset.shape + (1,) * (log_a.ndim - 2))
     return jnp.where(reset, jnp.asarray(RESET_LOG_DECAY, log_a.dtype), log_a)
+
+
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """(batch, seq) booleans: True where ``segment_ids`` changes from the previous step (never at step 0)."""
+    return jnp.concatenate(
+        [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
 
 
 def _masked_cumsum(a: jax.Array) -> jax.Array:
@@ -71,7 +76,7 @@ def _sub_block(q: int) -> int:
     return max(d for d in range(1, min(q, 16) + 1) if q % d == 0)
 
 
-def _decay_matrix(a: jax.Array) -> jax.Array:
+def decay_matrix(a: jax.Array) -> jax.Array:
     """``exp(Σ_{s < j <= l} a_j)`` for l >= s and 0 above the diagonal: (..., Q) -> (..., Q, Q).
 
     The sum is never formed as ``cumsum[l] - cumsum[s]`` (that cancels digits when |cumsum| is large
@@ -108,13 +113,17 @@ def _suffix_sums(a: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
+def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w=None, u=None):
     """:func:`ssdkit.ssd_scan` on one device, inputs already checked against ``spec`` (static).
 
     Same arguments and results as :func:`ssdkit.ssd_scan` (``initial_state`` and ``segment_ids`` may be
     None): ``(y, final_state)``, y (batch, seq, H, P) in ``x.dtype``, final_state (batch, H, P, N) in the
-    accumulation dtype or ``initial_state.dtype``. Compiled once per shape for eager callers.
+    accumulation dtype or ``initial_state.dtype``. Compiled once per shape for eager callers. With a
+    rank-one term (``spec.rank_one``, ``w`` and ``u`` given) it runs :func:`_rank_one_scan` (the UT form);
+    otherwise the code below, unchanged.
     """
+    if spec.has_rank_one:
+        return _rank_one_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
     # Every contraction below is a canonical batched matmul (batch, m, k) @ (batch, k, n) with one merged
     # leading batch axis: XLA's CPU and GPU emitters run those far faster than dots with scattered or
     # size-1 batch dimensions. Axis letters: z = (batch, chunk, group) merged, r = head within the group,
@@ -155,7 +164,7 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
 
     prefix = jnp.cumsum(at, axis=-1)
     total = prefix[..., -1]
-    decay = _decay_matrix(at)  # scalar (z, r, l, s); diagonal (z, r, n, l, s)
+    decay = decay_matrix(at)  # scalar (z, r, l, s); diagonal (z, r, n, l, s)
     w = jnp.exp(_suffix_sums(at))  # decay from each source to the chunk end
     in_decay = jnp.exp(prefix)  # decay from the chunk start to each target
     xh = jnp.moveaxis(xz, 2, 1).reshape(z * r, q, p)  # (z·r, s, p)
@@ -201,6 +210,141 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
         y_off = mm("zln,zkn->zlk", cz, entering).reshape(z, q, r, p)
         y_off = jnp.moveaxis(y_off * jnp.swapaxes(in_decay, 1, 2)[..., None], 2, 1)  # (z, r, l, p)
     y = y + y_off
+
+    y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
+    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq].astype(x.dtype)
+    final_dtype = acc if initial_state is None else initial_state.dtype
+    return y, final.reshape(batch, h, p, n).astype(final_dtype)
+
+
+# ------------------------------------------------------------------------------ diagonal plus rank one
+def unit_lower_solve(lower: jax.Array, rhs: jax.Array, acc) -> jax.Array:
+    """``(I - L)⁻¹ rhs`` for strictly lower-triangular ``L`` (..., Q, Q) and ``rhs`` (..., Q, m).
+
+    ``L`` is nilpotent (``L^Q = 0``), so ``(I - L)⁻¹ = I + L + … + L^{Q-1} = (I + L)(I + L²)(I + L⁴)⋯``
+    with ⌈log2 Q⌉ factors: the factors are applied to ``rhs`` one after the other (they commute), and
+    ``L`` is squared between them: 2⌈log2 Q⌉ - 1 batched matmuls, no loop over positions.
+    """
+    steps = (lower.shape[-1] - 1).bit_length()  # ⌈log2 Q⌉: 2^steps >= Q
+    for j in range(steps):
+        rhs = rhs + jnp.einsum("...ts,...sm->...tm", lower, rhs, preferred_element_type=acc)
+        if j + 1 < steps:
+            lower = jnp.einsum("...ts,...sm->...tm", lower, lower, preferred_element_type=acc)
+    return rhs
+
+
+def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w, u):
+    """The chunked scan of ``S_t = S_{t-1} (D_t + w_t u_tᵀ) + x_t ⊗ b_t``, ``y_t = S_t c_t`` (UT form).
+
+    With ``h_t = S_{t-1} w_t`` (a P-vector) the step is a diagonal recurrence with two rank-one inputs,
+    ``S_t = S_{t-1} D_t + h_t ⊗ u_t + x_t ⊗ b_t``. Inside a chunk entered with state ``S_0``, with
+    ``Γ_t = D_1⋯D_t`` and decays ``Γ_t/Γ_s = exp(Σ_{s<j<=t} a_j)`` (:func:`decay_matrix`, never a ratio)::
+
+        h_t = S_0 (Γ_{t-1} w_t) + Σ_{s<t} [(u_s ⊙ Γ_{t-1}/Γ_s)·w_t] h_s + [(b_s ⊙ Γ_{t-1}/Γ_s)·w_t] x_s
+
+    i.e. ``h = T (W̃ S_0ᵀ + L_bw x)`` with the unit lower-triangular ``T = (I - L_uw)⁻¹`` (Q×Q per chunk
+    and head, :func:`unit_lower_solve`), ``W̃_t = Γ_{t-1} ⊙ w_t``. Splitting ``h = h_x + K S_0ᵀ`` with
+    ``h_x = T L_bw x`` and ``K = T W̃`` (Q×N, independent of the state)::
+
+        y_t     = Σ_{s<=t} [(b_s ⊙ Γ_t/Γ_s)·c_t] x_s + [(u_s ⊙ Γ_t/Γ_s)·c_t] h_x,s  +  S_0 C̃_t
+        C̃_t     = Γ_t ⊙ c_t + Σ_{s<=t} [(u_s ⊙ Γ_t/Γ_s)·c_t] K_s
+        S_Q     = S_0 M + R,    M = diag(Γ_Q) + Σ_s K_s ⊗ (u_s ⊙ Γ_Q/Γ_s)     (N×N)
+        R       = Σ_s x_s ⊗ (b_s ⊙ Γ_Q/Γ_s) + h_x,s ⊗ (u_s ⊙ Γ_Q/Γ_s)
+
+    so every chunk is summarised by its transition M and input R, and the chunks are joined by the
+    linear scan ``H_{c+1} = H_c M_c + R_c`` (a (P×N)·(N×N) product per chunk and head). A reset zeroes
+    the decay (as in the diagonal kinds) and ``w`` at a document's first token: the whole transition.
+    Padding steps are identities (``a = 0``, ``x = b = c = w = u = 0``). Everything is per head: ``b, c``
+    (and per-group ``w, u``) are broadcast over the heads of their group.
+    """
+    batch, seq = x.shape[:2]
+    h, p, n, g, r = spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
+    q = spec.chunk_size
+    diagonal = spec.decay is DecayKind.DIAGONAL
+    state_dtypes = () if initial_state is None else (initial_state.dtype,)
+    acc = accumulation_dtype(x.dtype, log_a.dtype, b.dtype, c.dtype, w.dtype, u.dtype, *state_dtypes)
+    mm = functools.partial(jnp.einsum, preferred_element_type=acc)
+
+    a, w, u = log_a.astype(acc), w.astype(acc), u.astype(acc)
+    if segment_ids is not None:
+        a = apply_resets(a, segment_ids)
+        w = jnp.where(segment_starts(segment_ids)[:, :, None, None], jnp.zeros((), acc), w)
+
+    n_chunks = -(-seq // q)
+    pad = n_chunks * q - seq
+    if pad:
+        def pad_seq(t):
+            return jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+
+        x, a, b, c, w, u = (pad_seq(t) for t in (x, a, b, c, w, u))
+
+    z = batch * n_chunks * g
+    k = z * r  # (batch, chunk, group, head in group) merged: one batch axis for every matmul
+
+    def group_major(t, tail):  # (batch, chunks*q, g, *tail) -> (z, q, *tail)
+        t = t.reshape(batch, n_chunks, q, g, *tail)
+        return jnp.moveaxis(t, 3, 2).reshape(z, q, *tail)
+
+    def per_head(t, width):  # (batch, chunks*q, H, width) -> (k, q, width)
+        return jnp.moveaxis(group_major(t, (r, width)), 2, 1).reshape(k, q, width)
+
+    def from_group(t):  # (batch, chunks*q, G, N) -> (k, q, N), each group's row for each of its heads
+        return jnp.broadcast_to(group_major(t.astype(acc), (n,))[:, None], (z, r, q, n)).reshape(k, q, n)
+
+    xh = per_head(x.astype(acc), p)  # (k, s, p)
+    bh, ch = from_group(b), from_group(c)  # (k, s, n)
+    if spec.rank_one is RankOne.GROUPS:
+        wh, uh = from_group(w), from_group(u)
+    else:
+        wh, uh = per_head(w, n), per_head(u, n)
+    if diagonal:
+        at = jnp.moveaxis(group_major(a, (r, n)), 1, -1).reshape(k, n, q)  # (k, n, q)
+    else:
+        at = jnp.moveaxis(group_major(a, (r,)), 1, -1).reshape(k, q)  # (k, q)
+
+    def per_position(f):  # a decay factor (k, q) or (k, n, q) as a multiplier of (k, q, n)
+        return jnp.swapaxes(f, -1, -2) if diagonal else f[..., None]
+
+    prefix = jnp.cumsum(at, axis=-1)  # Σ_{j<=t} a_j: log Γ_t
+    before = jnp.concatenate([jnp.zeros_like(prefix[..., :1]), prefix[..., :-1]], axis=-1)  # log Γ_{t-1}
+    total = prefix[..., -1]
+    decay = decay_matrix(at)  # Γ_t/Γ_s for t >= s: (k, l, s) or (k, n, l, s)
+    shifted = jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)  # Γ_{t-1}/Γ_s, s < t
+    to_end = per_position(jnp.exp(_suffix_sums(at)))  # Γ_Q/Γ_s
+
+    def scores(left, right, dec):  # [t, s] = Σ_n left[t, n] right[s, n] dec[(n,) t, s]
+        if diagonal:
+            return mm("kln,ksn,knls->kls", left, right, dec)
+        return mm("kln,ksn->kls", left, right) * dec
+
+    y_bc = scores(ch, bh, decay)  # (k, l, s)
+    y_uc = scores(ch, uh, decay)
+    l_uw = scores(wh, uh, shifted)  # strictly lower
+    l_bw = scores(wh, bh, shifted)
+
+    rhs = jnp.concatenate([wh * per_position(jnp.exp(before)), mm("kts,ksp->ktp", l_bw, xh)], axis=-1)
+    solved = unit_lower_solve(l_uw, rhs, acc)  # T [W̃ | L_bw x]
+    k_state, h_x = solved[..., :n], solved[..., n:]  # (k, q, n), (k, q, p)
+
+    y = mm("kls,ksp->klp", y_bc, xh) + mm("kls,ksp->klp", y_uc, h_x)  # (k, l, p)
+    c_state = ch * per_position(jnp.exp(prefix)) + mm("kls,ksn->kln", y_uc, k_state)  # C̃ (k, l, n)
+    u_end, b_end = uh * to_end, bh * to_end
+    inputs = mm("ksp,ksn->kpn", xh, b_end) + mm("ksp,ksn->kpn", h_x, u_end)  # R (k, p, n)
+    end_decay = jnp.exp(total)[..., None] if diagonal else jnp.exp(total)[..., None, None]
+    transition = mm("ksn,ksm->knm", k_state, u_end) + end_decay * jnp.eye(n, dtype=acc)  # M (k, n, n)
+
+    # Across chunks: H_{c+1} = H_c M_c + R_c, a scan over chunks with one (P×N)·(N×N) product per head.
+    inputs = jnp.moveaxis(inputs.reshape(batch, n_chunks, h, p, n), 1, 0)
+    transition = jnp.moveaxis(transition.reshape(batch, n_chunks, h, n, n), 1, 0)
+    h0 = jnp.zeros((batch, h, p, n), acc) if initial_state is None else initial_state.astype(acc)
+
+    def carry_chunk(state, chunk):
+        m, rr = chunk
+        return mm("bhpn,bhnm->bhpm", state, m) + rr, state
+
+    final, entering = lax.scan(carry_chunk, h0, (transition, inputs))
+    entering = jnp.moveaxis(entering, 0, 1).reshape(k, p, n)  # state entering each chunk
+    y = y + mm("kln,kpn->klp", c_state, entering)
 
     y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
     y = y.reshape(batch, n_chunks * q, h, p)[:, :seq].astype(x.dtype)

@@ -25,12 +25,26 @@ to the state after it does not depend on the state entering it. Device ``i`` of 
 3. adds the carried term ``y_t += exp(Σ_{piece start <= j <= t} log_a_j) (E_i · c_t)``.
 
 This is exact (the same sums, reassociated; float32 results agree to rounding) and each device keeps
-1/devices of the activations. The short causal convolution needs the K-1 inputs before each piece: a
-halo of K-1 positions passed to the next device (``ppermute``), the carried window going to device 0.
+1/devices of the activations.
+
+**Rank-one transitions** (``w, u``: ``S_t = S_{t-1} (D_t + w_t u_tᵀ) + x_t ⊗ b_t``, the delta-rule family).
+Heads split as above, ``w, u`` with B and C when per group, with x when per head. Over ``seq`` the
+transitions are N×N matrices that do not commute, so a piece is summarised by its total transition
+``M_i = A_1⋯A_T'`` (N×N per head) and its final state ``S_i`` from zero; the pieces' ``(M_j, S_j)`` are
+all-gathered and folded in device order, ``E_{j+1} = E_j M_j + S_j``, and ``y_t += E_i (A_1⋯A_t c_t)``. One
+chunked scan per piece yields all of them: its state gets N extra rows that start as the identity with no
+input (their final state is ``M_i``, their outputs ``A_1⋯A_t c_t``); see :func:`_rank_one_piece`. A
+reset drops the whole transition at a document's first token (decay and ``w``), written on the whole
+sequence before the split, so a reset at a piece's first token cuts the state carried into it. Costs:
+the per-piece scan on P + N rows instead of P, and ``devices · B' · H' · N · (P + N)`` floats gathered.
+
+The short causal convolution needs the K-1 inputs before each piece: a halo of K-1 positions passed to
+the next device (``ppermute``), the carried window going to device 0.
 
 Communication per layer and device: the scan all-gathers ``devices · B' · H' · P · N`` floats of states
-(B' and H' the local rows and heads) and its transpose reduce-scatters them; the conv sends
-``B' · (K-1) · chan`` values to one neighbour. Splitting heads needs no communication in the scan.
+(B' and H' the local rows and heads; a rank-one kind adds the N×N transitions) and its transpose
+reduce-scatters them; the conv sends ``B' · (K-1) · chan`` values to one neighbour. Splitting heads needs no
+communication in the scan.
 
 Each device runs the single-device kernels on its share: :func:`ssdkit.core.chunked.chunked_scan` and
 :func:`ssdkit.core.conv_kernels.conv_sequence`.
@@ -56,9 +70,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ssdkit.core.chunked import apply_resets, chunked_scan
+from ssdkit.core.chunked import apply_resets, chunked_scan, segment_starts
 from ssdkit.core.conv_kernels import conv_sequence
-from ssdkit.core.recurrence import DecayKind
+from ssdkit.core.recurrence import DecayKind, RankOne
 from ssdkit.dtypes import accumulation_dtype
 from ssdkit.sharding import BATCH_AXES
 
@@ -126,9 +140,13 @@ def _check_pieces(seq: int, n: int, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the scan
-def sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids):
+def sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids, w=None, u=None):
     """:func:`ssdkit.ssd_scan` (inputs already checked) on the mesh: sequence over ``seq``, heads over
-    ``model``."""
+    ``model``. Every kind: scalar or diagonal decay, with or without a rank-one term (``w, u``, given
+    exactly when ``spec.has_rank_one``; per group they split like B and C, per head like x)."""
+    if spec.has_rank_one != (w is not None and u is not None):
+        raise ValueError(f"sharded_ssd_scan: a recurrence with rank-one kind {spec.rank_one.value!r} needs w and u "
+                         f"exactly when it has a rank-one term (got w={w is not None}, u={u is not None})")
     batch, seq = x.shape[:2]
     n, m = _axis_sizes()
     _check_pieces(seq, n, "ssd_scan")
@@ -139,35 +157,51 @@ def sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids):
     rows = _rows(batch)
     if segment_ids is not None:  # resets written on the whole sequence (the compiler moves one id per piece)
         log_a = apply_resets(log_a, segment_ids)
+        if spec.has_rank_one:  # a reset drops the whole transition, its rank-one term too (as chunked_scan)
+            w = jnp.where(segment_starts(segment_ids)[:, :, None, None], jnp.zeros((), w.dtype), w)
     args = [x, log_a, b, c]
     in_specs = [P(rows, s_ax, h_ax, None), P(rows, s_ax, h_ax, *([None] * (log_a.ndim - 3))),
                 P(rows, s_ax, g_ax, None), P(rows, s_ax, g_ax, None)]
+    if spec.has_rank_one:
+        r_ax = g_ax if spec.rank_one is RankOne.GROUPS else h_ax
+        args += [w, u]
+        in_specs += [P(rows, s_ax, r_ax, None)] * 2
     if initial_state is not None:
         args.append(initial_state)
         in_specs.append(P(rows, h_ax, None, None))
-    body = functools.partial(_scan_piece, spec, n, m, split_groups)
+    body = functools.partial(_scan_piece, spec, n, m, split_groups, initial_state is not None)
     out_specs = (P(rows, s_ax, h_ax, None), P(rows, h_ax, None, None))
     return jax.shard_map(body, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=False)(*args)
 
 
-def _local_groups(spec, m: int, split_groups: bool, b, c):
-    """(the recurrence of this device's H/m heads, and the B and C they read)."""
+def _local_groups(spec, m: int, split_groups: bool, *keys):
+    """(the recurrence of this device's H/m heads, and the per-group inputs (B, C; w, u per group) they read)."""
     h_loc = spec.num_heads // m
     if m == 1 or split_groups:  # B and C arrive split like the heads
-        return dataclasses.replace(spec, num_heads=h_loc, num_groups=spec.num_groups // m), b, c
+        return dataclasses.replace(spec, num_heads=h_loc, num_groups=spec.num_groups // m), keys
     first = lax.axis_index(HEAD_AXIS) * h_loc  # this device's first head
     per = spec.heads_per_group
     if per % h_loc == 0 or h_loc % per == 0:  # the local heads read a run of whole groups
         count = max(1, h_loc // per)
-        b, c = (lax.dynamic_slice_in_dim(t, first // per, count, axis=2) for t in (b, c))
-        return dataclasses.replace(spec, num_heads=h_loc, num_groups=count), b, c
+        keys = tuple(lax.dynamic_slice_in_dim(t, first // per, count, axis=2) for t in keys)
+        return dataclasses.replace(spec, num_heads=h_loc, num_groups=count), keys
     groups = (first + jnp.arange(h_loc)) // per  # heads straddle groups: one group per local head
-    b, c = (jnp.take(t, groups, axis=2) for t in (b, c))
-    return dataclasses.replace(spec, num_heads=h_loc, num_groups=h_loc), b, c
+    keys = tuple(jnp.take(t, groups, axis=2) for t in keys)
+    return dataclasses.replace(spec, num_heads=h_loc, num_groups=h_loc), keys
 
 
-def _scan_piece(spec, n, m, split_groups, x, log_a, b, c, initial_state=None):
-    local, b, c = _local_groups(spec, m, split_groups, b, c)
+def _scan_piece(spec, n, m, split_groups, with_state, x, log_a, b, c, *rest):
+    initial_state = rest[-1] if with_state else None
+    if spec.has_rank_one:
+        w, u = rest[:2]
+        if spec.rank_one is RankOne.GROUPS:
+            local, (b, c, w, u) = _local_groups(spec, m, split_groups, b, c, w, u)
+        else:
+            local, (b, c) = _local_groups(spec, m, split_groups, b, c)
+        if n == 1:  # heads split only: the plain scan on this device's heads
+            return chunked_scan(local, x, log_a, b, c, initial_state, None, w, u)
+        return _rank_one_piece(local, x, log_a, b, c, w, u, initial_state)
+    local, (b, c) = _local_groups(spec, m, split_groups, b, c)
     if n == 1:  # heads split only: the plain scan on this device's heads
         return chunked_scan(local, x, log_a, b, c, initial_state, None)
     state_dtypes = () if initial_state is None else (initial_state.dtype,)
@@ -194,6 +228,41 @@ def _scan_piece(spec, n, m, split_groups, x, log_a, b, c, initial_state=None):
     else:
         carried = jnp.einsum("bhpn,bthn->bthp", e, ch, preferred_element_type=acc) * decay_in[..., None]
     y = (y0.astype(acc) + carried).astype(x.dtype)
+    final_dtype = acc if initial_state is None else initial_state.dtype
+    return y, h.astype(final_dtype)
+
+
+def _rank_one_piece(local, x, log_a, b, c, w, u, initial_state):
+    """One piece of the sequence with a rank-one transition (resets already in ``log_a`` and ``w``).
+
+    The piece's transitions ``A_t = D_t + w_t u_tᵀ`` (N×N per head) no longer commute, so a piece is
+    summarised by its total transition ``M = A_1⋯A_T'`` and needs, for its outputs, the products
+    ``C̃_t = A_1⋯A_t c_t``: ``S_t = E A_1⋯A_t + S⁰_t`` gives ``y_t = y⁰_t + E C̃_t``. All of them come from
+    one chunked scan of an augmented state (P + N rows): the piece's values from a zero state in the first
+    P rows and the identity with no input in the last N, whose state after the piece is ``M`` and whose
+    outputs are ``C̃_t``. The pieces' ``(M_j, S_j)`` are all-gathered and folded in device order,
+    ``E_{j+1} = E_j M_j + S_j`` (the chunked kernel's inter-chunk recurrence one level up).
+    """
+    state_dtypes = () if initial_state is None else (initial_state.dtype,)
+    acc = accumulation_dtype(x.dtype, log_a.dtype, b.dtype, c.dtype, w.dtype, u.dtype, *state_dtypes)
+    batch, piece, heads, p = x.shape
+    nn = local.state_dim
+    x_aug = jnp.concatenate([x.astype(acc), jnp.zeros((batch, piece, heads, nn), acc)], axis=-1)
+    eye = jnp.broadcast_to(jnp.eye(nn, dtype=acc), (batch, heads, nn, nn))
+    s_aug = jnp.concatenate([jnp.zeros((batch, heads, p, nn), acc), eye], axis=2)  # (batch, H', P + N, N)
+    aug = dataclasses.replace(local, head_dim=p + nn)
+    y_aug, final = chunked_scan(aug, x_aug, log_a, b, c, s_aug, None, w, u)
+    y0, c_tilde = y_aug[..., :p], y_aug[..., p:]  # (batch, T', H', P), (batch, T', H', N)
+    owns = lax.all_gather(final[:, :, :p], SEQ_AXIS)  # (n, batch, H', P, N): each piece from zero
+    moves = lax.all_gather(final[:, :, p:], SEQ_AXIS)  # (n, batch, H', N, N): each piece's transition
+    h = jnp.zeros((batch, heads, p, nn), acc) if initial_state is None else initial_state.astype(acc)
+    entering = []
+    for j in range(owns.shape[0]):  # E_{j+1} = E_j M_j + S_j, in device order
+        entering.append(h)
+        h = jnp.einsum("bhpn,bhnm->bhpm", h, moves[j], preferred_element_type=acc) + owns[j]
+    e = jnp.stack(entering)[lax.axis_index(SEQ_AXIS)]  # (batch, H', P, N): the state entering this piece
+    carried = jnp.einsum("bhpn,bthn->bthp", e, c_tilde, preferred_element_type=acc)
+    y = (y0 + carried).astype(x.dtype)
     final_dtype = acc if initial_state is None else initial_state.dtype
     return y, h.astype(final_dtype)
 

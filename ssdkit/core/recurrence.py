@@ -4,14 +4,22 @@ Every recurrence ssdkit runs is, per head ``h`` with state ``S`` of shape (P, N)
 
     S_t = exp(log_a_t) * S_{t-1} + x_t ⊗ b_t        y_t = S_t · c_t
 
-with head ``h`` reading the keys/queries ``b, c`` of group ``h // (H / G)``. The structural conditions
-that make the chunked (SSD) algorithm apply are stated and checked here, in one place:
+with head ``h`` reading the keys/queries ``b, c`` of group ``h // (H / G)``; or, with a rank-one term
+(``RankOne.GROUPS`` / ``RankOne.HEADS``: the delta-rule family)::
+
+    S_t = S_{t-1} (D_t + w_t u_tᵀ) + x_t ⊗ b_t        y_t = S_t · c_t,    D_t = diag(exp(log_a_t))
+
+The decay and the rank-one term form one transition ``A_t = D_t + w_t u_tᵀ`` applied to ``S_{t-1}`` from
+the right (the decay does not act on the rank-one term, nor after it). ``w, u`` are (..., G, N) per group
+or (..., H, N) per head (both the same), absent for the diagonal kinds. The structural conditions that
+make the chunked (SSD) algorithm apply are stated and checked here, in one place:
 
 * shapes are static: H heads, head dim P, state dim N, G groups with ``H % G == 0``;
 * the decay is diagonal: one scalar per head (``DecayKind.SCALAR``, log-decay shape (..., H)) or one
   per head and state channel (``DecayKind.DIAGONAL``, log-decay shape (..., H, N));
 * the decay is a contraction, ``log_a <= 0`` (checked on concrete arrays; under ``jit`` it is a
-  documented precondition);
+  documented precondition); with a rank-one term, the stability of ``D_t + w_t u_tᵀ`` (e.g. the delta
+  rule's ``0 <= β <= 2`` with unit keys) is the caller's: it is not checkable cheaply and not checked;
 * the chunk size is a positive integer.
 """
 
@@ -43,6 +51,26 @@ class DecayKind(enum.Enum):
             raise ValueError(f"unknown decay kind {value!r}; expected one of {options}") from None
 
 
+class RankOne(enum.Enum):
+    """Whether the transition has a rank-one term ``w_t u_tᵀ`` beside its diagonal decay, and its layout."""
+
+    NONE = "none"  #: diagonal transitions only (``w = u = None``): Mamba-2, GLA, retention
+    GROUPS = "groups"  #: w, u of shape (..., G, N), shared by each group's heads like ``b``
+    HEADS = "heads"  #: w, u of shape (..., H, N), one pair per head (e.g. a gate or β per head folded in)
+
+    @classmethod
+    def resolve(cls, value: RankOne | str | None) -> RankOne:
+        if value is None:
+            return cls.NONE
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            options = ", ".join(repr(k.value) for k in cls)
+            raise ValueError(f"unknown rank-one kind {value!r}; expected one of {options}") from None
+
+
 def _shape(arr) -> tuple[int, ...]:
     return tuple(np.shape(arr))
 
@@ -63,6 +91,8 @@ class Recurrence:
         num_groups: G, number of key/query groups; head ``h`` reads group ``h // (H // G)``.
         decay: scalar-per-head or diagonal-per-state-channel decay.
         chunk_size: Q, tokens per chunk of the chunked scan.
+        rank_one: the transition's rank-one term ``w_t u_tᵀ``: none (diagonal kinds), per group or per
+            head. The transition is ``A_t = diag(exp(log_a_t)) + w_t u_tᵀ``, ``S_t = S_{t-1} A_t + x_t ⊗ b_t``.
     """
 
     num_heads: int
@@ -71,11 +101,13 @@ class Recurrence:
     num_groups: int = 1
     decay: DecayKind = DecayKind.SCALAR
     chunk_size: int = 64
+    rank_one: RankOne = RankOne.NONE
 
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "state_dim", "num_groups", "chunk_size"):
             _positive_int(name, getattr(self, name))
         object.__setattr__(self, "decay", DecayKind.resolve(self.decay))
+        object.__setattr__(self, "rank_one", RankOne.resolve(self.rank_one))
         if self.num_heads % self.num_groups:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_groups ({self.num_groups}): "
@@ -95,6 +127,17 @@ class Recurrence:
             return (*lead, self.num_heads)
         return (*lead, self.num_heads, self.state_dim)
 
+    @property
+    def has_rank_one(self) -> bool:
+        """True for a diagonal-plus-rank-one transition (the delta-rule family)."""
+        return self.rank_one is not RankOne.NONE
+
+    def rank_one_shape(self, *lead: int) -> tuple[int, ...] | None:
+        """Shape of ``w`` and ``u`` (None when the transition has no rank-one term)."""
+        if self.rank_one is RankOne.NONE:
+            return None
+        return (*lead, self.num_groups if self.rank_one is RankOne.GROUPS else self.num_heads, self.state_dim)
+
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, self.num_heads, self.head_dim, self.state_dim)
 
@@ -104,11 +147,12 @@ class Recurrence:
 
     # ------------------------------------------------------------------ inference from inputs
     @classmethod
-    def from_inputs(cls, x, log_a, b, *, chunk_size: int = 64, step: bool = False) -> Recurrence:
+    def from_inputs(cls, x, log_a, b, *, chunk_size: int = 64, step: bool = False, w=None, u=None) -> Recurrence:
         """Infer the recurrence from (sequence or step) inputs, checking ranks first.
 
         Sequence form: x (batch, seq, H, P), log_a (batch, seq, H) or (batch, seq, H, N),
-        b (batch, seq, G, N). Step form drops the ``seq`` axis.
+        b (batch, seq, G, N), optional w, u (batch, seq, G, N) or (batch, seq, H, N). Step form drops the
+        ``seq`` axis.
         """
         lead = 1 if step else 2
         form = "step" if step else "sequence"
@@ -136,12 +180,12 @@ class Recurrence:
                 f"the number of heads H={heads} (x.shape[-2]) must be a multiple of the number of groups "
                 f"G={groups} (b.shape[-2])"
             )
-        return cls(heads, hdim, state, groups, decay, chunk_size)
+        return cls(heads, hdim, state, groups, decay, chunk_size, _rank_one_kind(w, u, heads, groups, lead, form))
 
     # ------------------------------------------------------------------ validation
-    def check_scan_inputs(self, x, log_a, b, c, initial_state=None, segment_ids=None) -> None:
+    def check_scan_inputs(self, x, log_a, b, c, initial_state=None, segment_ids=None, *, w=None, u=None) -> None:
         """Raise a plain-words error if sequence-form inputs break a structural condition."""
-        self._check(x, log_a, b, c, initial_state, lead_names=("batch", "seq"))
+        self._check(x, log_a, b, c, initial_state, lead_names=("batch", "seq"), w=w, u=u)
         if segment_ids is not None:
             check_integer("segment_ids", segment_ids)
             expected = _shape(x)[:2]
@@ -150,13 +194,13 @@ class Recurrence:
                     f"segment_ids must have shape (batch, seq) = {expected}, got {_shape(segment_ids)}"
                 )
 
-    def check_step_inputs(self, state, x, log_a, b, c) -> None:
+    def check_step_inputs(self, state, x, log_a, b, c, *, w=None, u=None) -> None:
         """Raise a plain-words error if single-step inputs break a structural condition."""
         if state is None:
             raise ValueError("ssd_step needs a state of shape (batch, H, P, N); use init_state(batch)")
-        self._check(x, log_a, b, c, state, lead_names=("batch",))
+        self._check(x, log_a, b, c, state, lead_names=("batch",), w=w, u=u)
 
-    def _check(self, x, log_a, b, c, state, lead_names) -> None:
+    def _check(self, x, log_a, b, c, state, lead_names, w=None, u=None) -> None:
         for name, arr in (("x", x), ("log_a", log_a), ("b", b), ("c", c)):
             check_floating(name, arr)
         lead = _shape(x)[: len(lead_names)]
@@ -174,6 +218,23 @@ class Recurrence:
                     f"P={self.head_dim}, N={self.state_dim}, G={self.num_groups}, "
                     f"{self.decay.value} decay) expects {expected[name]}"
                 )
+        want_wu = self.rank_one_shape(*lead)
+        if want_wu is None:
+            if w is not None or u is not None:
+                raise ValueError("w and u were given but the recurrence has no rank-one term (rank_one='none'); "
+                                 "build it with rank_one='groups' or 'heads'")
+        else:
+            if w is None or u is None:
+                raise ValueError(f"the recurrence has a rank-one term ({self.rank_one.value}): pass both w and u "
+                                 f"of shape {want_wu}")
+            for name, arr in (("w", w), ("u", u)):
+                check_floating(name, arr)
+                if _shape(arr) != want_wu:
+                    raise ValueError(
+                        f"{name} has shape {_shape(arr)} but the recurrence ({lead_str}, H={self.num_heads}, "
+                        f"N={self.state_dim}, G={self.num_groups}, rank-one term per "
+                        f"{'group' if self.rank_one is RankOne.GROUPS else 'head'}) expects {want_wu}"
+                    )
         if state is not None:
             check_floating("state", state)
             want = self.state_shape(lead[0])
@@ -193,3 +254,25 @@ class Recurrence:
                     f"log_a must be <= 0 everywhere (the decay exp(log_a) must be a contraction); "
                     f"found a maximum of {worst}"
                 )
+
+
+def _rank_one_kind(w, u, heads: int, groups: int, lead: int, form: str) -> RankOne:
+    """The rank-one layout that ``w`` and ``u`` have: none, per group or per head (both the same)."""
+    if w is None and u is None:
+        return RankOne.NONE
+    if w is None or u is None:
+        given, missing = ("w", "u") if u is None else ("u", "w")
+        raise ValueError(f"{given} was given without {missing}: the rank-one term w_t u_tᵀ needs both")
+    ws, us = _shape(w), _shape(u)
+    axes = "(batch, G or H, N)" if lead == 1 else "(batch, seq, G or H, N)"
+    for name, s in (("w", ws), ("u", us)):
+        if len(s) != lead + 2:
+            raise ValueError(f"{name} must have shape {axes} ({lead + 2} axes) in {form} form, got {s}")
+    if ws != us:
+        raise ValueError(f"w and u must have the same shape (both per group or both per head), got {ws} and {us}")
+    if ws[-2] == groups:
+        return RankOne.GROUPS
+    if ws[-2] == heads:
+        return RankOne.HEADS
+    raise ValueError(f"w and u must have G={groups} (per group, like b) or H={heads} (per head) entries on their "
+                     f"second-to-last axis, got shape {ws}")

@@ -2,6 +2,9 @@
 
     S_t = exp(log_a_t) * S_{t-1} + x_t ⊗ b_t        y_t = S_t · c_t
 
+or, with a rank-one term, ``S_t = S_{t-1} A_t + x_t ⊗ b_t`` with the (N, N) transition
+``A_t = diag(exp(log_a_t)) + w_t u_tᵀ`` formed explicitly and multiplied in, one step at a time.
+
 It shares no code with the chunked scan or the step beyond input validation: groups are expanded
 with ``jnp.repeat`` and contractions are plain multiply-and-sum, so it can judge both.
 """
@@ -14,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqValues, State
-from ssdkit.core.recurrence import DecayKind, Recurrence
+from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
+from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.dtypes import accumulation_dtype
 
 
@@ -27,20 +30,27 @@ def ssd_reference(
     *,
     initial_state: State | None = None,
     segment_ids: SegmentIds | None = None,
+    w: SeqRankOne | None = None,
+    u: SeqRankOne | None = None,
 ) -> tuple[SeqValues, State]:
     """Sequential ``lax.scan`` over time; same contract as :func:`ssdkit.ssd_scan`.
 
     Args:
         x: (batch, seq, H, P); log_a: (batch, seq, H) or (batch, seq, H, N), ``<= 0``;
         b, c: (batch, seq, G, N); initial_state: optional (batch, H, P, N);
-        segment_ids: optional (batch, seq); the state is zeroed where the id changes.
+        segment_ids: optional (batch, seq); the state is zeroed where the id changes (with a rank-one
+            term, the whole transition ``A_t`` is dropped there: ``S_t = x_t ⊗ b_t``).
+        w, u: optional rank-one factors, both (batch, seq, G, N) or both (batch, seq, H, N):
+            ``S_t = S_{t-1} (diag(exp(log_a_t)) + w_t u_tᵀ) + x_t ⊗ b_t`` (see :func:`ssdkit.ssd_scan`).
 
     Returns:
         ``(y, final_state)``: y (batch, seq, H, P) in ``x.dtype``, final_state (batch, H, P, N) in
         the accumulation dtype (or ``initial_state.dtype``).
     """
-    spec = Recurrence.from_inputs(x, log_a, b)
-    spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids)
+    spec = Recurrence.from_inputs(x, log_a, b, w=w, u=u)
+    spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids, w=w, u=u)
+    if spec.has_rank_one:
+        return _sequential_rank_one(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
     return _sequential(spec, x, log_a, b, c, initial_state, segment_ids)
 
 
@@ -69,6 +79,43 @@ def _sequential(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids):
         return state, jnp.sum(state * ct[..., None, :], axis=-1)
 
     time_major = [jnp.moveaxis(t, 1, 0) for t in (decay, x.astype(acc), bh, ch)]
+    final, ys = lax.scan(step, s0, time_major)
+    final_dtype = acc if initial_state is None else initial_state.dtype
+    return jnp.moveaxis(ys, 0, 1).astype(x.dtype), final.astype(final_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sequential_rank_one(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w, u):
+    """``S_t = S_{t-1} A_t + x_t ⊗ b_t``, ``A_t = diag(exp(log_a_t)) + w_t u_tᵀ`` (N, N) per head, as written."""
+    batch = x.shape[0]
+    state_dtypes = () if initial_state is None else (initial_state.dtype,)
+    acc = accumulation_dtype(x.dtype, log_a.dtype, b.dtype, c.dtype, w.dtype, u.dtype, *state_dtypes)
+
+    r = spec.heads_per_group
+    bh = jnp.repeat(b.astype(acc), r, axis=2)  # (batch, seq, H, N)
+    ch = jnp.repeat(c.astype(acc), r, axis=2)
+    per_group = spec.rank_one is RankOne.GROUPS
+    wh = jnp.repeat(w.astype(acc), r, axis=2) if per_group else w.astype(acc)
+    uh = jnp.repeat(u.astype(acc), r, axis=2) if per_group else u.astype(acc)
+    decay = jnp.exp(log_a.astype(acc))
+    if spec.decay is DecayKind.SCALAR:
+        decay = jnp.broadcast_to(decay[..., None], bh.shape)
+    eye = jnp.eye(spec.state_dim, dtype=acc)
+    transition = decay[..., :, None] * eye + wh[..., :, None] * uh[..., None, :]  # (batch, seq, H, N, N)
+    if segment_ids is not None:  # a document start drops S_{t-1}: the whole transition is zero there
+        starts = jnp.concatenate(
+            [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+        )
+        transition = jnp.where(starts[:, :, None, None, None], 0.0, transition)
+
+    s0 = spec.init_state(batch, acc) if initial_state is None else initial_state.astype(acc)
+
+    def step(state, inputs):
+        a_t, xt, bt, ct = inputs
+        state = jnp.einsum("...pn,...nm->...pm", state, a_t) + xt[..., :, None] * bt[..., None, :]
+        return state, jnp.sum(state * ct[..., None, :], axis=-1)
+
+    time_major = [jnp.moveaxis(t, 1, 0) for t in (transition, x.astype(acc), bh, ch)]
     final, ys = lax.scan(step, s0, time_major)
     final_dtype = acc if initial_state is None else initial_state.dtype
     return jnp.moveaxis(ys, 0, 1).astype(x.dtype), final.astype(final_dtype)

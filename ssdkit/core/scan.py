@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqValues, State
+from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
 from ssdkit.core.chunked import chunked_scan
 from ssdkit.core.mesh import scan_active, sharded_ssd_scan
 from ssdkit.core.recurrence import Recurrence
@@ -44,8 +44,33 @@ def ssd_scan(
     chunk_size: int,
     initial_state: State | None = None,
     segment_ids: SegmentIds | None = None,
+    w: SeqRankOne | None = None,
+    u: SeqRankOne | None = None,
 ) -> tuple[SeqValues, State]:
     """Chunked SSD scan of ``S_t = exp(log_a_t) * S_{t-1} + x_t ⊗ b_t``, ``y_t = S_t · c_t``.
+
+    With the rank-one factors ``w, u`` (the delta-rule family), the transition is diagonal plus rank one::
+
+        S_t = S_{t-1} A_t + x_t ⊗ b_t,    A_t = diag(exp(log_a_t)) + w_t u_tᵀ,    y_t = S_t · c_t
+
+    Ordering convention: the decay and the rank-one term are one transition ``A_t`` applied to
+    ``S_{t-1}`` (rows: values, columns: keys); the decay does not scale the new input ``x_t ⊗ b_t``. A
+    convention that decays after the rank-one term, ``S_{t-1} α_t (I - β_t k_t k_tᵀ)``, is the same
+    transition with the decay folded into ``w``. Mappings (per head; ``scale`` usually K^-1/2):
+
+    * gated delta rule (Gated DeltaNet, ``S_t = S_{t-1} α_t (I - β_t k_t k_tᵀ) + β_t v_t k_tᵀ``,
+      ``α_t = exp(g_t)``): ``log_a = g``, ``w = -exp(g)·β·k``, ``u = k``, ``x = v``, ``b = β·k``,
+      ``c = q·scale``;
+    * delta rule (DeltaNet): the same with ``g = 0``: ``log_a = 0``, ``w = -β·k``;
+    * Kimi Delta Attention (per-channel gate ``g`` (..., H, N)): ``log_a = g``, ``w = -β·exp(g) ⊙ k``,
+      the rest as the gated delta rule;
+    * w = 0: the diagonal kinds (but pass ``w = u = None`` for them: that runs the cheaper kernel).
+
+    Inside a chunk the rank-one part is solved in the UT form (a unit lower-triangular Q×Q system per
+    chunk and head, by repeated squaring, no loop over positions); chunks are joined by a scan of
+    their (N×N) transitions (``ssdkit.core.chunked``). The mesh forms take ``w, u`` too (heads and
+    sequence pieces, :func:`ssdkit.core.mesh.sharded_ssd_scan`), and so do :func:`ssdkit.ssd_verify` /
+    :func:`ssdkit.ssd_commit` (speculative rollback).
 
     Args:
         x: (batch, seq, H, P) values, any float dtype; ``y`` comes back in this dtype.
@@ -54,7 +79,10 @@ def ssd_scan(
         c: (batch, seq, G, N) queries (Mamba-2's C). Head h reads group ``h // (H // G)``.
         chunk_size: Q, any positive integer; any ``seq`` works (padded internally).
         initial_state: optional (batch, H, P, N) state before step 0 (float32 or float64).
-        segment_ids: optional (batch, seq) integers; the state resets where the id changes.
+        segment_ids: optional (batch, seq) integers; the state resets where the id changes (the whole
+            transition at a document's first token is dropped, rank-one term included).
+        w, u: optional rank-one factors, both (batch, seq, G, N) (per group, like ``b``) or both
+            (batch, seq, H, N) (per head); absent: the diagonal kinds, exactly as without them.
 
     Returns:
         ``(y, final_state)``: y (batch, seq, H, P) in ``x.dtype``; final_state (batch, H, P, N) in
@@ -66,8 +94,10 @@ def ssd_scan(
     split in contiguous pieces over it, exactly (seq must divide); whose ``model`` axis divides H, each
     device scans its own heads (:func:`ssdkit.core.mesh.sharded_ssd_scan`).
     """
-    spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size)
-    spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids)
+    spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size, w=w, u=u)
+    spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids, w=w, u=u)
     if scan_active(spec.num_heads):  # traced under a mesh with a seq or model axis: split over them
-        return sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids)
+        return sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
+    if spec.has_rank_one:
+        return chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
     return chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids)

@@ -18,26 +18,34 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ssdkit._typing import State, StepKeys, StepLogDecay, StepValues
-from ssdkit.core.recurrence import DecayKind, Recurrence
+from ssdkit._typing import State, StepKeys, StepLogDecay, StepRankOne, StepValues
+from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.dtypes import accumulation_dtype
 
 
 def ssd_step(
-    state: State, x: StepValues, log_a: StepLogDecay, b: StepKeys, c: StepKeys
+    state: State, x: StepValues, log_a: StepLogDecay, b: StepKeys, c: StepKeys, *,
+    w: StepRankOne | None = None, u: StepRankOne | None = None,
 ) -> tuple[StepValues, State]:
     """One step: ``S' = exp(log_a) * S + x ⊗ b``, ``y = S' · c``. Cost O(H·P·N), independent of time.
+
+    With the rank-one factors ``w, u``: ``S' = S (diag(exp(log_a)) + w uᵀ) + x ⊗ b``, computed as
+    ``S' = exp(log_a) * S + (S w) ⊗ u + x ⊗ b`` (no (N, N) matrix is formed); cost still O(H·P·N).
 
     Args:
         state: (batch, H, P, N) float32 (or float64) recurrent state.
         x: (batch, H, P) values; log_a: (batch, H) or (batch, H, N), ``<= 0``;
         b, c: (batch, G, N) keys and queries; head h reads group ``h // (H // G)``.
+        w, u: optional rank-one factors, both (batch, G, N) or both (batch, H, N) (see
+            :func:`ssdkit.ssd_scan` for the convention and the delta-rule mappings).
 
     Returns:
         ``(y, new_state)``: y (batch, H, P) in ``x.dtype``; new_state with ``state``'s shape and dtype.
     """
-    spec = Recurrence.from_inputs(x, log_a, b, step=True)
-    spec.check_step_inputs(state, x, log_a, b, c)
+    spec = Recurrence.from_inputs(x, log_a, b, step=True, w=w, u=u)
+    spec.check_step_inputs(state, x, log_a, b, c, w=w, u=u)
+    if spec.has_rank_one:
+        return _step_rank_one(spec, state, x, log_a, b, c, w, u)
     return _step(spec, state, x, log_a, b, c)
 
 
@@ -57,3 +65,24 @@ def _step(spec: Recurrence, state, x, log_a, b, c):
     y = jnp.einsum("...kn,...n->...k", s.reshape(*lead, r * p, n), c.astype(acc).reshape(*lead, n),
                    preferred_element_type=acc)
     return y.reshape(batch, h, p).astype(x.dtype), s.astype(state.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u):
+    batch = x.shape[0]
+    h, n, r = spec.num_heads, spec.state_dim, spec.heads_per_group
+    acc = accumulation_dtype(state.dtype, x.dtype, log_a.dtype, b.dtype, c.dtype, w.dtype, u.dtype)
+    k = 1 if spec.decay is DecayKind.SCALAR else n
+
+    def heads(t, per_group=True):  # (batch, G or H, N) -> (batch, H, N)
+        t = t.astype(acc)
+        return jnp.repeat(t, r, axis=1) if per_group and r > 1 else t
+
+    per_group = spec.rank_one is RankOne.GROUPS
+    s0 = state.astype(acc)
+    decay = jnp.exp(log_a.astype(acc)).reshape(batch, h, 1, k)
+    sw = jnp.einsum("bhpn,bhn->bhp", s0, heads(w, per_group), preferred_element_type=acc)  # S_{t-1} w_t
+    s = (decay * s0 + sw[..., None] * heads(u, per_group)[:, :, None, :]
+         + x.astype(acc)[..., None] * heads(b)[:, :, None, :])
+    y = jnp.einsum("bhpn,bhn->bhp", s, heads(c), preferred_element_type=acc)
+    return y.astype(x.dtype), s.astype(state.dtype)
