@@ -52,3 +52,13 @@ def rng() -> np.random.Generator:
 @pytest.fixture
 def key() -> jax.Array:
     return jax.random.key(0)
+
+
+#: Tests that run subprocesses of their own for tens of seconds (each the suite's longest): collected first,
+#: so that xdist hands them out first and the workers' last tests are short ones (they finish together).
+_LONGEST_FIRST = ("tests/test_sharding.py::test_sharded_programs", "tests/test_sharding.py::test_scan_and_conv",
+                  "tests/test_sharding.py::test_two_processes")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(_LONGEST_FIRST))  # stable: the rest keep their order
