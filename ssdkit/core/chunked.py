@@ -134,7 +134,7 @@ def finish_readout(spec, y, x, b, c, segment_ids, bonus, exclusive, acc):
     return y
 
 
-def _shift_rows(decay):
+def shift_rows(decay):
     """``Γ_{t-1}/Γ_s`` for s < t (0 on and above the diagonal) from ``Γ_t/Γ_s``: rows moved down by one."""
     return jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)
 
@@ -201,7 +201,7 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
     w = jnp.exp(_suffix_sums(at))  # decay from each source to the chunk end
     in_decay = jnp.exp(prefix)  # decay from the chunk start to each target
     if exclusive:  # y_t = S_{t-1} c_t: sources s < t decayed to t-1, the entering state by Γ_{t-1}
-        decay = _shift_rows(decay)
+        decay = shift_rows(decay)
         in_decay = jnp.exp(jnp.concatenate([jnp.zeros_like(prefix[..., :1]), prefix[..., :-1]], axis=-1))
     xh = jnp.moveaxis(xz, 2, 1).reshape(z * r, q, p)  # (z·r, s, p)
 

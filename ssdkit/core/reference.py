@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State

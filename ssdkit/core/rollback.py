@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, Float, Integer
 
 from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
-from ssdkit.core.chunked import _shift_rows, bonus_term, decay_matrix, unit_lower_solve
+from ssdkit.core.chunked import bonus_term, decay_matrix, shift_rows, unit_lower_solve
 from ssdkit.core.conv_kernels import window_at
 from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence, check_readout
 from ssdkit.core.scan import ssd_scan
@@ -236,7 +236,7 @@ def _verify_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u, bonus=None, 
     l_bw = scores(wh, bh, shifted)
     rhs = mm("kpn,ktn->ktp", s0, wh * per_position(jnp.exp(before))) + mm("kts,ksp->ktp", l_bw, xh)
     hh = unit_lower_solve(l_uw, rhs, acc)  # (z, k, p): h_t = S_{t-1} w_t
-    read, read_prefix = (_shift_rows(decay), before) if exclusive else (decay, prefix)  # y_t = S_{t-1} c_t
+    read, read_prefix = (shift_rows(decay), before) if exclusive else (decay, prefix)  # y_t = S_{t-1} c_t
     y = (mm("kpn,kln->klp", s0, ch * per_position(jnp.exp(read_prefix)))
          + mm("kls,ksp->klp", scores(ch, bh, read), xh) + mm("kls,ksp->klp", scores(ch, uh, read), hh))
 
