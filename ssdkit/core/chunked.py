@@ -112,8 +112,36 @@ def _suffix_sums(a: jax.Array) -> jax.Array:
     return jnp.concatenate([incl[..., 1:], jnp.zeros_like(incl[..., :1])], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w=None, u=None):
+def bonus_term(spec: Recurrence, x, b, c, bonus, acc) -> jax.Array:
+    """``((bonus ⊙ c_t)·b_t) x_t`` per head: (batch, seq, H, P) in ``acc`` (RWKV-6's current-token term).
+
+    ``bonus`` is (H, N) or (batch, seq, H, N); ``b, c`` (batch, seq, G, N) are broadcast over the heads
+    of their group. It involves step t alone, so it never crosses a reset.
+    """
+    r = spec.heads_per_group
+    bh = jnp.repeat(b.astype(acc), r, axis=-2) if r > 1 else b.astype(acc)
+    ch = jnp.repeat(c.astype(acc), r, axis=-2) if r > 1 else c.astype(acc)
+    weight = jnp.sum(bonus.astype(acc) * ch * bh, axis=-1)  # (batch, seq, H)
+    return weight[..., None] * x.astype(acc)
+
+
+def finish_readout(spec, y, x, b, c, segment_ids, bonus, exclusive, acc):
+    """The exclusive readout's reset mask (``S_{t-1}`` is zero at a document's first token) and the bonus."""
+    if exclusive and segment_ids is not None:
+        y = jnp.where(segment_starts(segment_ids)[:, :, None, None], jnp.zeros((), y.dtype), y)
+    if bonus is not None:
+        y = y + bonus_term(spec, x, b, c, bonus, acc)
+    return y
+
+
+def shift_rows(decay):
+    """``Γ_{t-1}/Γ_s`` for s < t (0 on and above the diagonal) from ``Γ_t/Γ_s``: rows moved down by one."""
+    return jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("exclusive",))
+def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w=None, u=None,
+                 bonus=None, exclusive=False):
     """:func:`ssdkit.ssd_scan` on one device, inputs already checked against ``spec`` (static).
 
     Same arguments and results as :func:`ssdkit.ssd_scan` (``initial_state`` and ``segment_ids`` may be
@@ -121,9 +149,14 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
     accumulation dtype or ``initial_state.dtype``. Compiled once per shape for eager callers. With a
     rank-one term (``spec.rank_one``, ``w`` and ``u`` given) it runs :func:`_rank_one_scan` (the UT form);
     otherwise the code below, unchanged.
+
+    ``exclusive`` (static) reads ``y_t = S_{t-1} c_t``: the in-chunk decays become the strictly lower
+    ``Γ_{t-1}/Γ_s`` (s < t) and the entering state is decayed by ``Γ_{t-1}``; at a document's first token
+    ``y`` is zero. ``bonus`` ((H, N) or (batch, seq, H, N)) adds the diagonal term ``((bonus ⊙ c_t)·b_t) x_t``.
     """
     if spec.has_rank_one:
-        return _rank_one_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
+        return _rank_one_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u, bonus, exclusive)
+    x_in, b_in, c_in = x, b, c
     # Every contraction below is a canonical batched matmul (batch, m, k) @ (batch, k, n) with one merged
     # leading batch axis: XLA's CPU and GPU emitters run those far faster than dots with scattered or
     # size-1 batch dimensions. Axis letters: z = (batch, chunk, group) merged, r = head within the group,
@@ -167,6 +200,9 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
     decay = decay_matrix(at)  # scalar (z, r, l, s); diagonal (z, r, n, l, s)
     w = jnp.exp(_suffix_sums(at))  # decay from each source to the chunk end
     in_decay = jnp.exp(prefix)  # decay from the chunk start to each target
+    if exclusive:  # y_t = S_{t-1} c_t: sources s < t decayed to t-1, the entering state by Γ_{t-1}
+        decay = shift_rows(decay)
+        in_decay = jnp.exp(jnp.concatenate([jnp.zeros_like(prefix[..., :1]), prefix[..., :-1]], axis=-1))
     xh = jnp.moveaxis(xz, 2, 1).reshape(z * r, q, p)  # (z·r, s, p)
 
     # Intra-chunk (dual form): y[l] = Σ_s (c_l·b_s) decay[l, s] x_s, per head.
@@ -212,7 +248,10 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
     y = y + y_off
 
     y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
-    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq].astype(x.dtype)
+    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq]
+    if exclusive or bonus is not None:
+        y = finish_readout(spec, y, x_in, b_in, c_in, segment_ids, bonus, exclusive, acc)
+    y = y.astype(x_in.dtype)
     final_dtype = acc if initial_state is None else initial_state.dtype
     return y, final.reshape(batch, h, p, n).astype(final_dtype)
 
@@ -233,7 +272,7 @@ def unit_lower_solve(lower: jax.Array, rhs: jax.Array, acc) -> jax.Array:
     return rhs
 
 
-def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w, u):
+def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w, u, bonus=None, exclusive=False):
     """The chunked scan of ``S_t = S_{t-1} (D_t + w_t u_tᵀ) + x_t ⊗ b_t``, ``y_t = S_t c_t`` (UT form).
 
     With ``h_t = S_{t-1} w_t`` (a P-vector) the step is a diagonal recurrence with two rank-one inputs,
@@ -256,7 +295,12 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
     the decay (as in the diagonal kinds) and ``w`` at a document's first token: the whole transition.
     Padding steps are identities (``a = 0``, ``x = b = c = w = u = 0``). Everything is per head: ``b, c``
     (and per-group ``w, u``) are broadcast over the heads of their group.
+
+    The exclusive readout ``y_t = S_{t-1} c_t`` is the same with ``Γ_{t-1}/Γ_s`` (s < t) in the two readout
+    scores and ``Γ_{t-1}`` in ``C̃_t`` (``S_{t-1} = S_0 Γ_{t-1} + Σ_{s<t} (h_s ⊗ u_s + x_s ⊗ b_s) Γ_{t-1}/Γ_s``);
+    the chunk transition and input are unchanged.
     """
+    x_in, b_in, c_in = x, b, c
     batch, seq = x.shape[:2]
     h, p, n, g, r = spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
     q = spec.chunk_size
@@ -317,8 +361,9 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
             return mm("kln,ksn,knls->kls", left, right, dec)
         return mm("kln,ksn->kls", left, right) * dec
 
-    y_bc = scores(ch, bh, decay)  # (k, l, s)
-    y_uc = scores(ch, uh, decay)
+    read, read_prefix = (shifted, before) if exclusive else (decay, prefix)  # Γ_{t-1} or Γ_t
+    y_bc = scores(ch, bh, read)  # (k, l, s)
+    y_uc = scores(ch, uh, read)
     l_uw = scores(wh, uh, shifted)  # strictly lower
     l_bw = scores(wh, bh, shifted)
 
@@ -327,7 +372,7 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
     k_state, h_x = solved[..., :n], solved[..., n:]  # (k, q, n), (k, q, p)
 
     y = mm("kls,ksp->klp", y_bc, xh) + mm("kls,ksp->klp", y_uc, h_x)  # (k, l, p)
-    c_state = ch * per_position(jnp.exp(prefix)) + mm("kls,ksn->kln", y_uc, k_state)  # C̃ (k, l, n)
+    c_state = ch * per_position(jnp.exp(read_prefix)) + mm("kls,ksn->kln", y_uc, k_state)  # C̃ (k, l, n)
     u_end, b_end = uh * to_end, bh * to_end
     inputs = mm("ksp,ksn->kpn", xh, b_end) + mm("ksp,ksn->kpn", h_x, u_end)  # R (k, p, n)
     end_decay = jnp.exp(total)[..., None] if diagonal else jnp.exp(total)[..., None, None]
@@ -347,6 +392,9 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
     y = y + mm("kln,kpn->klp", c_state, entering)
 
     y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
-    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq].astype(x.dtype)
+    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq]
+    if exclusive or bonus is not None:
+        y = finish_readout(spec, y, x_in, b_in, c_in, segment_ids, bonus, exclusive, acc)
+    y = y.astype(x_in.dtype)
     final_dtype = acc if initial_state is None else initial_state.dtype
     return y, final.reshape(batch, h, p, n).astype(final_dtype)

@@ -256,6 +256,28 @@ class Recurrence:
                 )
 
 
+READOUTS = ("inclusive", "exclusive")
+
+
+def check_readout(spec: Recurrence, readout, bonus, lead: tuple[int, ...]) -> bool:
+    """Check ``readout`` and ``bonus`` against ``spec``; return True for the exclusive readout.
+
+    ``readout`` is ``"inclusive"`` (``y_t = S_t c_t``, the default) or ``"exclusive"`` (``y_t = S_{t-1} c_t``,
+    RWKV-6's). ``bonus`` is None or a float array of shape (H, N) (one per head and key channel, constant
+    over time, RWKV-6's ``u``) or ``(*lead, H, N)`` (per step): ``y_t += ((bonus ⊙ c_t)·b_t) x_t``.
+    """
+    if not isinstance(readout, str) or readout not in READOUTS:
+        raise ValueError(f"readout must be 'inclusive' (y_t = S_t c_t) or 'exclusive' (y_t = S_(t-1) c_t), "
+                         f"got {readout!r}")
+    if bonus is not None:
+        check_floating("bonus", bonus)
+        per_head = (spec.num_heads, spec.state_dim)
+        if _shape(bonus) not in (per_head, (*lead, *per_head)):
+            raise ValueError(f"bonus must have shape (H, N) = {per_head} (constant over time) or "
+                             f"{(*lead, *per_head)} (per step), got {_shape(bonus)}")
+    return readout == "exclusive"
+
+
 def _rank_one_kind(w, u, heads: int, groups: int, lead: int, form: str) -> RankOne:
     """The rank-one layout that ``w`` and ``u`` have: none, per group or per head (both the same)."""
     if w is None and u is None:

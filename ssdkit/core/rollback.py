@@ -47,9 +47,9 @@ import numpy as np
 from jaxtyping import Array, Float, Integer
 
 from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
-from ssdkit.core.chunked import decay_matrix, unit_lower_solve
+from ssdkit.core.chunked import bonus_term, decay_matrix, shift_rows, unit_lower_solve
 from ssdkit.core.conv_kernels import window_at
-from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
+from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence, check_readout
 from ssdkit.core.scan import ssd_scan
 from ssdkit.dtypes import accumulation_dtype, check_lengths
 
@@ -80,6 +80,7 @@ class ScanRecord:
 def ssd_verify(
     state: State, x: SeqValues, log_a: SeqLogDecay, b: SeqKeys, c: SeqKeys, *, chunk_size: int | None = None,
     w: SeqRankOne | None = None, u: SeqRankOne | None = None,
+    bonus: jax.Array | None = None, readout: str = "inclusive",
 ) -> tuple[SeqValues, ScanRecord]:
     """k steps from ``state`` in one chunked scan: ``(y (batch, k, H, P), record)``.
 
@@ -95,6 +96,9 @@ def ssd_verify(
     with a k×k unit lower-triangular solve per row and head (cost O(k²·(N + P) + k·P·N) per head, plus
     log2 k products of k×k matrices): k is a draft length, so ``chunk_size`` must be None or >= k.
     The record then also holds ``h`` and ``u``.
+
+    ``bonus`` and ``readout`` as :func:`ssdkit.ssd_scan` (``y_t`` then equals the step's with the same
+    arguments); they change ``y`` only: the record, and so :func:`ssd_commit`, are the same.
     """
     if state is None:
         raise ValueError("ssd_verify continues from a cache: pass its state (batch, H, P, N)")
@@ -107,9 +111,16 @@ def ssd_verify(
                              f"chunk_size must be None or >= k, got {chunk_size}")
         spec = Recurrence.from_inputs(x, log_a, b, chunk_size=k, w=w, u=u)
         spec.check_scan_inputs(x, log_a, b, c, state, w=w, u=u)
-        y, h = _verify_rank_one(spec, state, x, log_a, b, c, w, u)
+        exclusive = check_readout(spec, readout, bonus, np.shape(x)[:2])
+        if exclusive or bonus is not None:
+            y, h = _verify_rank_one(spec, state, x, log_a, b, c, w, u, bonus, exclusive=exclusive)
+        else:
+            y, h = _verify_rank_one(spec, state, x, log_a, b, c, w, u)
         return y, ScanRecord(state=state, x=x, log_a=log_a, b=b, h=h, u=u)
-    y, _ = ssd_scan(x, log_a, b, c, chunk_size=chunk_size or k, initial_state=state)
+    if bonus is not None or readout != "inclusive":
+        y, _ = ssd_scan(x, log_a, b, c, chunk_size=chunk_size or k, initial_state=state, bonus=bonus, readout=readout)
+    else:
+        y, _ = ssd_scan(x, log_a, b, c, chunk_size=chunk_size or k, initial_state=state)
     return y, ScanRecord(state=state, x=x, log_a=log_a, b=b)
 
 
@@ -178,8 +189,8 @@ def _commit(spec: Recurrence, record: ScanRecord, accepted):
     return (carried * record.state.astype(acc) + added).astype(record.state.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _verify_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("exclusive",))
+def _verify_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u, bonus=None, exclusive=False):
     """The k steps from ``state`` as one UT block: ``(y (batch, k, H, P) in x.dtype, h (batch, k, H, P))``.
 
     ``h = T (W̃ S_0ᵀ + L_bw x)`` and ``y`` as in :func:`ssd_verify`; the decay ratios ``Γ_t/Γ_s`` come from
@@ -225,10 +236,13 @@ def _verify_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u):
     l_bw = scores(wh, bh, shifted)
     rhs = mm("kpn,ktn->ktp", s0, wh * per_position(jnp.exp(before))) + mm("kts,ksp->ktp", l_bw, xh)
     hh = unit_lower_solve(l_uw, rhs, acc)  # (z, k, p): h_t = S_{t-1} w_t
-    y = (mm("kpn,kln->klp", s0, ch * per_position(jnp.exp(prefix)))
-         + mm("kls,ksp->klp", scores(ch, bh, decay), xh) + mm("kls,ksp->klp", scores(ch, uh, decay), hh))
+    read, read_prefix = (shift_rows(decay), before) if exclusive else (decay, prefix)  # y_t = S_{t-1} c_t
+    y = (mm("kpn,kln->klp", s0, ch * per_position(jnp.exp(read_prefix)))
+         + mm("kls,ksp->klp", scores(ch, bh, read), xh) + mm("kls,ksp->klp", scores(ch, uh, read), hh))
 
     def back(t):  # (batch·H, k, P) -> (batch, k, H, P)
         return jnp.moveaxis(t.reshape(batch, h, k, p), 1, 2)
 
+    if bonus is not None:
+        return (back(y) + bonus_term(spec, x, b, c, bonus, acc)).astype(x.dtype), back(hh)
     return back(y).astype(x.dtype), back(hh)

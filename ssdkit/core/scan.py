@@ -10,11 +10,12 @@ its numerics are described); traced under a mesh that splits the sequence or the
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from ssdkit._typing import SegmentIds, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
 from ssdkit.core.chunked import chunked_scan
 from ssdkit.core.mesh import scan_active, sharded_ssd_scan
-from ssdkit.core.recurrence import Recurrence
+from ssdkit.core.recurrence import Recurrence, check_readout
 
 #: The largest chunk that ran fastest per backend (see :func:`preferred_chunk_size`).
 _MAX_CHUNK = {"cpu": 64}
@@ -46,6 +47,8 @@ def ssd_scan(
     segment_ids: SegmentIds | None = None,
     w: SeqRankOne | None = None,
     u: SeqRankOne | None = None,
+    bonus: jax.Array | None = None,
+    readout: str = "inclusive",
 ) -> tuple[SeqValues, State]:
     """Chunked SSD scan of ``S_t = exp(log_a_t) * S_{t-1} + x_t ⊗ b_t``, ``y_t = S_t · c_t``.
 
@@ -83,6 +86,16 @@ def ssd_scan(
             transition at a document's first token is dropped, rank-one term included).
         w, u: optional rank-one factors, both (batch, seq, G, N) (per group, like ``b``) or both
             (batch, seq, H, N) (per head); absent: the diagonal kinds, exactly as without them.
+        bonus: optional (H, N) (constant over time and batch, RWKV-6's ``u``) or (batch, seq, H, N):
+            adds the current token's own term ``y_t += ((bonus ⊙ c_t)·b_t) x_t`` (step t only, so it
+            never crosses a reset).
+        readout: ``"inclusive"`` (default, ``y_t = S_t c_t``) or ``"exclusive"`` (``y_t = S_{t-1} c_t``:
+            the state before step t; ``initial_state`` (or zero) at t = 0, zero at a document's first
+            token under ``segment_ids``). RWKV-6 is the exclusive readout plus the bonus with a per-channel
+            decay: ``x = v``, ``b = k``, ``c = r``, ``log_a = -exp(ω)``, ``bonus = u`` (our state is the
+            transpose of RWKV's (K, V) wkv state). Both work for every kind (rank-one included) and in
+            :func:`ssdkit.ssd_step`, :func:`ssdkit.ssd_verify` and :func:`ssdkit.ssd_reference`, but not
+            yet under a mesh that splits the sequence or heads (ValueError).
 
     Returns:
         ``(y, final_state)``: y (batch, seq, H, P) in ``x.dtype``; final_state (batch, H, P, N) in
@@ -96,6 +109,12 @@ def ssd_scan(
     """
     spec = Recurrence.from_inputs(x, log_a, b, chunk_size=chunk_size, w=w, u=u)
     spec.check_scan_inputs(x, log_a, b, c, initial_state, segment_ids, w=w, u=u)
+    exclusive = check_readout(spec, readout, bonus, np.shape(x)[:2])
+    if exclusive or bonus is not None:
+        if scan_active(spec.num_heads):
+            raise ValueError("ssd_scan's exclusive readout and bonus are not supported under a mesh that splits "
+                             "the sequence or the heads yet; run it outside the mesh (or without readout/bonus)")
+        return chunked_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u, bonus, exclusive=exclusive)
     if scan_active(spec.num_heads):  # traced under a mesh with a seq or model axis: split over them
         return sharded_ssd_scan(spec, x, log_a, b, c, initial_state, segment_ids, w, u)
     if spec.has_rank_one:

@@ -17,15 +17,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ssdkit._typing import State, StepKeys, StepLogDecay, StepRankOne, StepValues
-from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
+from ssdkit.core.chunked import bonus_term
+from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence, check_readout
 from ssdkit.dtypes import accumulation_dtype
 
 
 def ssd_step(
     state: State, x: StepValues, log_a: StepLogDecay, b: StepKeys, c: StepKeys, *,
     w: StepRankOne | None = None, u: StepRankOne | None = None,
+    bonus: jax.Array | None = None, readout: str = "inclusive",
 ) -> tuple[StepValues, State]:
     """One step: ``S' = exp(log_a) * S + x ⊗ b``, ``y = S' · c``. Cost O(H·P·N), independent of time.
 
@@ -38,19 +41,27 @@ def ssd_step(
         b, c: (batch, G, N) keys and queries; head h reads group ``h // (H // G)``.
         w, u: optional rank-one factors, both (batch, G, N) or both (batch, H, N) (see
             :func:`ssdkit.ssd_scan` for the convention and the delta-rule mappings).
+        bonus: optional (H, N) or (batch, H, N): ``y += ((bonus ⊙ c)·b) x`` (RWKV-6's ``u``).
+        readout: ``"inclusive"`` (``y = S' · c``, default) or ``"exclusive"`` (``y = S · c``, the state
+            before the update, as RWKV-6 reads it).
 
     Returns:
         ``(y, new_state)``: y (batch, H, P) in ``x.dtype``; new_state with ``state``'s shape and dtype.
     """
     spec = Recurrence.from_inputs(x, log_a, b, step=True, w=w, u=u)
     spec.check_step_inputs(state, x, log_a, b, c, w=w, u=u)
+    exclusive = check_readout(spec, readout, bonus, np.shape(x)[:1])
+    if exclusive or bonus is not None:
+        if spec.has_rank_one:
+            return _step_rank_one(spec, state, x, log_a, b, c, w, u, bonus, exclusive=exclusive)
+        return _step(spec, state, x, log_a, b, c, bonus, exclusive=exclusive)
     if spec.has_rank_one:
         return _step_rank_one(spec, state, x, log_a, b, c, w, u)
     return _step(spec, state, x, log_a, b, c)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step(spec: Recurrence, state, x, log_a, b, c):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("exclusive",))
+def _step(spec: Recurrence, state, x, log_a, b, c, bonus=None, exclusive=False):
     batch = x.shape[0]
     h, p, n, g, r = spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
     acc = accumulation_dtype(state.dtype, x.dtype, log_a.dtype, b.dtype, c.dtype)
@@ -62,13 +73,16 @@ def _step(spec: Recurrence, state, x, log_a, b, c):
     # The readout on the canonical (batch·G, R·P, N) view; XLA drops a unit batch axis, so none is kept.
     z = batch * g
     lead = (z,) if z > 1 else ()
-    y = jnp.einsum("...kn,...n->...k", s.reshape(*lead, r * p, n), c.astype(acc).reshape(*lead, n),
+    read = state.astype(acc) if exclusive else s  # exclusive: the state before the update
+    y = jnp.einsum("...kn,...n->...k", read.reshape(*lead, r * p, n), c.astype(acc).reshape(*lead, n),
                    preferred_element_type=acc)
+    if bonus is not None:
+        return (y.reshape(batch, h, p) + bonus_term(spec, x, b, c, bonus, acc)).astype(x.dtype), s.astype(state.dtype)
     return y.reshape(batch, h, p).astype(x.dtype), s.astype(state.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _step_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("exclusive",))
+def _step_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u, bonus=None, exclusive=False):
     batch = x.shape[0]
     h, n, r = spec.num_heads, spec.state_dim, spec.heads_per_group
     acc = accumulation_dtype(state.dtype, x.dtype, log_a.dtype, b.dtype, c.dtype, w.dtype, u.dtype)
@@ -84,5 +98,7 @@ def _step_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u):
     sw = jnp.einsum("bhpn,bhn->bhp", s0, heads(w, per_group), preferred_element_type=acc)  # S_{t-1} w_t
     s = (decay * s0 + sw[..., None] * heads(u, per_group)[:, :, None, :]
          + x.astype(acc)[..., None] * heads(b)[:, :, None, :])
-    y = jnp.einsum("bhpn,bhn->bhp", s, heads(c), preferred_element_type=acc)
+    y = jnp.einsum("bhpn,bhn->bhp", s0 if exclusive else s, heads(c), preferred_element_type=acc)
+    if bonus is not None:
+        y = y + bonus_term(spec, x, b, c, bonus, acc)
     return y.astype(x.dtype), s.astype(state.dtype)
