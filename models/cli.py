@@ -477,15 +477,17 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
                                help="a .toml or .json file with the same option names (flags given here win)")
     for f in dataclasses.fields(TrainRunConfig):
         group, text = HELP[f.name]
+        if f.default is dataclasses.MISSING:
+            text += " (required, here or in --config)"
+        elif f.default is not None:
+            text += f" (default {f.default})"
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool",):
             groups[group].add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                        help=text)
             continue
         kind = {"int": int, "float": float}.get(f.type, str)
-        groups[group].add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
-                                   help=text + (" (required, here or in --config)"
-                                                if f.default is dataclasses.MISSING else ""))
+        groups[group].add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=text)
 
 
 TRAIN_EXAMPLES = """examples:

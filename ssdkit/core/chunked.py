@@ -139,6 +139,30 @@ def shift_rows(decay):
     return jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)
 
 
+def decayed_scores(left, right, decay, diagonal: bool, acc):
+    """``[t, s] = Σ_n left[t, n] right[s, n] decay[(n,) t, s]``: (k, Q, Q) from ``left, right`` (k, Q, N) and a
+    decay matrix (k, Q, Q), or (k, N, Q, Q) per state channel (the rank-one kind's score matrices)."""
+    if diagonal:
+        return jnp.einsum("kln,ksn,knls->kls", left, right, decay, preferred_element_type=acc)
+    return jnp.einsum("kln,ksn->kls", left, right, preferred_element_type=acc) * decay
+
+
+def _outputs(spec: Recurrence, y, final, x, b, c, initial_state, segment_ids, bonus, exclusive: bool, acc):
+    """Both kernels' results: ``y`` from chunk-major (batch·chunks·G·R, Q, P) to (batch, seq, H, P) in
+    ``x.dtype`` (the exclusive readout's resets and the bonus applied), ``final`` to (batch, H, P, N) in the
+    accumulation dtype or ``initial_state.dtype``."""
+    batch, seq = x.shape[:2]
+    h, p, n, g, r, q = (spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group,
+                        spec.chunk_size)
+    n_chunks = -(-seq // q)
+    y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
+    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq]
+    if exclusive or bonus is not None:
+        y = finish_readout(spec, y, x, b, c, segment_ids, bonus, exclusive, acc)
+    final_dtype = acc if initial_state is None else initial_state.dtype
+    return y.astype(x.dtype), final.reshape(batch, h, p, n).astype(final_dtype)
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("exclusive",))
 def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w=None, u=None,
                  bonus=None, exclusive=False):
@@ -162,7 +186,7 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
     # size-1 batch dimensions. Axis letters: z = (batch, chunk, group) merged, r = head within the group,
     # l/s = target/source position in the chunk, p = head dim, n = state dim.
     batch, seq = x.shape[:2]
-    h, p, n, g, r = spec.num_heads, spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
+    p, n, g, r = spec.head_dim, spec.state_dim, spec.num_groups, spec.heads_per_group
     q = spec.chunk_size
     diagonal = spec.decay is DecayKind.DIAGONAL
     state_dtypes = () if initial_state is None else (initial_state.dtype,)
@@ -247,13 +271,7 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
         y_off = jnp.moveaxis(y_off * jnp.swapaxes(in_decay, 1, 2)[..., None], 2, 1)  # (z, r, l, p)
     y = y + y_off
 
-    y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
-    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq]
-    if exclusive or bonus is not None:
-        y = finish_readout(spec, y, x_in, b_in, c_in, segment_ids, bonus, exclusive, acc)
-    y = y.astype(x_in.dtype)
-    final_dtype = acc if initial_state is None else initial_state.dtype
-    return y, final.reshape(batch, h, p, n).astype(final_dtype)
+    return _outputs(spec, y, final, x_in, b_in, c_in, initial_state, segment_ids, bonus, exclusive, acc)
 
 
 # ------------------------------------------------------------------------------ diagonal plus rank one
@@ -353,13 +371,11 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
     before = jnp.concatenate([jnp.zeros_like(prefix[..., :1]), prefix[..., :-1]], axis=-1)  # log Γ_{t-1}
     total = prefix[..., -1]
     decay = decay_matrix(at)  # Γ_t/Γ_s for t >= s: (k, l, s) or (k, n, l, s)
-    shifted = jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)  # Γ_{t-1}/Γ_s, s < t
+    shifted = shift_rows(decay)  # Γ_{t-1}/Γ_s, s < t
     to_end = per_position(jnp.exp(_suffix_sums(at)))  # Γ_Q/Γ_s
 
-    def scores(left, right, dec):  # [t, s] = Σ_n left[t, n] right[s, n] dec[(n,) t, s]
-        if diagonal:
-            return mm("kln,ksn,knls->kls", left, right, dec)
-        return mm("kln,ksn->kls", left, right) * dec
+    def scores(left, right, dec):
+        return decayed_scores(left, right, dec, diagonal, acc)
 
     read, read_prefix = (shifted, before) if exclusive else (decay, prefix)  # Γ_{t-1} or Γ_t
     y_bc = scores(ch, bh, read)  # (k, l, s)
@@ -391,10 +407,4 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
     entering = jnp.moveaxis(entering, 0, 1).reshape(k, p, n)  # state entering each chunk
     y = y + mm("kln,kpn->klp", c_state, entering)
 
-    y = jnp.moveaxis(y.reshape(batch, n_chunks, g, r, q, p), 4, 2)  # (batch, chunk, l, g, r, p)
-    y = y.reshape(batch, n_chunks * q, h, p)[:, :seq]
-    if exclusive or bonus is not None:
-        y = finish_readout(spec, y, x_in, b_in, c_in, segment_ids, bonus, exclusive, acc)
-    y = y.astype(x_in.dtype)
-    final_dtype = acc if initial_state is None else initial_state.dtype
-    return y, final.reshape(batch, h, p, n).astype(final_dtype)
+    return _outputs(spec, y, final, x_in, b_in, c_in, initial_state, segment_ids, bonus, exclusive, acc)

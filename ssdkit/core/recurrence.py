@@ -34,6 +34,17 @@ import numpy as np
 from ssdkit.dtypes import check_floating, check_integer, is_concrete, readable
 
 
+def _member(kind: type[enum.Enum], value, what: str):
+    """``value`` as a member of the enum ``kind`` (a member, or its value); ValueError listing the options."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        options = ", ".join(repr(k.value) for k in kind)
+        raise ValueError(f"unknown {what} {value!r}; expected one of {options}") from None
+
+
 class DecayKind(enum.Enum):
     """How the decay is structured."""
 
@@ -42,13 +53,7 @@ class DecayKind(enum.Enum):
 
     @classmethod
     def resolve(cls, value: DecayKind | str) -> DecayKind:
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            options = ", ".join(repr(k.value) for k in cls)
-            raise ValueError(f"unknown decay kind {value!r}; expected one of {options}") from None
+        return _member(cls, value, "decay kind")
 
 
 class RankOne(enum.Enum):
@@ -60,15 +65,7 @@ class RankOne(enum.Enum):
 
     @classmethod
     def resolve(cls, value: RankOne | str | None) -> RankOne:
-        if value is None:
-            return cls.NONE
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            options = ", ".join(repr(k.value) for k in cls)
-            raise ValueError(f"unknown rank-one kind {value!r}; expected one of {options}") from None
+        return cls.NONE if value is None else _member(cls, value, "rank-one kind")
 
 
 def _shape(arr) -> tuple[int, ...]:

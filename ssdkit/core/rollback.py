@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, Float, Integer
 
 from ssdkit._typing import ConvWindow, SeqKeys, SeqLogDecay, SeqRankOne, SeqValues, State
-from ssdkit.core.chunked import bonus_term, decay_matrix, shift_rows, unit_lower_solve
+from ssdkit.core.chunked import bonus_term, decay_matrix, decayed_scores, shift_rows, unit_lower_solve
 from ssdkit.core.conv_kernels import window_at
 from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence, check_readout
 from ssdkit.core.scan import ssd_scan
@@ -225,18 +225,16 @@ def _verify_rank_one(spec: Recurrence, state, x, log_a, b, c, w, u, bonus=None, 
     prefix = jnp.cumsum(at, axis=-1)  # log Γ_t
     before = jnp.concatenate([jnp.zeros_like(prefix[..., :1]), prefix[..., :-1]], axis=-1)  # log Γ_{t-1}
     decay = decay_matrix(at)  # Γ_t/Γ_s, t >= s: (z, l, s) or (z, n, l, s)
-    shifted = jnp.concatenate([jnp.zeros_like(decay[..., :1, :]), decay[..., :-1, :]], axis=-2)  # Γ_{t-1}/Γ_s, s < t
+    shifted = shift_rows(decay)  # Γ_{t-1}/Γ_s, s < t
 
-    def scores(left, right, dec):  # [t, s] = Σ_n left[t, n] right[s, n] dec[(n,) t, s]
-        if diagonal:
-            return mm("kln,ksn,knls->kls", left, right, dec)
-        return mm("kln,ksn->kls", left, right) * dec
+    def scores(left, right, dec):
+        return decayed_scores(left, right, dec, diagonal, acc)
 
     l_uw = scores(wh, uh, shifted)  # strictly lower
     l_bw = scores(wh, bh, shifted)
     rhs = mm("kpn,ktn->ktp", s0, wh * per_position(jnp.exp(before))) + mm("kts,ksp->ktp", l_bw, xh)
     hh = unit_lower_solve(l_uw, rhs, acc)  # (z, k, p): h_t = S_{t-1} w_t
-    read, read_prefix = (shift_rows(decay), before) if exclusive else (decay, prefix)  # y_t = S_{t-1} c_t
+    read, read_prefix = (shifted, before) if exclusive else (decay, prefix)  # y_t = S_{t-1} c_t
     y = (mm("kpn,kln->klp", s0, ch * per_position(jnp.exp(read_prefix)))
          + mm("kls,ksp->klp", scores(ch, bh, read), xh) + mm("kls,ksp->klp", scores(ch, uh, read), hh))
 
