@@ -371,16 +371,16 @@ def cmd_demo(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from ssdkit import Greedy, generate
-    from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
+    from ssdkit import Greedy, LMConfig, MixerLM, generate
+    from ssdkit.models.toy import GLA, Retention
 
     _positive_ints("--prompt-len", args.prompt_len)
     _positive_ints("--max-new-tokens", args.max_new_tokens)
     _enable_compilation_cache()
     for name, mixer, conv in (("retention (scalar decay)", Retention(), 1), ("GLA (diagonal decay)", GLA(), 4)):
-        cfg = ToyConfig(vocab_size=256, d_model=128, n_layer=4, num_heads=4, head_dim=32, state_dim=32,
+        cfg = LMConfig(vocab_size=256, d_model=128, n_layer=4, num_heads=4, head_dim=32, state_dim=32,
                         chunk_size=64, conv_kernel=conv)
-        model = ToyLM(cfg, mixer)
+        model = MixerLM(cfg, mixer)
         params = model.init(jax.random.key(args.seed))
         prompt = jax.random.randint(jax.random.key(1), (1, args.prompt_len), 0, cfg.vocab_size, jnp.int32)
         prefill = jax.jit(model.prefill)

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import ssdkit
+from ssdkit import MixerLM
 from ssdkit.core.layers import REMAT_POLICIES
-from ssdkit.models import corpus, mamba2, text
+from ssdkit.models import archs, corpus, mamba2, text
 from ssdkit.models.corpus import CorpusManifest
 from ssdkit.models.text import Document
-from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
 from ssdkit.training.data import ByteTokenizer, PackedRows, RowSampler, pack_documents, split_documents
 from ssdkit.training.step import warmup_cosine
 
@@ -43,7 +43,6 @@ FLOAT_RANGES = (("lr", 0.0, 1.0, True), ("min_lr_ratio", 0.0, 1.0, True), ("weig
                 ("clip_norm", 0.0, math.inf, False), ("b1", 0.0, 1.0, False), ("b2", 0.0, 1.0, False),
                 ("held_out", 0.0, 1.0, False))
 POSITIVE = frozenset({"lr", "clip_norm"})
-ARCHS = ("mamba2", "retention", "gla")
 
 
 #: ``ssdkit train --help``: each TrainRunConfig field's group and one line (tests/test_training_cli.py checks
@@ -57,7 +56,8 @@ HELP = {
     "errors": ("data", "with --tokenizer: undecodable bytes: strict (refuse, naming file and offset), replace, "
                        "ignore"),
     "held_out": ("data", "fraction of the documents held out for evaluation, in [0, 1)"),
-    "arch": ("model", "mamba2, or a toy recurrence for comparisons: retention, gla"),
+    "arch": ("model", "mamba2; a shipped mixer (retention, gla, ...: ssdkit.models.archs.MIXERS); or "
+                     "package.module:Class, your own ssdkit.Mixer"),
     "model": ("model", "a Mamba-2 preset (130m, 370m, ...) instead of the shape flags"),
     "init_from": ("model", "a checkpoint folder to start from (its weights and shape)"),
     "d_model": ("model", "width of the residual stream"),
@@ -103,7 +103,7 @@ class TrainRunConfig:
     doc_separator: str | None = None  # split a single text file into documents at this string
     encoding: str = "utf-8"  # with a tokenizer.json: how files are decoded to text (the byte tokenizer reads bytes)
     errors: str = "strict"  # with a tokenizer.json: what undecodable bytes do (strict: refuse, naming file and offset)
-    arch: str = "mamba2"  # mamba2, or a toy recurrence for comparisons: retention, gla (ssdkit.models.toy)
+    arch: str = "mamba2"  # mamba2, a shipped mixer's name (ssdkit.models.archs), or package.module:Class
     model: str | None = None  # a preset ("130m", ...); None: a small model from the flags below
     init_from: str | None = None  # a checkpoint directory to continue from (weights and config)
     d_model: int = 128
@@ -206,14 +206,11 @@ class TrainRunConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         text.check_decoding(self.encoding, self.errors)
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        archs.check_arch(self.arch)
         if self.mesh is not None:
             from ssdkit.sharding import parse_mesh
 
             parse_mesh(self.mesh)
-        if self.arch != "mamba2" and self.mesh is not None:
-            raise ValueError(f"--mesh trains Mamba-2 (ssdkit.models.mamba2.sharding): not arch={self.arch}")
         if self.arch != "mamba2" and (self.model is not None or self.init_from is not None):
             raise ValueError(f"--model and --init-from are Mamba-2 checkpoints: not for arch={self.arch}")
         if self.batch_size % self.micro_batches:
@@ -324,15 +321,11 @@ def _model(cfg: TrainRunConfig, vocab_size: int):
                              f"tokenizer's {vocab_size}")
         return params, mcfg
     if cfg.arch != "mamba2":
-        # The toys on the same shape flags: heads of `headdim` channels over expand·d_model, the same
-        # state size and groups; GLA with Mamba-2's conv width, retention without a conv.
-        if cfg.expand * cfg.d_model % cfg.headdim:
-            raise ValueError(f"expand·d_model = {cfg.expand * cfg.d_model} must be a multiple of headdim={cfg.headdim}")
-        toy_cfg = ToyConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer,
-                            num_heads=cfg.expand * cfg.d_model // cfg.headdim, head_dim=cfg.headdim,
-                            state_dim=cfg.d_state, num_groups=cfg.ngroups, chunk_size=cfg.chunk_size,
-                            conv_kernel=4 if cfg.arch == "gla" else 1)
-        model = ToyLM(toy_cfg, GLA() if cfg.arch == "gla" else Retention())
+        # A mixer on the same shape flags: heads of `headdim` channels over expand·d_model, the same state
+        # size, groups and conv width (ssdkit.models.archs.lm_config).
+        lm_cfg = archs.lm_config(vocab_size=vocab_size, d_conv=mamba2.Mamba2Config.d_conv,
+                                 **{k: getattr(cfg, k) for k in MODEL_FLAGS})
+        model = MixerLM(lm_cfg, archs.mixer(cfg.arch))
         return model.init(jax.random.key(cfg.seed)), model
     if cfg.model is not None:
         mcfg = dataclasses.replace(mamba2.Mamba2Config.preset(cfg.model), vocab_size=vocab_size)
@@ -363,34 +356,47 @@ class _Mamba2Family:
     def save(params, mcfg: mamba2.Mamba2Config, folder: Path) -> None:
         mamba2.save_checkpoint(params, mcfg, folder)
 
+    @staticmethod
+    def check_mesh(mcfg: mamba2.Mamba2Config, mesh) -> None:
+        from ssdkit.models.mamba2 import sharding as mamba2_sharding
 
-class _ToyFamily:
-    """What the loop needs of a toy recurrence (``mcfg`` is the :class:`ToyLM` itself)."""
+        mamba2_sharding.config_check(mcfg, mesh)
 
     @staticmethod
-    def vocab_size(mcfg: ToyLM) -> int:
+    def param_specs(params, mcfg: mamba2.Mamba2Config, mesh):
+        from ssdkit.models.mamba2 import sharding as mamba2_sharding
+
+        return mamba2_sharding.param_specs(params, mesh)
+
+
+class _MixerFamily:
+    """What the loop needs of a mixer model (``mcfg`` is the :class:`ssdkit.MixerLM` itself)."""
+
+    @staticmethod
+    def vocab_size(mcfg: MixerLM) -> int:
         return mcfg.cfg.vocab_size
 
     @staticmethod
-    def loss(params, mcfg: ToyLM, tokens, segment_ids, remat: str):
+    def loss(params, mcfg: MixerLM, tokens, segment_ids, remat: str):
         return mcfg.loss(params, tokens, segment_ids=segment_ids, remat=remat)
 
     @staticmethod
-    def save(params, mcfg: ToyLM, folder: Path) -> None:
-        """Safetensors, one tensor per PyTree path, and the config (toy.json)."""
-        from ssdkit.tensor_files import save_safetensors
+    def save(params, mcfg: MixerLM, folder: Path) -> None:
+        """Safetensors, one tensor per PyTree path, and mixer.json (``ssdkit.models.archs.save_checkpoint``)."""
+        archs.save_checkpoint(params, mcfg, folder)
 
-        folder.mkdir(parents=True, exist_ok=True)
-        flat = {jax.tree_util.keystr(path).lstrip("."): np.asarray(leaf)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-        save_safetensors(flat, folder / "model.safetensors")
-        (folder / "toy.json").write_text(json.dumps({"mixer": type(mcfg.mixer).__name__,
-                                                     **dataclasses.asdict(mcfg.cfg)}, indent=2) + "\n")
+    @staticmethod
+    def check_mesh(mcfg: MixerLM, mesh) -> None:
+        mcfg.check_mesh(mesh)
+
+    @staticmethod
+    def param_specs(params, mcfg: MixerLM, mesh):
+        return mcfg.param_specs(params, mesh)
 
 
 def _family(mcfg):
     """The one place that tells the model families apart."""
-    return _ToyFamily if isinstance(mcfg, ToyLM) else _Mamba2Family
+    return _MixerFamily if isinstance(mcfg, MixerLM) else _Mamba2Family
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -411,12 +417,13 @@ def evaluate(params, mcfg, rows: PackedRows, *, batch_size: int, max_rows: int) 
 def _on_mesh(cfg: TrainRunConfig, mcfg, state, optimizer, log):
     """Place the train state on ``cfg.mesh``: (state, the step's shardings, the batches' placement)."""
     from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from ssdkit import sharding
-    from ssdkit.models.mamba2 import sharding as mamba2_sharding
 
     mesh = sharding.make_mesh(cfg.mesh)
-    mamba2_sharding.config_check(mcfg, mesh)
+    family = _family(mcfg)
+    family.check_mesh(mcfg, mesh)
     rows = sharding.batch_size_multiple(mesh)
     if (cfg.batch_size // cfg.micro_batches) % rows:
         raise ValueError(f"--mesh {cfg.mesh} splits a batch's rows {rows} ways: batch_size / micro_batches = "
@@ -424,7 +431,9 @@ def _on_mesh(cfg: TrainRunConfig, mcfg, state, optimizer, log):
     if cfg.seq_len % mesh.shape["seq"]:
         raise ValueError(f"--mesh {cfg.mesh} splits a row's positions {mesh.shape['seq']} ways: seq_len "
                          f"{cfg.seq_len} must be a multiple of {mesh.shape['seq']}")
-    specs = mamba2_sharding.train_state_specs(state, optimizer, mesh)
+    param_specs = family.param_specs(state.params, mcfg, mesh)
+    specs = type(state)(step=P(), params=param_specs, skipped=P(),
+                        opt_state=sharding.optimizer_specs(optimizer, state.opt_state, param_specs))
     state = sharding.place(state, mesh, specs)
     batch_spec = sharding.sequence_spec(2)  # rows over (data, fsdp), positions over seq
     shardings = (sharding.named(mesh, specs), NamedSharding(mesh, batch_spec))
@@ -736,7 +745,7 @@ def _quiet(message: str) -> None:
     """The log of processes other than 0."""
 
 
-def make_step(mcfg: mamba2.Mamba2Config | ToyLM, optimizer, *, remat: str = "none", micro_batches: int = 1,
+def make_step(mcfg: mamba2.Mamba2Config | MixerLM, optimizer, *, remat: str = "none", micro_batches: int = 1,
               compute_dtype: str = "float32", shardings=None):
     """The jitted training step of ``ssdkit train`` (and ``ssdkit bench --train``) on batches
     ``(tokens, segment_ids)``, each (batch, seq) int32: ``ssdkit.make_train_step`` over ``mamba2.loss``."""

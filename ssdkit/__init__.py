@@ -9,12 +9,15 @@ Core primitives (one JAX source for CPU, GPU and TPU):
   prefix of them (speculative decoding's rollback, ``ssdkit.core.rollback``);
 * :func:`generate` — the compiled generation loop, plain or speculative (:class:`Speculative` with
   :class:`PromptLookup`, :class:`DraftModel` or your own :class:`DraftSource`, ``ssdkit.inference``);
-* :class:`Recurrence` — the structural conditions, with input validation.
+* :class:`Recurrence` — the structural conditions, with input validation;
+* :class:`Mixer` / :class:`MixerLM` — a layer written once against :class:`LayerOps` (its convs and scan),
+  made a language model with prefill, decode, speculative verify/commit, training loss and mesh rules.
 """
 
 from ssdkit.core.cache import RecurrentCache
 from ssdkit.core.conv import causal_conv1d, causal_conv1d_step
 from ssdkit.core.layers import scan_layers, stack, unstack
+from ssdkit.core.mixer import LayerOps, Mixer
 from ssdkit.core.norm import gated_rms_norm, rms_norm
 from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.core.reference import ssd_reference
@@ -26,6 +29,7 @@ from ssdkit.inference.drafts import DraftModel, DraftSource, PromptLookup, Specu
 from ssdkit.inference.loop import generate, generate_stream, lower_generate
 from ssdkit.inference.protocol import GenerationResult, LanguageModel, SpeculationStats, SpeculativeModel
 from ssdkit.inference.sampling import Greedy, Sample, make_sampler
+from ssdkit.lm import LMConfig, MixerLM
 from ssdkit.training.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
 from ssdkit.training.step import StepMetrics, TrainState, adamw, make_train_step
 
@@ -37,7 +41,11 @@ __all__ = [
     "GenerationResult",
     "Greedy",
     "LanguageModel",
+    "LayerOps",
+    "LMConfig",
     "LossMetrics",
+    "Mixer",
+    "MixerLM",
     "PromptLookup",
     "RankOne",
     "RecurrentCache",

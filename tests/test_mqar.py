@@ -14,9 +14,10 @@ import jax
 import numpy as np
 import pytest
 
+from ssdkit import LMConfig, MixerLM
 from ssdkit.models import mamba2
 from ssdkit.models.tasks.mqar import mqar_batch, mqar_seq_len, mqar_vocab_size
-from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
+from ssdkit.models.toy import GLA, Retention
 from ssdkit.training.step import TrainState, adamw, make_train_step
 
 TASK = dict(num_pairs=4, num_queries=4, key_vocab=16, value_vocab=16)  # 16 tokens a row, chance 1/16
@@ -120,7 +121,7 @@ def test_mamba2_reaches_99_percent_query_accuracy(request):
 def test_toy_recurrences_train_on_mqar(mixer, request):
     """Same task, same step, a smaller budget; no accuracy bar (retention has no conv to bind a value to
     its key), only that training ran and moved off chance."""
-    lm = ToyLM(ToyConfig(vocab_size=VOCAB, conv_kernel=4 if mixer == "gla" else 1),
+    lm = MixerLM(LMConfig(vocab_size=VOCAB, conv_kernel=4 if mixer == "gla" else 1),
                Retention() if mixer == "retention" else GLA())
     loss_fn = lambda p, b: lm.loss(p, b[0], loss_mask=b[1])  # noqa: E731
     state, last, held_out = train_on_mqar(loss_fn, lm.init(jax.random.key(0)), steps=TOY_STEPS)

@@ -6,14 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from ssdkit.models.toy import GLA, Retention, ToyConfig, ToyLM
+from ssdkit import LMConfig, MixerLM
+from ssdkit.models.toy import GLA, Retention
 from tests.helpers import assert_close
 
 MODELS = {
-    "retention": ToyLM(ToyConfig(vocab_size=40, num_heads=4, num_groups=4, chunk_size=8), Retention()),
-    "retention-shared-keys": ToyLM(ToyConfig(vocab_size=40, num_heads=4, num_groups=1, chunk_size=5),
+    "retention": MixerLM(LMConfig(vocab_size=40, num_heads=4, num_groups=4, chunk_size=8), Retention()),
+    "retention-shared-keys": MixerLM(LMConfig(vocab_size=40, num_heads=4, num_groups=1, chunk_size=5),
                                    Retention()),
-    "gla": ToyLM(ToyConfig(vocab_size=40, num_heads=2, num_groups=2, chunk_size=8, conv_kernel=4), GLA()),
+    "gla": MixerLM(LMConfig(vocab_size=40, num_heads=2, num_groups=2, chunk_size=8, conv_kernel=4), GLA()),
 }
 # One scalar-decay mixer (4 groups) and the diagonal-decay one with a conv by default; retention with shared
 # keys (one group, chunks of 5) runs the same mixer through the core's group handling (test_scan): long.
@@ -21,9 +22,9 @@ NAMES = ["gla", "retention", pytest.param("retention-shared-keys", marks=pytest.
 
 # The model's methods are plain functions: jit each once (static model), so that a test compiles one
 # program per shape rather than every operation on its own; both tests below share these programs.
-FORWARD = jax.jit(ToyLM.forward, static_argnums=0)
-PREFILL = jax.jit(ToyLM.prefill, static_argnums=0)
-DECODE = jax.jit(ToyLM.decode, static_argnums=0)
+FORWARD = jax.jit(MixerLM.forward, static_argnums=0)
+PREFILL = jax.jit(MixerLM.prefill, static_argnums=0)
+DECODE = jax.jit(MixerLM.decode, static_argnums=0)
 PREFIX = 10
 
 
@@ -81,10 +82,10 @@ def test_chunked_prefill_continues_the_cache(name):
 
 
 def test_the_default_initialisation_starts_near_chance():
-    """ToyConfig's default embedding scale is the working one (0.02, as Mamba-2's and `ssdkit train`'s):
+    """LMConfig's default embedding scale is the working one (0.02, as Mamba-2's and `ssdkit train`'s):
     the first loss of a 16-token vocabulary is about ln 16 = 2.77 nats (with 1.0 and a tied head it was
     17.8, and training stalled)."""
-    model = ToyLM(ToyConfig(vocab_size=16), Retention())
+    model = MixerLM(LMConfig(vocab_size=16), Retention())
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 16)
     loss, _ = jax.jit(model.loss)(model.init(jax.random.key(0)), tokens)
     assert abs(float(loss) - np.log(16)) < 0.1, float(loss)

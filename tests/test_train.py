@@ -21,7 +21,6 @@ import pytest
 import ssdkit
 from ssdkit.models import bench, mamba2, training
 from ssdkit.models.toy import gla, retention
-from ssdkit.models.toy.lm import ToyConfig, ToyLM
 from ssdkit.training.step import TrainState, adamw, cast_matrices, decay_mask, make_train_step, warmup_cosine
 from tests.helpers import TINY_TRAIN_BATCH, TINY_TRAIN_MODEL, assert_close
 
@@ -207,7 +206,7 @@ def test_one_step_function_trains_every_model(model):
         loss_fn = functools.partial(lambda p, t, cfg: mamba2.loss(p, cfg, t), cfg=cfg)
     else:
         mixer = retention.Retention() if model == "retention" else gla.GLA()
-        lm = ToyLM(ToyConfig(vocab_size=vocab), mixer)
+        lm = ssdkit.MixerLM(ssdkit.LMConfig(vocab_size=vocab), mixer)
         params = lm.init(jax.random.key(0))
         loss_fn = lm.loss
     _, losses = _train(loss_fn, params, batches, lr=1e-2)

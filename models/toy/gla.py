@@ -18,7 +18,6 @@ import ssdkit
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GLALayer:
-    norm: jax.Array  # (d_model,)
     wq: jax.Array  # (d_model, G·N)
     wk: jax.Array  # (d_model, G·N)
     wv: jax.Array  # (d_model, H·P)
@@ -44,25 +43,21 @@ class GLA:
         d, gn, hp = cfg.d_model, cfg.num_groups * cfg.state_dim, cfg.num_heads * cfg.head_dim
         init = jax.nn.initializers.lecun_normal()
         conv = jax.random.uniform(ks[5], (cfg.conv_kernel, hp), minval=-0.5, maxval=0.5)
-        return GLALayer(jnp.ones((d,)), init(ks[0], (d, gn)), init(ks[1], (d, gn)), init(ks[2], (d, hp)),
+        return GLALayer(init(ks[0], (d, gn)), init(ks[1], (d, gn)), init(ks[2], (d, hp)),
                         init(ks[3], (d, cfg.num_heads * cfg.state_dim)), conv, jnp.ones((hp,)),
                         init(ks[4], (hp, d)))
 
-    def __call__(self, cfg, lp: GLALayer, h, cache: ssdkit.RecurrentCache, *, step: bool, segment_ids=None):
+    def head_axes(self, cfg) -> GLALayer:
+        """The axis of each array split by head over a mesh's ``model`` axis (queries and keys are per
+        group: replicated)."""
+        return GLALayer(wq=None, wk=None, wv=1, wg=1, conv_w=1, out_norm=0, wo=0)
+
+    def __call__(self, cfg, lp: GLALayer, h, ops: ssdkit.LayerOps):
         lead = h.shape[:-1]
         q = (h @ lp.wq).reshape(*lead, cfg.num_groups, cfg.state_dim)
         k = (h @ lp.wk).reshape(*lead, cfg.num_groups, cfg.state_dim) * cfg.state_dim**-0.5
-        if step:
-            v, window = ssdkit.causal_conv1d_step(h @ lp.wv, lp.conv_w, None, cache.conv)
-        else:
-            v, window = ssdkit.causal_conv1d(h @ lp.wv, lp.conv_w, None, window=cache.conv, segment_ids=segment_ids)
-        v = jax.nn.silu(v).reshape(*lead, cfg.num_heads, cfg.head_dim)
+        v = jax.nn.silu(ops.conv(h @ lp.wv, lp.conv_w)).reshape(*lead, cfg.num_heads, cfg.head_dim)
         log_a = jax.nn.log_sigmoid(h @ lp.wg).reshape(*lead, cfg.num_heads, cfg.state_dim)
-        log_a = log_a / self.gate_temperature
-        if step:
-            y, state = ssdkit.ssd_step(cache.state, v, log_a, k, q)
-        else:
-            y, state = ssdkit.ssd_scan(v, log_a, k, q, chunk_size=cfg.chunk_size, initial_state=cache.state,
-                                       segment_ids=segment_ids)
+        y = ops.scan(v, log_a / self.gate_temperature, k, q)
         y = ssdkit.rms_norm(y.reshape(*lead, -1), lp.out_norm, eps=cfg.norm_eps)
-        return y @ lp.wo, ssdkit.RecurrentCache(conv=window, state=state)
+        return y @ lp.wo

@@ -16,7 +16,6 @@ import ssdkit
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RetentionLayer:
-    norm: jax.Array  # (d_model,)
     wq: jax.Array  # (d_model, G·N)
     wk: jax.Array  # (d_model, G·N)
     wv: jax.Array  # (d_model, H·P)
@@ -30,27 +29,24 @@ class Retention:
                                  "scalar", cfg.chunk_size)
 
     def conv_channels(self, cfg) -> int:
-        return cfg.num_heads * cfg.head_dim
+        return 0  # no short conv
 
     def init_layer(self, cfg, key) -> RetentionLayer:
         kq, kk, kv, ko = jax.random.split(key, 4)
         d, gn, hp = cfg.d_model, cfg.num_groups * cfg.state_dim, cfg.num_heads * cfg.head_dim
         init = jax.nn.initializers.lecun_normal()
-        return RetentionLayer(jnp.ones((d,)), init(kq, (d, gn)), init(kk, (d, gn)), init(kv, (d, hp)),
+        return RetentionLayer(init(kq, (d, gn)), init(kk, (d, gn)), init(kv, (d, hp)),
                               init(ko, (hp, d)))
 
-    def __call__(self, cfg, lp: RetentionLayer, h, cache: ssdkit.RecurrentCache, *, step: bool,
-                 segment_ids=None):
+    def head_axes(self, cfg) -> RetentionLayer:
+        """The axis of each array split by head over a mesh's ``model`` axis."""
+        return RetentionLayer(wq=None, wk=None, wv=1, wo=0)
+
+    def __call__(self, cfg, lp: RetentionLayer, h, ops: ssdkit.LayerOps):
         lead = h.shape[:-1]
         q = (h @ lp.wq).reshape(*lead, cfg.num_groups, cfg.state_dim)
         k = (h @ lp.wk).reshape(*lead, cfg.num_groups, cfg.state_dim)
         v = (h @ lp.wv).reshape(*lead, cfg.num_heads, cfg.head_dim)
         gamma = 1.0 - 2.0 ** (-5.0 - jnp.arange(cfg.num_heads, dtype=jnp.float32))
-        log_a = jnp.broadcast_to(jnp.log(gamma), (*lead, cfg.num_heads))
-        if step:
-            y, state = ssdkit.ssd_step(cache.state, v, log_a, k, q)
-        else:
-            y, state = ssdkit.ssd_scan(v, log_a, k, q, chunk_size=cfg.chunk_size, initial_state=cache.state,
-                                       segment_ids=segment_ids)
-        out = (y * cfg.state_dim**-0.5).reshape(*lead, -1) @ lp.wo
-        return out, dataclasses.replace(cache, state=state)
+        y = ops.scan(v, jnp.broadcast_to(jnp.log(gamma), (*lead, cfg.num_heads)), k, q)
+        return (y * cfg.state_dim**-0.5).reshape(*lead, -1) @ lp.wo

@@ -74,7 +74,8 @@ class RecurrentCache:
             kernel_size: K, the conv kernel size (>= 1; K = 1 gives a zero-length window).
             conv_channels: channels of the conv, or a tuple of channel counts for a model that convolves
                 several channel sets separately (Mamba-2: (H·P, 2·G·N), so that x's channels split by
-                head over a mesh while B and C's split by group); ``conv`` is then a tuple of windows.
+                head over a mesh while B and C's split by group); ``conv`` is then a tuple of windows
+                (the empty tuple for a layer without a conv).
             num_layers: None for one layer's cache, or the size of a leading layer axis.
             conv_dtype: dtype of the conv window (the compute dtype), any float dtype.
             state_dtype: float32 (default) or float64; half precision is rejected.
@@ -98,8 +99,6 @@ class RecurrentCache:
             )
         several = isinstance(conv_channels, tuple)
         channels = conv_channels if several else (conv_channels,)
-        if not channels:
-            raise ValueError("conv_channels must be a positive integer or a non-empty tuple of them")
         for name, v in (("batch", batch), ("kernel_size", kernel_size), *(("conv_channels", c) for c in channels)):
             _positive_int(name, v)
         if num_layers is not None:
