@@ -16,6 +16,7 @@ Core primitives (one JAX source for CPU, GPU and TPU):
 
 from ssdkit.core.cache import RecurrentCache
 from ssdkit.core.conv import causal_conv1d, causal_conv1d_step
+from ssdkit.core.delta import DeltaInputs, delta_rule
 from ssdkit.core.layers import scan_layers, stack, unstack
 from ssdkit.core.mixer import LayerOps, Mixer
 from ssdkit.core.norm import gated_rms_norm, rms_norm
@@ -36,6 +37,7 @@ from ssdkit.training.step import StepMetrics, TrainState, adamw, make_train_step
 __all__ = [
     "CrossEntropySums",
     "DecayKind",
+    "DeltaInputs",
     "DraftModel",
     "DraftSource",
     "GenerationResult",
@@ -56,6 +58,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_step",
     "conv_commit",
+    "delta_rule",
     "gated_rms_norm",
     "generate",
     "generate_stream",

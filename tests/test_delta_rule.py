@@ -21,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ssdkit import RankOne, Recurrence, ssd_reference, ssd_scan, ssd_step
+from ssdkit.core.delta import delta_rule
 from ssdkit.core.mesh import sharded_ssd_scan
 from tests.helpers import assert_close
 
@@ -215,32 +216,46 @@ def _delta_rule_loop(q, k, v, alpha, beta, s0, scale, decay_first=True):
     return out, s
 
 
-@pytest.mark.parametrize("kind", ["gated", "kda", "kda_decay_after"])
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda", "kda_decay_after"])
 def test_published_delta_rules_map_onto_the_structure(kind):
-    """Gated DeltaNet (scalar gate) and KDA (per-channel gate) written out, against ssd_scan with the mappings
-    in its docstring: log_a = g, w = -exp(g)·β·k (KDA: -β·exp(g) ⊙ k), u = k, x = v, b = β·k, c = q·scale.
-    The other ordering, decay after the rank-one term, is w = -β·k, u = exp(g) ⊙ k."""
+    """DeltaNet (no gate), Gated DeltaNet (scalar gate) and KDA (per-channel gate, both orders) written out,
+    against ssd_scan with ssdkit.core.delta.delta_rule's mapping: log_a = g, w = -β·(exp(g) ⊙ k), u = k,
+    x = v, b = β·k, c = q·scale; decay after the rank-one term: w = -β·k, u = exp(g) ⊙ k. Keys shared by
+    the two heads (one group) for DeltaNet, per head otherwise."""
     rng = np.random.default_rng(7)
     batch, seq, heads, dk, dv = 1, 11, 2, 4, 3
-    q, k = rng.standard_normal((2, batch, seq, heads, dk))
+    groups = 1 if kind == "deltanet" else heads
+    q, k = rng.standard_normal((2, batch, seq, groups, dk))
     k /= np.linalg.norm(k, axis=-1, keepdims=True)
     v = rng.standard_normal((batch, seq, heads, dv))
     beta = rng.uniform(0, 1, (batch, seq, heads))
-    per_channel = kind != "gated"
+    per_channel = kind.startswith("kda")
     g = -rng.exponential(0.3, (batch, seq, heads, dk) if per_channel else (batch, seq, heads))
-    alpha = np.exp(g) if per_channel else np.broadcast_to(np.exp(g)[..., None], k.shape)
+    if kind == "deltanet":
+        g = None
+        alpha = np.ones((batch, seq, heads, dk))
+    else:
+        alpha = np.exp(g) if per_channel else np.broadcast_to(np.exp(g)[..., None], (batch, seq, heads, dk))
     s0 = rng.standard_normal((batch, heads, dv, dk))
     scale = dk**-0.5
-    want_y, want_s = _delta_rule_loop(q, k, v, alpha, beta, s0, scale, decay_first=kind != "kda_decay_after")
-    bk = beta[..., None] * k
-    if kind == "kda_decay_after":
-        w, u = -bk, alpha * k
-    else:
-        w, u = -alpha * bk, k  # -exp(g)·β·k, per channel for KDA
+    qh, kh = (np.repeat(a, heads // groups, axis=2) for a in (q, k))
+    want_y, want_s = _delta_rule_loop(qh, kh, v, alpha, beta, s0, scale, decay_first=kind != "kda_decay_after")
     with jax.enable_x64(True):
-        y, final = ssd_scan(v, g, bk, scale * q, chunk_size=4, initial_state=s0, w=w, u=u)
+        d = delta_rule(q, k, v, beta, g, order="decay_last" if kind == "kda_decay_after" else "decay_first")
+        y, final = ssd_scan(d.x, d.log_a, d.b, d.c, chunk_size=4, initial_state=s0, w=d.w, u=d.u)
         assert_close(y, want_y, rtol=F64_RTOL, name="y")
         assert_close(final, want_s, rtol=F64_RTOL, name="final_state")
+
+
+def test_delta_rule_checks_its_arguments():
+    q = k = np.zeros((1, 3, 2, 4))
+    v, beta = np.zeros((1, 3, 4, 5)), np.zeros((1, 3, 4))
+    with pytest.raises(ValueError, match="order must be one of"):
+        delta_rule(q, k, v, beta, order="after")
+    with pytest.raises(ValueError, match="beta"):
+        delta_rule(q, k, v, beta[..., :3])
+    with pytest.raises(ValueError, match="g must be"):
+        delta_rule(q, k, v, beta, np.zeros((1, 3, 4, 3)))
 
 
 def test_rank_one_inputs_are_checked():
