@@ -1,5 +1,7 @@
 """A language model around any mixer: embedding → [RMSNorm → mixer → residual]* → RMSNorm → tied head.
 
+(A mixer with ``pre_norm = False`` takes the residual stream un-normed: ``[mixer → residual]*``.)
+
 :class:`MixerLM` turns a :class:`~ssdkit.core.mixer.Mixer` (a layer written once against
 :class:`~ssdkit.core.mixer.LayerOps`) into everything the rest of ssdkit takes: ``prefill`` (with ragged
 ``lengths``), ``decode``, ``verify`` / ``commit`` (speculative decoding, :func:`ssdkit.generate`),
@@ -72,9 +74,10 @@ class LMConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerParams:
-    """One layer (stacked: every leaf has the layer axis first): the pre-norm weight and the mixer's params."""
+    """One layer (stacked: every leaf has the layer axis first): the pre-norm weight (None for a mixer that
+    norms its input itself, ``pre_norm = False``) and the mixer's params."""
 
-    norm: jax.Array  # (d_model,)
+    norm: jax.Array | None  # (d_model,)
     mixer: Any
 
 
@@ -109,6 +112,13 @@ class MixerLM:
             raise ValueError(f"{type(self.mixer).__name__}.recurrence has chunk_size {spec.chunk_size}, the config "
                              f"{self.cfg.chunk_size}")
 
+    @property
+    def pre_norm(self) -> bool:
+        """Whether the stack RMS-norms each layer's input (the default). A mixer with ``pre_norm = False``
+        gets the residual stream itself and norms what it needs (a block of several sublayers, as RWKV's
+        time and channel mixing); its output is added to the stream either way."""
+        return bool(getattr(self.mixer, "pre_norm", True))
+
     # ------------------------------------------------------------------ params and cache
     def init(self, key: jax.Array, dtype=jnp.float32) -> LMParams:
         """Random parameters: the mixer's ``init_layer`` per layer (stacked), unit norms, embedding
@@ -116,7 +126,8 @@ class MixerLM:
         cfg = self.cfg
         k_emb, k_layers = jax.random.split(key)
         mixers = jax.vmap(lambda k: self.mixer.init_layer(cfg, k))(jax.random.split(k_layers, cfg.n_layer))
-        layers = LayerParams(norm=jnp.ones((cfg.n_layer, cfg.d_model)), mixer=mixers)
+        norm = jnp.ones((cfg.n_layer, cfg.d_model)) if self.pre_norm else None
+        layers = LayerParams(norm=norm, mixer=mixers)
         layers = jax.tree_util.tree_map(lambda a: a.astype(dtype), layers)
         emb = cfg.embedding_std * jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), dtype)
         return LMParams(embedding=emb, layers=layers, norm_f=jnp.ones((cfg.d_model,), dtype))
@@ -143,7 +154,7 @@ class MixerLM:
     def _stack(self, params: LMParams, x, cache, *, mode: str, remat: str = "none", segment_ids=None,
                lengths=None):
         def layer(lp: LayerParams, res, c):
-            h = rms_norm(res, lp.norm, eps=self.cfg.norm_eps)
+            h = res if lp.norm is None else rms_norm(res, lp.norm, eps=self.cfg.norm_eps)
             out, c = run_layer(self.mixer, self.cfg, lp.mixer, h, c, mode=mode, segment_ids=segment_ids,
                                lengths=lengths)
             return res + out, c
@@ -244,7 +255,7 @@ class MixerLM:
 
         def layer_specs(lp: LayerParams) -> LayerParams:
             mixer = jax.tree_util.tree_map(spec, lp.mixer, axes, is_leaf=lambda x: x is None)
-            return LayerParams(norm=P(), mixer=mixer)
+            return LayerParams(norm=None if lp.norm is None else P(), mixer=mixer)
 
         layers = layer_specs(params.layers) if stacked else tuple(layer_specs(lp) for lp in params.layers)
         return LMParams(embedding=fsdp_spec(params.embedding.shape, mesh), layers=layers, norm_f=P())

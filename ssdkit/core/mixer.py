@@ -30,8 +30,10 @@ after any prefix of the verified tokens with no second pass over the weights. Th
 speculative decoding, packed training and ragged prompts free for every mixer: the recurrent parts are
 the caller's.
 
-A mixer may also define ``head_axes(cfg) -> PyTree`` matching ``init_layer``'s, each leaf the axis of that
-array split by head over a mesh's ``model`` axis, or None (:meth:`ssdkit.MixerLM.param_specs`).
+A mixer may set ``pre_norm = False`` to receive the residual stream un-normed (:class:`ssdkit.MixerLM`
+norms each layer's input by default), and may define ``head_axes(cfg) -> PyTree`` matching
+``init_layer``'s, each leaf the axis of that array split by head over a mesh's ``model`` axis, or None
+(:meth:`ssdkit.MixerLM.param_specs`).
 
 The ops objects collect what the calls produce (windows, state, records) while the mixer runs: each is
 made for one layer call by :func:`run_layer` and read once after it returns; nothing outlives the call.
