@@ -159,3 +159,117 @@ def plot_roofline(ceilings: Sequence[Ceilings], points: Sequence[RooflinePoint],
     out = Path(path)
     fig.savefig(out)
     return out
+
+
+# ------------------------------------------------------------------------------ the recurrence kinds side by side
+#: The transition kinds :func:`bench_scan` times: (per-channel decay?, rank-one term?). Keys are per head.
+SCAN_KINDS = {
+    "scalar": (False, False),  # Mamba-2's SSD
+    "diagonal": (True, False),  # GLA
+    "scalar+rank-one": (False, True),  # Gated DeltaNet
+    "diagonal+rank-one": (True, True),  # KDA
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanBench:
+    """One transition kind timed at one shape (:func:`bench_scan`); seconds are medians.
+
+    ``*_flops`` are XLA's count for the compiled program (``cost_analysis``), the work the program does.
+    """
+
+    kind: str
+    heads: int
+    head_dim: int
+    state_dim: int
+    seq: int
+    batch: int
+    chunk_size: int
+    prefill_s: float
+    prefill_flops: float
+    train_s: float
+    train_flops: float
+    decode_step_s: float
+    compile_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * self.seq / self.prefill_s
+
+    @property
+    def prefill_flops_per_s(self) -> float:
+        return self.prefill_flops / self.prefill_s
+
+    @property
+    def train_flops_per_s(self) -> float:
+        return self.train_flops / self.train_s
+
+
+def _xla_flops(compiled) -> float:
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, list | tuple) else costs
+    return float(costs.get("flops", float("nan")))
+
+
+def scan_inputs(kind: str, *, heads: int, head_dim: int, state_dim: int, seq: int, batch: int = 1,
+                dtype=jnp.float32, key: jax.Array | None = None):
+    """Random inputs of :func:`ssdkit.ssd_scan` for ``kind`` (:data:`SCAN_KINDS`): ``((x, log_a, b, c), {w, u})``.
+    Unit keys and a delta-rule-like rank-one term (``w = -β k``, ``u = k``, β in (0, 1)) keep the state bounded."""
+    if kind not in SCAN_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(SCAN_KINDS)}, got {kind!r}")
+    per_channel, rank_one = SCAN_KINDS[kind]
+    ks = jax.random.split(jax.random.key(0) if key is None else key, 6)
+    lead = (batch, seq, heads)
+
+    def unit(k):
+        v = jax.random.normal(k, (*lead, state_dim))
+        return (v / jnp.linalg.norm(v, axis=-1, keepdims=True)).astype(dtype)
+
+    x = jax.random.normal(ks[0], (*lead, head_dim)).astype(dtype)
+    log_a = (-jax.nn.softplus(jax.random.normal(ks[1], lead + ((state_dim,) if per_channel else ())))).astype(dtype)
+    b, c = unit(ks[2]), unit(ks[3])
+    extra = {}
+    if rank_one:
+        beta = jax.nn.sigmoid(jax.random.normal(ks[5], lead))[..., None].astype(dtype)
+        extra = {"w": -beta * b, "u": b}
+    return (x, log_a, b, c), extra
+
+
+def bench_scan(kind: str, *, heads: int = 8, head_dim: int = 128, state_dim: int = 128, seq: int = 4096,
+               batch: int = 1, chunk_size: int | None = None, repeats: int = 5, decode_steps: int = 64) -> ScanBench:
+    """Time ``kind``'s chunked prefill (:func:`ssdkit.ssd_scan`), its training step (forward and backward
+    through every input) and its O(1) decode step (:func:`ssdkit.ssd_step`, ``decode_steps`` in one
+    compiled loop) at one shape, float32. ``chunk_size`` defaults to the backend's preferred one."""
+    from ssdkit.core.scan import preferred_chunk_size, ssd_scan
+    from ssdkit.core.step import ssd_step
+
+    q = preferred_chunk_size(chunk_size or 256)
+    args, extra = scan_inputs(kind, heads=heads, head_dim=head_dim, state_dim=state_dim, seq=seq, batch=batch)
+
+    prefill = jax.jit(lambda x, la, b, c, kw: ssd_scan(x, la, b, c, chunk_size=q, **kw))
+    compile_s, compiled = compile_seconds(prefill, *args, extra)
+    t_prefill = time_calls(lambda: compiled(*args, extra), repeats=repeats)
+
+    def loss(inputs):
+        (x, la, b, c), kw = inputs
+        y, final = ssd_scan(x, la, b, c, chunk_size=q, **kw)
+        return jnp.sum(y * y) + jnp.sum(final)
+
+    train = jax.jit(jax.grad(loss)).lower((args, extra)).compile()
+    t_train = time_calls(lambda: train((args, extra)), repeats=repeats)
+
+    state = jnp.zeros((batch, heads, head_dim, state_dim), jnp.float32)
+    step_in = jax.tree_util.tree_map(lambda a: a[:, 0], (args, extra))
+
+    @jax.jit
+    def decode(state, inputs):
+        (x, la, b, c), kw = inputs
+
+        def body(_, s):
+            return ssd_step(s, x, la, b, c, **kw)[1]
+
+        return jax.lax.fori_loop(0, decode_steps, body, state)
+
+    t_decode = time_calls(lambda: decode(state, step_in), repeats=repeats)
+    return ScanBench(kind, heads, head_dim, state_dim, seq, batch, q, t_prefill.median, _xla_flops(compiled),
+                     t_train.median, _xla_flops(train), t_decode.median / decode_steps, compile_s)
