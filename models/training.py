@@ -56,8 +56,8 @@ HELP = {
     "errors": ("data", "with --tokenizer: undecodable bytes: strict (refuse, naming file and offset), replace, "
                        "ignore"),
     "held_out": ("data", "fraction of the documents held out for evaluation, in [0, 1)"),
-    "arch": ("model", "mamba2; a shipped mixer (retention, gla, ...: ssdkit.models.archs.MIXERS); or "
-                     "package.module:Class, your own ssdkit.Mixer"),
+    "arch": ("model", "mamba2; a shipped mixer (retention, gla, deltanet, gated-deltanet: "
+                     "ssdkit.models.archs.MIXERS); or package.module:Class, your own ssdkit.Mixer"),
     "model": ("model", "a Mamba-2 preset (130m, 370m, ...) instead of the shape flags"),
     "init_from": ("model", "a checkpoint folder to start from (its weights and shape)"),
     "d_model": ("model", "width of the residual stream"),

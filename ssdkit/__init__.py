@@ -19,7 +19,7 @@ from ssdkit.core.conv import causal_conv1d, causal_conv1d_step
 from ssdkit.core.delta import DeltaInputs, delta_rule
 from ssdkit.core.layers import scan_layers, stack, unstack
 from ssdkit.core.mixer import LayerOps, Mixer
-from ssdkit.core.norm import gated_rms_norm, rms_norm
+from ssdkit.core.norm import gated_rms_norm, l2_norm, rms_norm
 from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.core.reference import ssd_reference
 from ssdkit.core.rollback import ScanRecord, conv_commit, ssd_commit, ssd_verify
@@ -64,6 +64,7 @@ __all__ = [
     "generate_stream",
     "lower_generate",
     "head_cross_entropy",
+    "l2_norm",
     "make_sampler",
     "make_train_step",
     "next_token_targets",

@@ -1,15 +1,17 @@
-"""RMSNorm and Mamba-2's gated group RMSNorm. Computed in float32, returned in the input dtype.
+"""RMSNorm, Mamba-2's gated group RMSNorm and the L2 norm. Computed in float32, returned in the input dtype.
 
 Over the last axis (size d)::
 
     rms_norm(x)          = x / sqrt(mean(x²) + eps) ⊙ weight
     gated_rms_norm(y, z) = weight ⊙ GroupRMSNorm(y ⊙ silu(z))
+    l2_norm(x)           = x / sqrt(sum(x²) + eps)
 
 where ``GroupRMSNorm`` splits the d features into ``num_groups`` contiguous groups of d / num_groups
 and normalises each on its own: for group g holding features ``u_g``, ``u_g / sqrt(mean(u_g²) + eps)``.
 This is mamba_ssm's ``RMSNormGated(norm_before_gate=False, group_size=d / ngroups)``; with one group it
-is plain RMSNorm of the gated input. The mean of squares and the scaling are done in float32 (float64
-for float64 inputs) whatever the input dtype.
+is plain RMSNorm of the gated input. ``l2_norm`` is the delta-rule layers' query/key normalisation
+(flash-linear-attention's ``l2norm``, eps 1e-6, no weight). The mean (sum) of squares and the scaling are
+done in float32 (float64 for float64 inputs) whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -98,6 +100,24 @@ def gated_rms_norm(y: Features, z: Features, weight: Weight, *, num_groups: int 
     return _gated_rms_norm(y, z, weight, eps, int(num_groups))
 
 
+def l2_norm(x: Features, *, eps: float = 1e-6) -> Features:
+    """``x / sqrt(sum(x², -1) + eps)``: unit vectors along the last axis (the delta rule's keys and queries).
+
+    Args:
+        x: (..., d) vectors, any float dtype.
+        eps: non-negative constant added to the sum of squares; 1e-6 is flash-linear-attention's
+            (``use_qk_l2norm_in_kernel``), so a zero vector stays zero.
+
+    Returns:
+        (..., d) in ``x.dtype``; computed in float32 (float64 when ``x`` is float64).
+    """
+    check_floating("x", x)
+    _check_eps(eps)
+    if np.ndim(x) < 1:
+        raise ValueError("x must have at least one axis (the vectors to normalise), got a scalar")
+    return _l2_norm(x, eps)
+
+
 # One compiled program per shape for eager callers; inside a caller's jit these simply inline.
 @jax.jit
 def _rms_norm(x, weight, eps):
@@ -113,3 +133,10 @@ def _gated_rms_norm(y, z, weight, eps, num_groups: int):
     g = y.astype(acc) * jax.nn.silu(z.astype(acc))
     g = _normalise(g.reshape(*g.shape[:-1], num_groups, d // num_groups), eps)
     return (g.reshape(*g.shape[:-2], d) * weight.astype(acc)).astype(y.dtype)
+
+
+@jax.jit
+def _l2_norm(x, eps):
+    acc = accumulation_dtype(x.dtype)
+    u = x.astype(acc)
+    return (u * jax.lax.rsqrt(jnp.sum(u * u, axis=-1, keepdims=True) + eps)).astype(x.dtype)
