@@ -280,11 +280,44 @@ def roofline_points(results: list[Result], implementation: str = "ssdkit") -> li
     return [RooflinePoint(f"{implementation} {r.dtype}", label(r), r.flops_per_s, r.intensity) for r in results]
 
 
+def run_scan(shape=(8, 128, 128, 4096), batch: int = 1, repeats: int = 5, kinds=None):
+    """The transition kinds' chunked scan side by side (``ssdkit.bench.bench_scan``) at ``shape`` = (H, P, N, T),
+    after the float32 GEMM ceiling measured in the same run: ``(ceilings, results)``."""
+    from ssdkit.bench import SCAN_KINDS, bench_scan
+
+    heads, head_dim, state_dim, seq = shape
+    ceil = measure_ceilings(jnp.float32)
+    _log(f"[bench] float32 GEMM {ceil.gemm_flops / 1e9:.1f} GFLOP/s (median)")
+    results = []
+    for kind in kinds or SCAN_KINDS:
+        results.append(bench_scan(kind, heads=heads, head_dim=head_dim, state_dim=state_dim, seq=seq, batch=batch,
+                                  repeats=repeats))
+        _log(f"[bench] {kind} done")
+    return [ceil], results
+
+
+def scan_table(ceil: Ceilings, results) -> str:
+    """Markdown table of :func:`run_scan`'s results; cost per token relative to the first row (scalar)."""
+    base = results[0]
+    lines = ["| kind | chunk | prefill tok/s | prefill GFLOP/s (XLA count) | of GEMM | cost/token vs "
+             f"{base.kind} | train step ms | train GFLOP/s | of GEMM | decode step µs | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.kind} | {r.chunk_size} | {r.tokens_per_s:,.0f} | {r.prefill_flops_per_s / 1e9:.1f} "
+                     f"({r.prefill_flops / 1e9:.2f} G) | {r.prefill_flops_per_s / ceil.gemm_flops:.0%} | "
+                     f"{r.prefill_s / base.prefill_s:.2f}x | {r.train_s * 1e3:.0f} | {r.train_flops_per_s / 1e9:.1f} | "
+                     f"{r.train_flops_per_s / ceil.gemm_flops:.0%} | {r.decode_step_s * 1e6:.1f} | {r.compile_s:.1f} |")
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     ints = lambda s: tuple(int(v) for v in s.split(",") if v)  # noqa: E731
     print(f"[bench] JAX {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
           file=sys.stderr)
-    if args.train:
+    if args.scan:
+        ceilings, results = run_scan(ints(args.scan_shape), args.prefill_batch, args.repeats)
+        print(scan_table(ceilings[0], results))
+    elif args.train:
         ceilings, results = run_train(args.model, tuple(args.dtype.split(",")), ints(args.train_lengths),
                                       args.train_batch, tuple(args.remat.split(",")), args.repeats)
         print(train_table(results))
@@ -298,7 +331,7 @@ def main(args) -> int:
             "ceilings": [dataclasses.asdict(c) for c in ceilings],
             "results": [dataclasses.asdict(r) for r in results],
         }, indent=2, default=lambda o: None if isinstance(o, float) and not np.isfinite(o) else o))
-    if args.plot and not args.train:
+    if args.plot and not (args.train or args.scan):
         title = f"Mamba-2 {args.model} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})"
         _log(f"[bench] roofline written to {plot_roofline(ceilings, roofline_points(results), args.plot, title=title)}")
     return 0

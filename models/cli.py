@@ -420,8 +420,10 @@ def cmd_bench(args) -> int:
     from ssdkit.models import bench
 
     for flag in ("prefill_lengths", "prefill_batch", "decode_batches", "decode_steps", "repeats", "train_lengths",
-                 "train_batch"):
+                 "train_batch", "scan_shape"):
         _positive_ints("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.scan and len(args.scan_shape.split(",")) != 4:
+        raise CliError(f"--scan-shape must be four ints H,P,N,T, got {args.scan_shape!r}")
     bad = [d for d in args.dtype.split(",") if d not in DTYPES]
     if bad:
         raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
@@ -538,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32,bfloat16",
                    help="comma-separated weight dtypes (with --train: compute dtypes; master weights stay float32)")
     b.add_argument("--train", action="store_true", help="time the training step of `ssdkit train` instead")
+    b.add_argument("--scan", action="store_true", help="time the recurrence's transition kinds side by side instead "
+                   "(scalar, diagonal, and each with the delta rule's rank-one term): prefill, train step, decode")
+    b.add_argument("--scan-shape", default="8,128,128,4096", help="with --scan: heads, head_dim P, state_dim N, "
+                   "tokens T (default 8,128,128,4096)")
     b.add_argument("--train-lengths", default="512,2048", help="with --train: tokens per row")
     b.add_argument("--train-batch", type=int, default=1, help="with --train: rows per step")
     b.add_argument("--remat", default="layer",

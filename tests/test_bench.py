@@ -158,3 +158,21 @@ def test_model_fields_on_the_command_line():
         bench.model_config("width=3")
     with pytest.raises(ValueError, match="is not a number"):
         bench.model_config("d_model=big")
+
+
+@pytest.mark.long  # 12 small programs (4 kinds x prefill, train step, decode loop)
+def test_bench_scan_runs_every_kind_end_to_end(tmp_path, capsys, small_ceilings):
+    """``ssdkit bench --scan`` at a tiny shape: every transition kind's row, finite positive figures, the JSON."""
+    out = tmp_path / "scan.json"
+    assert main(["bench", "--scan", "--scan-shape", "2,4,4,24", "--repeats", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert [r["kind"] for r in record["results"]] == list(ssdkit.bench.SCAN_KINDS)
+    for r in record["results"]:
+        assert r["prefill_s"] > 0 and r["train_s"] > 0 and r["decode_step_s"] > 0 and r["prefill_flops"] > 0
+        assert f"| {r['kind']} |" in table
+
+
+def test_bench_scan_shape_is_four_ints(capsys):
+    assert main(["bench", "--scan", "--scan-shape", "8,128,128"]) == 2
+    assert "--scan-shape must be four ints H,P,N,T" in capsys.readouterr().err
