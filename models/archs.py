@@ -22,12 +22,12 @@ import numpy as np
 
 from ssdkit import LMConfig, MixerLM
 from ssdkit.core.mixer import check_mixer
-from ssdkit.models.delta import DeltaNet, GatedDeltaNet
+from ssdkit.models.delta import KDA, RWKV7, DeltaNet, GatedDeltaNet
 from ssdkit.models.toy import GLA, Retention
 
 #: The shipped mixers by ``--arch`` name (Mamba-2 is its own family: ``ssdkit.models.mamba2``).
 MIXERS: dict[str, Callable[[], Any]] = {"retention": Retention, "gla": GLA, "deltanet": DeltaNet,
-                                         "gated-deltanet": GatedDeltaNet}
+                                         "gated-deltanet": GatedDeltaNet, "kda": KDA, "rwkv7": RWKV7}
 CHECKPOINT_CONFIG = "mixer.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"
 

@@ -19,7 +19,7 @@ from ssdkit.core.conv import causal_conv1d, causal_conv1d_step
 from ssdkit.core.delta import DeltaInputs, delta_rule
 from ssdkit.core.layers import scan_layers, stack, unstack
 from ssdkit.core.mixer import LayerOps, Mixer
-from ssdkit.core.norm import gated_rms_norm, l2_norm, rms_norm
+from ssdkit.core.norm import gated_rms_norm, l2_norm, layer_norm, rms_norm
 from ssdkit.core.recurrence import DecayKind, RankOne, Recurrence
 from ssdkit.core.reference import ssd_reference
 from ssdkit.core.rollback import ScanRecord, conv_commit, ssd_commit, ssd_verify
@@ -62,6 +62,7 @@ __all__ = [
     "gated_rms_norm",
     "generate",
     "generate_stream",
+    "layer_norm",
     "lower_generate",
     "head_cross_entropy",
     "l2_norm",

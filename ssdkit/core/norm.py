@@ -1,10 +1,12 @@
-"""RMSNorm, Mamba-2's gated group RMSNorm and the L2 norm. Computed in float32, returned in the input dtype.
+"""RMSNorm, Mamba-2's gated group RMSNorm, the L2 norm and LayerNorm / GroupNorm. Computed in float32,
+returned in the input dtype.
 
 Over the last axis (size d)::
 
     rms_norm(x)          = x / sqrt(mean(x²) + eps) ⊙ weight
     gated_rms_norm(y, z) = weight ⊙ GroupRMSNorm(y ⊙ silu(z))
     l2_norm(x)           = x / sqrt(sum(x²) + eps)
+    layer_norm(x)        = weight ⊙ GroupLayerNorm(x) + bias
 
 where ``GroupRMSNorm`` splits the d features into ``num_groups`` contiguous groups of d / num_groups
 and normalises each on its own: for group g holding features ``u_g``, ``u_g / sqrt(mean(u_g²) + eps)``.
@@ -118,6 +120,37 @@ def l2_norm(x: Features, *, eps: float = 1e-6) -> Features:
     return _l2_norm(x, eps)
 
 
+def layer_norm(x: Features, weight: Weight, bias: Weight, *, num_groups: int = 1, eps: float = 1e-5) -> Features:
+    """``weight ⊙ GroupLayerNorm(x) + bias``: each of ``num_groups`` contiguous groups ``u`` of the last axis
+    becomes ``(u - mean(u)) / sqrt(var(u) + eps)`` (biased variance), then the per-feature affine map.
+
+    One group is torch's ``LayerNorm(d, eps)``; G groups are torch's ``GroupNorm(G, d, eps)`` applied to d
+    channels (RWKV-6/7's output norm with one group per head).
+
+    Args:
+        x: (..., d) features, any float dtype.
+        weight, bias: (d,) per-feature scale and shift.
+        num_groups: a positive divisor of d.
+        eps: non-negative constant added to each group's variance.
+
+    Returns:
+        (..., d) in ``x.dtype``; computed in float32 (float64 when ``x`` is float64).
+    """
+    _check("x", x, weight)
+    check_floating("bias", bias)
+    if np.shape(bias) != np.shape(x)[-1:]:
+        raise ValueError(f"bias must have shape ({np.shape(x)[-1]},) to match the last axis of x {np.shape(x)}, "
+                         f"got {np.shape(bias)}")
+    _check_eps(eps)
+    d = np.shape(x)[-1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int | np.integer) or num_groups < 1 or d % num_groups:
+        raise ValueError(
+            f"num_groups must be a positive divisor of the feature size d={d} (the last axis of x), "
+            f"got {num_groups!r}"
+        )
+    return _layer_norm(x, weight, bias, eps, int(num_groups))
+
+
 # One compiled program per shape for eager callers; inside a caller's jit these simply inline.
 @jax.jit
 def _rms_norm(x, weight, eps):
@@ -140,3 +173,12 @@ def _l2_norm(x, eps):
     acc = accumulation_dtype(x.dtype)
     u = x.astype(acc)
     return (u * jax.lax.rsqrt(jnp.sum(u * u, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _layer_norm(x, weight, bias, eps, num_groups: int):
+    d = x.shape[-1]
+    acc = accumulation_dtype(x.dtype)
+    u = x.astype(acc).reshape(*x.shape[:-1], num_groups, d // num_groups)
+    u = _normalise(u - jnp.mean(u, axis=-1, keepdims=True), eps)
+    return (u.reshape(x.shape) * weight.astype(acc) + bias.astype(acc)).astype(x.dtype)
