@@ -13,6 +13,7 @@ ssdkit's; the mixer only computes the recurrence's inputs and its output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -122,15 +123,8 @@ class MixerLM:
     # ------------------------------------------------------------------ params and cache
     def init(self, key: jax.Array, dtype=jnp.float32) -> LMParams:
         """Random parameters: the mixer's ``init_layer`` per layer (stacked), unit norms, embedding
-        N(0, ``embedding_std``²)."""
-        cfg = self.cfg
-        k_emb, k_layers = jax.random.split(key)
-        mixers = jax.vmap(lambda k: self.mixer.init_layer(cfg, k))(jax.random.split(k_layers, cfg.n_layer))
-        norm = jnp.ones((cfg.n_layer, cfg.d_model)) if self.pre_norm else None
-        layers = LayerParams(norm=norm, mixer=mixers)
-        layers = jax.tree_util.tree_map(lambda a: a.astype(dtype), layers)
-        emb = cfg.embedding_std * jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), dtype)
-        return LMParams(embedding=emb, layers=layers, norm_f=jnp.ones((cfg.d_model,), dtype))
+        N(0, ``embedding_std``²). One compiled program (an op-by-op init of a large mixer takes seconds)."""
+        return _init(self, key, jnp.dtype(dtype))
 
     def init_cache(self, batch: int, dtype=jnp.float32) -> RecurrentCache:
         """Zero cache, layers stacked; the state is float32 (float64 for float64 params, for oracle tests)."""
@@ -259,3 +253,14 @@ class MixerLM:
 
         layers = layer_specs(params.layers) if stacked else tuple(layer_specs(lp) for lp in params.layers)
         return LMParams(embedding=fsdp_spec(params.embedding.shape, mesh), layers=layers, norm_f=P())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: MixerLM, key: jax.Array, dtype) -> LMParams:
+    cfg = model.cfg
+    k_emb, k_layers = jax.random.split(key)
+    mixers = jax.vmap(lambda k: model.mixer.init_layer(cfg, k))(jax.random.split(k_layers, cfg.n_layer))
+    norm = jnp.ones((cfg.n_layer, cfg.d_model)) if model.pre_norm else None
+    layers = jax.tree_util.tree_map(lambda a: a.astype(dtype), LayerParams(norm=norm, mixer=mixers))
+    emb = cfg.embedding_std * jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), dtype)
+    return LMParams(embedding=emb, layers=layers, norm_f=jnp.ones((cfg.d_model,), dtype))
