@@ -16,13 +16,11 @@ import pytest
 
 from ssdkit import LMConfig, MixerLM
 from ssdkit.models import mamba2
-from ssdkit.models.tasks.mqar import mqar_batch, mqar_seq_len, mqar_vocab_size
+from ssdkit.models.tasks.mqar import TASK, mqar_batch, mqar_seq_len, mqar_vocab_size, train_on_mqar
 from ssdkit.models.toy import GLA, Retention
-from ssdkit.training.step import TrainState, adamw, make_train_step
 
-TASK = dict(num_pairs=4, num_queries=4, key_vocab=16, value_vocab=16)  # 16 tokens a row, chance 1/16
 VOCAB = mqar_vocab_size(TASK["key_vocab"], TASK["value_vocab"])
-BATCH, HELD_OUT_ROWS = 32, 512  # 2,048 held-out answers: 99% allows at most 20 wrong
+HELD_OUT_ROWS = 512  # train_on_mqar's held-out rows: 2,048 answers, 99% allows at most 20 wrong
 
 # One layer (the short conv binds each value to the key before it; the SSM stores and recalls the pairs),
 # 16 heads of 8 channels sharing one 32-dim B/C group; A initialised in [1, 2] rather than mamba_ssm's
@@ -33,21 +31,6 @@ MAMBA_CFG = mamba2.Mamba2Config(d_model=64, n_layer=1, vocab_size=VOCAB, d_state
                                 A_init_range=(1.0, 2.0))
 MAMBA_STEPS = 1000
 TOY_STEPS = 300
-
-
-def train_on_mqar(loss_fn, params, *, steps: int, lr: float = 1e-2, seed: int = 0, held_out_seed: int = 12345):
-    """AdamW (warm-up, cosine) through ``make_train_step`` on a fresh MQAR batch each step; returns the
-    final state, the last step's metrics and the held-out batch's ``LossMetrics`` (accuracy = query
-    accuracy: only answers are targets)."""
-    opt = adamw(lr, total_steps=steps, warmup_steps=20, weight_decay=0.0)
-    step = make_train_step(loss_fn, opt)
-    state = TrainState.create(params, opt)
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        state, metrics = step(state, mqar_batch(rng, batch=BATCH, **TASK))
-    held_out = mqar_batch(held_out_seed, batch=HELD_OUT_ROWS, **TASK)
-    _, held_out_metrics = jax.jit(loss_fn)(state.params, held_out)
-    return state, metrics, held_out_metrics
 
 
 def test_layout():

@@ -108,3 +108,32 @@ def mqar_batch(
     loss_mask = np.zeros(tokens.shape, bool)
     loss_mask[:, n_ctx + 1::2] = True
     return tokens, loss_mask
+
+
+#: The task the tests and benchmarks/mqar_archs.py train on: 16 tokens a row, chance 1/16.
+TASK = dict(num_pairs=4, num_queries=4, key_vocab=16, value_vocab=16)
+
+
+def train_on_mqar(loss_fn, params, *, steps: int, lr: float = 1e-2, batch: int = 32, held_out_rows: int = 512,
+                  seed: int = 0, held_out_seed: int = 12345, task: dict | None = None):
+    """Train on a fresh MQAR batch each step and score a held-out batch.
+
+    ``loss_fn(params, (tokens, loss_mask)) -> (loss, ssdkit.LossMetrics)``; AdamW (``ssdkit.adamw``: 20 warm-up
+    steps, cosine, no weight decay) through ``ssdkit.make_train_step``. Returns the final ``TrainState``, the
+    last step's metrics and the held-out batch's metrics (``accuracy`` is the query accuracy: only the answers
+    are targets)."""
+    import jax
+
+    from ssdkit.training.step import TrainState, adamw, make_train_step
+
+    task = TASK if task is None else task
+    opt = adamw(lr, total_steps=steps, warmup_steps=20, weight_decay=0.0)
+    step = make_train_step(loss_fn, opt)
+    state = TrainState.create(params, opt)
+    rng = np.random.default_rng(seed)
+    metrics = None
+    for _ in range(steps):
+        state, metrics = step(state, mqar_batch(rng, batch=batch, **task))
+    held_out = mqar_batch(held_out_seed, batch=held_out_rows, **task)
+    _, held_out_metrics = jax.jit(loss_fn)(state.params, held_out)
+    return state, metrics, held_out_metrics
