@@ -417,3 +417,24 @@ def test_recurrence_spec_validation():
         Recurrence(num_heads=6, head_dim=4, state_dim=8, decay="banded")
     with pytest.raises(ValueError, match="head_dim must be a positive integer"):
         Recurrence(num_heads=6, head_dim=0, state_dim=8)
+
+
+@pytest.mark.numerics  # a miscompile of XLA's CPU backend: both code generations
+@pytest.mark.parametrize("kind", ["diagonal", "diagonal+rank-one"])
+def test_one_chunk_from_a_zero_state_built_in_the_program(kind):
+    """One chunk from a zero state made inside the jitted program (an empty cache, as a model's forward or
+    loss builds it): jaxlib 0.10.2's YNNPACK fusions read the folded zero wrongly when it feeds a matmul, and
+    a per-channel decay's outputs came back wrong in most compilations (ssdkit.core.chunked.carried_readout).
+    Three programs (batches of 32, 31, 30 rows), each against the oracle, float32 tolerance 1e-4 of the
+    largest output (test_scan's float32 bound is 2e-5; the failure was outputs off by 1e3 to 1e36)."""
+    from ssdkit.bench import scan_inputs
+
+    def one_chunk(x, la, b, c, kw):
+        zero = jnp.zeros((x.shape[0], *np.shape(x)[2:], b.shape[-1]), jnp.float32)
+        return ssd_scan(x, la, b, c, chunk_size=16, initial_state=zero, **kw)[0]
+
+    for batch in (32, 31, 30):
+        (x, la, b, c), kw = scan_inputs(kind, heads=4, head_dim=32, state_dim=32, seq=16, batch=batch,
+                                        key=jax.random.key(batch))
+        want = ssd_reference(x, la, b, c, **kw)[0]
+        assert_close(jax.jit(one_chunk)(x, la, b, c, kw), want, rtol=1e-4, name=f"y, batch {batch}")

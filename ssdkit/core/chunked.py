@@ -64,6 +64,24 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
     )
 
 
+def carried_readout(queries: jax.Array, entering: jax.Array, single_chunk: bool, acc) -> jax.Array:
+    """``Σ_n queries[k, l, n] entering[k, p, n]``: (k, l, n), (k, p, n) -> (k, l, p), the entering state read out.
+
+    One chunk's entering state is the initial state, often a known zero (an empty cache built inside the same
+    jitted program), which XLA folds to a broadcast scalar. jaxlib 0.10.2's CPU backend then hands the
+    product with that broadcast to a YNNPACK fusion that reads it wrongly: with a per-channel decay, most
+    compilations of a one-chunk scan returned wrong outputs (up to 1e36), with YNNPACK's default fusions and
+    with ``LIBRARY_FUSION_TYPE_DOT`` (not ``INDIVIDUAL_DOT``, nor with the state passed in as an argument).
+    ``lax.optimization_barrier`` does not survive XLA's CPU pipeline. So a single chunk reads its state by a
+    multiply and a sum, which no library fusion takes (the same Q·P·N multiply-adds per head, once);
+    several chunks' stacked states are never a broadcast, and keep the matmul.
+    tests/test_scan.py::test_one_chunk_from_a_zero_state_built_in_the_program holds it.
+    """
+    if single_chunk:
+        return jnp.sum(queries[:, :, None, :].astype(acc) * entering[:, None, :, :].astype(acc), axis=-1)
+    return jnp.einsum("kln,kpn->klp", queries, entering, preferred_element_type=acc)
+
+
 def _masked_cumsum(a: jax.Array) -> jax.Array:
     """``out[..., l, s] = Σ_{s < j <= l} a[..., j]`` for l >= s (0 above the diagonal), directly."""
     q = a.shape[-1]
@@ -265,7 +283,8 @@ def chunked_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids, w
     # The carried state's contribution: y[l] += exp(prefix[l]) (H_c · c_l).
     if diagonal:
         cw = cz[:, None] * jnp.swapaxes(in_decay, -1, -2)  # (z, r, l, n)
-        y_off = mm("kln,kpn->klp", cw.reshape(z * r, q, n), entering.reshape(z * r, p, n)).reshape(z, r, q, p)
+        y_off = carried_readout(cw.reshape(z * r, q, n), entering.reshape(z * r, p, n), n_chunks == 1,
+                                acc).reshape(z, r, q, p)
     else:
         y_off = mm("zln,zkn->zlk", cz, entering).reshape(z, q, r, p)
         y_off = jnp.moveaxis(y_off * jnp.swapaxes(in_decay, 1, 2)[..., None], 2, 1)  # (z, r, l, p)
@@ -428,6 +447,6 @@ def _rank_one_scan(spec: Recurrence, x, log_a, b, c, initial_state, segment_ids,
 
     final, entering = lax.scan(carry_chunk, h0, (transition, inputs))
     entering = jnp.moveaxis(entering, 0, 1).reshape(k, p, n)  # state entering each chunk
-    y = y + mm("kln,kpn->klp", c_state, entering)
+    y = y + carried_readout(c_state, entering, n_chunks == 1, acc)
 
     return _outputs(spec, y, final, x_in, b_in, c_in, initial_state, segment_ids, bonus, exclusive, acc)
