@@ -5,6 +5,11 @@ meets :class:`ssdkit.Mixer` (importable from the current directory or the instal
 no arguments). Every one trains, generates and evaluates as an :class:`ssdkit.MixerLM` of the shape
 flags (:func:`lm_config`); its checkpoint folder is ``model.safetensors`` (one tensor per parameter path)
 and ``mixer.json`` (the architecture, the mixer's settings and the shapes), read by :func:`load_checkpoint`.
+
+The commands (``ssdkit train``, ``generate``, ``eval``) take a model as Mamba-2's config or an
+:class:`ssdkit.MixerLM`; :func:`family` is the one place that tells the two apart, and gives what the
+commands need of either (:class:`Mamba2Family`, :class:`MixerFamily`: vocabulary, loss, checkpoint, mesh
+rules, the generation protocol, the streaming scorer).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 from ssdkit import LMConfig, MixerLM
 from ssdkit.core.mixer import check_mixer
+from ssdkit.models import mamba2
 from ssdkit.models.delta import KDA, RWKV7, DeltaNet, GatedDeltaNet
 from ssdkit.models.toy import GLA, Retention
 
@@ -61,8 +67,9 @@ def mixer(arch: str) -> Any:
         sys.path.insert(0, "")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"arch {arch!r}: cannot import {module_name}: {err}") from None
+    except (ImportError, SyntaxError) as err:
+        raise ValueError(f"arch {arch!r}: cannot import {module_name} ({type(err).__name__}: {err}); the module "
+                         f"must be importable from the current directory or the installed packages") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ValueError(f"arch {arch!r}: {module_name} has no {class_name}")
@@ -155,3 +162,101 @@ def load_checkpoint(folder: str | Path, dtype=None):
     finally:
         reader.close()
     return jax.tree_util.tree_structure(abstract).unflatten(leaves), model
+
+
+# ------------------------------------------------------------------------------ the model families
+class Mamba2Family:
+    """What the commands need of Mamba-2 (the model is its :class:`~ssdkit.models.mamba2.Mamba2Config`)."""
+
+    @staticmethod
+    def vocab_size(model: mamba2.Mamba2Config) -> int:
+        """The logits' width: token ids must be below it."""
+        return model.padded_vocab_size
+
+    @staticmethod
+    def loss(params, model: mamba2.Mamba2Config, tokens, segment_ids, remat: str):
+        return mamba2.loss(params, model, tokens, segment_ids=segment_ids, remat=remat)
+
+    @staticmethod
+    def save(params, model: mamba2.Mamba2Config, folder: Path) -> None:
+        mamba2.save_checkpoint(params, model, folder)
+
+    @staticmethod
+    def check_mesh(model: mamba2.Mamba2Config, mesh) -> None:
+        from ssdkit.models.mamba2 import sharding as mamba2_sharding
+
+        mamba2_sharding.config_check(model, mesh)
+
+    @staticmethod
+    def param_specs(params, model: mamba2.Mamba2Config, mesh):
+        from ssdkit.models.mamba2 import sharding as mamba2_sharding
+
+        return mamba2_sharding.param_specs(params, mesh)
+
+    @staticmethod
+    def language_model(model: mamba2.Mamba2Config) -> mamba2.Mamba2LM:
+        """The model as :func:`ssdkit.generate` takes it (speculative ``verify`` / ``commit`` included)."""
+        return mamba2.Mamba2LM(model)
+
+    @staticmethod
+    def conv_kernel(model: mamba2.Mamba2Config) -> int:
+        """Taps of the short convs: a piece of a prompt split over ``seq`` needs K - 1 inputs of the one before."""
+        return model.d_conv
+
+    @staticmethod
+    def init_cache(params, model: mamba2.Mamba2Config, batch: int):
+        return mamba2.init_cache(model, batch, params.embedding.dtype)
+
+    @staticmethod
+    def score_window(params, model: mamba2.Mamba2Config, tokens, targets, weights, cache, *, segment_ids, reset):
+        """:func:`ssdkit.models.mamba2.score_window`."""
+        return mamba2.score_window(params, model, tokens, targets, weights, cache, segment_ids=segment_ids,
+                                   reset=reset)
+
+
+class MixerFamily:
+    """What the commands need of a mixer model (the model is the :class:`ssdkit.MixerLM` itself)."""
+
+    @staticmethod
+    def vocab_size(model: MixerLM) -> int:
+        return model.cfg.vocab_size
+
+    @staticmethod
+    def loss(params, model: MixerLM, tokens, segment_ids, remat: str):
+        return model.loss(params, tokens, segment_ids=segment_ids, remat=remat)
+
+    @staticmethod
+    def save(params, model: MixerLM, folder: Path) -> None:
+        """Safetensors, one tensor per PyTree path, and mixer.json (:func:`save_checkpoint`)."""
+        save_checkpoint(params, model, folder)
+
+    @staticmethod
+    def check_mesh(model: MixerLM, mesh) -> None:
+        model.check_mesh(mesh)
+
+    @staticmethod
+    def param_specs(params, model: MixerLM, mesh):
+        """:meth:`ssdkit.MixerLM.param_specs`: heads over ``model`` where the mixer declares ``head_axes``."""
+        return model.param_specs(params, mesh)
+
+    @staticmethod
+    def language_model(model: MixerLM) -> MixerLM:
+        return model
+
+    @staticmethod
+    def conv_kernel(model: MixerLM) -> int:
+        return model.cfg.conv_kernel
+
+    @staticmethod
+    def init_cache(params, model: MixerLM, batch: int):
+        return model.init_cache(batch, params.embedding.dtype)
+
+    @staticmethod
+    def score_window(params, model: MixerLM, tokens, targets, weights, cache, *, segment_ids, reset):
+        """:meth:`ssdkit.MixerLM.score_window`."""
+        return model.score_window(params, tokens, targets, weights, cache, segment_ids=segment_ids, reset=reset)
+
+
+def family(model) -> type[Mamba2Family] | type[MixerFamily]:
+    """The family of ``model`` (a :class:`ssdkit.MixerLM`, or Mamba-2's config)."""
+    return MixerFamily if isinstance(model, MixerLM) else Mamba2Family

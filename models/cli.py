@@ -10,7 +10,12 @@
                     [--plot roofline.png]
     ssdkit demo     prefill + O(1) decode of toy recurrences built on the core, with timings
     ssdkit train    --data FILE|DIR|IDS.npy [--config run.toml] [--out DIR] [--model PRESET | --init-from DIR]
+                    [--arch mamba2|NAME|package.module:Class]
                     [--steps N] [--seq-len L] [--batch-size B] [--lr LR] ... (every TrainRunConfig field)
+
+``--model DIR`` of generate and eval reads a Mamba-2 checkpoint (config.json) or a mixer's (mixer.json, as
+``ssdkit train --arch`` writes it in OUT/model): both generate (speculatively too, on a mesh too) and
+evaluate through the same code (``ssdkit.models.archs.family``).
 
 The command line lives in ``models`` (the top of the import graph) because it wires models to the core.
 """
@@ -55,12 +60,15 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def load_model(spec: str | None, dtype_name: str, seed: int):
-    """(params, cfg, checkpoint folder or None, random weights?) for ``--model``: a checkpoint folder, a
-    preset (random weights), or None / "default" for the shipped model."""
+    """(params, model, checkpoint folder or None, random weights?) for ``--model``: a checkpoint folder (a
+    Mamba-2's config.json, or a mixer's mixer.json as ``ssdkit train --arch`` writes it), a preset (random
+    weights), or None / "default" for the shipped model. ``model`` is Mamba-2's config or the
+    :class:`ssdkit.MixerLM` (``ssdkit.models.archs.family`` tells them apart)."""
     import jax
     import jax.numpy as jnp
 
-    from ssdkit.models import mamba2
+    from ssdkit.models import archs, mamba2
+    from ssdkit.tensor_files import CheckpointError
 
     dtype = getattr(jnp, dtype_name)
     if spec is None or spec == "default":
@@ -70,8 +78,15 @@ def load_model(spec: str | None, dtype_name: str, seed: int):
             raise CliError(str(err)) from None
     path = Path(spec)
     if path.is_dir():
+        if (path / archs.CHECKPOINT_CONFIG).exists():
+            try:
+                params, model = archs.load_checkpoint(path, dtype=dtype)
+            except CheckpointError as err:
+                raise CliError(str(err)) from None
+            return params, model, path, False
         if not (path / "config.json").exists():
-            raise CliError(f"model directory {spec} has no config.json")
+            raise CliError(f"model directory {spec} has no config.json (a Mamba-2 checkpoint) or "
+                           f"{archs.CHECKPOINT_CONFIG} (a mixer's, ssdkit train --arch)")
         try:
             params, cfg = mamba2.load_checkpoint(path, dtype=dtype)
         except mamba2.CheckpointError as err:
@@ -104,7 +119,10 @@ def _checked_sampling(args) -> None:
 
 
 def _prompt_ids(args, tokenizer, cfg) -> list[int]:
-    """The prompt's token ids, from ``--prompt`` (through the model's tokenizer) or ``--prompt-ids``."""
+    """The prompt's token ids, from ``--prompt`` (through the model's tokenizer) or ``--prompt-ids``, each
+    below the model's vocabulary (checked before anything compiles)."""
+    from ssdkit.models import archs
+
     if args.prompt is not None:
         if tokenizer is None:
             raise CliError("--prompt needs a tokenizer.json in the model directory; use --prompt-ids instead")
@@ -113,34 +131,36 @@ def _prompt_ids(args, tokenizer, cfg) -> list[int]:
             raise CliError("--prompt encodes to no tokens")
     else:
         ids = _parse_ids(args.prompt_ids)
-    bad = [i for i in ids if not 0 <= i < cfg.padded_vocab_size]  # before anything compiles
+    vocab = archs.family(cfg).vocab_size(cfg)
+    bad = [i for i in ids if not 0 <= i < vocab]  # before anything compiles
     if bad:
-        raise CliError(f"prompt token id {bad[0]} is out of range 0..{cfg.padded_vocab_size - 1}")
+        raise CliError(f"prompt token id {bad[0]} is out of range 0..{vocab - 1}")
     return ids
 
 
 def _on_mesh(args, params, cfg, ids):
-    """``--mesh``: (params split over it, the prompt right-padded to split over its seq axis, lengths or
-    None, the context to run under)."""
+    """``--mesh``: (params split over it by the model's rules, the prompt right-padded to split over its seq
+    axis, lengths or None, the context to run under). The cache's placement is left to the compiler."""
     import jax
     import jax.numpy as jnp
 
     from ssdkit import sharding
-    from ssdkit.models.mamba2 import sharding as mamba2_sharding
+    from ssdkit.models import archs
 
     prompt = jnp.asarray([ids], jnp.int32)
     if args.mesh is None:
         return params, prompt, None, contextlib.nullcontext()
+    family = archs.family(cfg)
     try:
         mesh = sharding.make_mesh(args.mesh)
-        mamba2_sharding.config_check(cfg, mesh)
+        family.check_mesh(cfg, mesh)
     except ValueError as err:
         raise CliError(f"--mesh: {err}") from None
-    params = mamba2_sharding.shard_params(params, mesh)
+    params = sharding.place(params, mesh, family.param_specs(params, cfg, mesh))
     # right padding is exact (lengths): the prompt splits into equal pieces over seq, each at least as long
-    # as the conv's past inputs (d_conv - 1), which a piece takes from the one before it
+    # as the convs' past inputs (K - 1), which a piece takes from the one before it
     pieces, lengths = mesh.shape["seq"], None
-    padded = pieces * max(-(-len(ids) // pieces), cfg.d_conv - 1 if pieces > 1 else 1)
+    padded = pieces * max(-(-len(ids) // pieces), family.conv_kernel(cfg) - 1 if pieces > 1 else 1)
     if padded != len(ids):
         prompt = jnp.pad(prompt, ((0, 0), (0, padded - len(ids))))
         lengths = jnp.asarray([len(ids)], jnp.int32)
@@ -151,7 +171,8 @@ def _on_mesh(args, params, cfg, ids):
 def cmd_generate(args) -> int:
     import jax
 
-    from ssdkit.models import mamba2, text
+    import ssdkit
+    from ssdkit.models import archs, mamba2, text
 
     if args.prompt is None and args.prompt_ids is None:
         raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
@@ -161,8 +182,6 @@ def cmd_generate(args) -> int:
     if args.draft_tokens is not None and args.speculative is None:
         raise CliError("--draft-tokens goes with --speculative lookup|MODEL_DIR")
     if args.speculative is not None:  # the library's check of the draft length, before any model loads
-        import ssdkit
-
         try:
             ssdkit.Speculative(draft_tokens=_draft_tokens(args))
         except ValueError as err:
@@ -180,9 +199,10 @@ def cmd_generate(args) -> int:
     if args.speculative is not None:
         return _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out)
     t0 = time.perf_counter()
-    stream = mamba2.generate_stream(
-        params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, key=jax.random.key(args.seed), lengths=lengths,
+    stream = ssdkit.generate_stream(
+        archs.family(cfg).language_model(cfg), params, prompt, max_new_tokens=args.max_new_tokens,
+        sampler=ssdkit.make_sampler(args.temperature, args.top_k, args.top_p), eos_token_id=eos,
+        key=jax.random.key(args.seed), prompt_lengths=lengths,
     )
     stamps: list[float] = []
     compiling: list[float] = []  # seconds spent compiling by each stamp
@@ -228,12 +248,13 @@ def _compile_clock():
 
 
 def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out) -> int:
-    """``generate --speculative``: the generation program compiled ahead (``mamba2.lower_generate``), then run
-    once; the text, the acceptance rate, the compile time and the generation's time apart."""
+    """``generate --speculative``: the generation program compiled ahead (``ssdkit.lower_generate``), then run
+    once; the text, the acceptance rate, the compile time and the generation's time apart. A draft model may be
+    of either family (a Mamba-2 or a mixer checkpoint) with the model's vocabulary."""
     import jax
 
     import ssdkit
-    from ssdkit.models import mamba2, text
+    from ssdkit.models import archs, text
 
     k = _draft_tokens(args)
     draft_params = None
@@ -246,16 +267,18 @@ def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer
             message = str(err)
             raise CliError(message.replace("--model", "--speculative", 1) if message.startswith("--model")
                            else f"--speculative {args.speculative}: {message}") from None
-        if draft_cfg.padded_vocab_size != cfg.padded_vocab_size:
-            raise CliError(f"--speculative {args.speculative}: its vocabulary ({draft_cfg.padded_vocab_size} padded "
-                           f"ids) differs from the model's ({cfg.padded_vocab_size}); a draft model needs the same")
-        draft = ssdkit.DraftModel(mamba2.Mamba2LM(draft_cfg))
+        draft_family, family = archs.family(draft_cfg), archs.family(cfg)
+        if draft_family.vocab_size(draft_cfg) != family.vocab_size(cfg):
+            raise CliError(f"--speculative {args.speculative}: its vocabulary ({draft_family.vocab_size(draft_cfg)} "
+                           f"ids) differs from the model's ({family.vocab_size(cfg)}); a draft model needs the same")
+        draft = ssdkit.DraftModel(draft_family.language_model(draft_cfg))
 
-    with on_mesh:  # traced, compiled and run under the mesh, as mamba2.generate would be
+    with on_mesh:  # traced, compiled and run under the mesh, as ssdkit.generate would be
         t0 = time.perf_counter()
-        compiled = mamba2.lower_generate(
-            params, cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, eos_token_id=eos, lengths=lengths, key=jax.random.key(args.seed),
+        compiled = ssdkit.lower_generate(
+            archs.family(cfg).language_model(cfg), params, prompt, max_new_tokens=args.max_new_tokens,
+            sampler=ssdkit.make_sampler(args.temperature, args.top_k, args.top_p), eos_token_id=eos,
+            prompt_lengths=lengths, key=jax.random.key(args.seed),
             speculative=ssdkit.Speculative(draft, draft_tokens=k), draft_params=draft_params,
         ).compile()  # tracing includes the round costs' estimate
         compile_s = time.perf_counter() - t0
@@ -511,9 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssdkit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text with a Mamba-2 checkpoint directory or preset")
-    g.add_argument("--model", default=None, help="checkpoint directory, a preset (random weights: "
-                   + ", ".join(PRESETS) + "), or default: the shipped byte-level model (the default)")
+    g = sub.add_parser("generate", help="generate text with a checkpoint directory (Mamba-2, or any mixer "
+                       "`ssdkit train --arch` trained) or a Mamba-2 preset")
+    g.add_argument("--model", default=None, help="checkpoint directory (a Mamba-2's config.json, or a mixer's "
+                   "mixer.json), a Mamba-2 preset (random weights: " + ", ".join(PRESETS)
+                   + "), or default: the shipped byte-level model (the default)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
@@ -561,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="cross-entropy, perplexity and bits per byte over text files")
-    e.add_argument("--model", default=None, help="checkpoint directory, or default: the shipped model (default)")
+    e.add_argument("--model", default=None, help="checkpoint directory (Mamba-2, or a mixer's from "
+                   "`ssdkit train --arch`), or default: the shipped model (default)")
     e.add_argument("--text", required=True,
                    help="a text file, a folder (every text file, each a document; files with a NUL byte in their "
                         "first 8 KiB are skipped), or python-stdlib:held-out")
@@ -586,9 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("train", help="train Mamba-2 on a text file, a folder of text files or a .npy of ids",
-                       description="Train Mamba-2 (or a toy recurrence) into --out; the same command resumes a "
-                                   "stopped run.", epilog=TRAIN_EXAMPLES,
+    t = sub.add_parser("train", help="train Mamba-2 (or any mixer: --arch) on a text file, a folder of text files "
+                       "or a .npy of ids",
+                       description="Train Mamba-2 (or a shipped mixer, or your own: --arch package.module:Class) into "
+                                   "--out; the same command resumes a stopped run.", epilog=TRAIN_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_flags(t)
     _add_distributed_flag(t)

@@ -3,7 +3,8 @@
 Each file is one document (``ssdkit.models.text.encode_document``: the tokenizer's ids, then
 ``<|endoftext|>`` when it has one). Documents are laid end to end in ``batch`` rows (each row takes the
 next document when it runs short), and every row is read in fixed windows of ``window`` tokens with the
-recurrent state and the conv window carried from one window to the next (``mamba2.score_window``). For a
+recurrent state and the conv windows carried from one window to the next (``mamba2.score_window``, or
+``ssdkit.MixerLM.score_window`` for a mixer model: ``ssdkit.models.archs.family``). For a
 recurrence this is exact: no overlap, no truncated context, every target scored once, and the result
 does not depend on ``window`` or ``batch`` (tested). One compiled program serves every window.
 
@@ -25,8 +26,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from ssdkit.models import corpus, mamba2, text
-from ssdkit.models.mamba2.model import compute_dtype
+from ssdkit import MixerLM
+from ssdkit.models import archs, corpus, mamba2, text
 from ssdkit.models.text import Document
 
 
@@ -83,9 +84,10 @@ def text_files(spec: str | Path, *, log: Callable[[str], None] | None = None) ->
     return selection.taken
 
 
-def evaluate(params, cfg: mamba2.Mamba2Config, docs: Iterable[Document], *, window: int = 2048, batch: int = 1,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Score ``docs`` with a Mamba-2 (see the module docstring); ``progress(targets)`` after each window.
+def evaluate(params, cfg: mamba2.Mamba2Config | MixerLM, docs: Iterable[Document], *, window: int = 2048,
+             batch: int = 1, progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Score ``docs`` with a Mamba-2 (``cfg`` its config) or a mixer model (``cfg`` the
+    :class:`ssdkit.MixerLM`), see the module docstring; ``progress(targets)`` after each window.
 
     ``docs`` is consumed lazily: each row takes the next document when its buffer runs short of a window,
     so memory holds about ``batch`` documents (and their windows) at a time, whatever the total."""
@@ -99,7 +101,8 @@ def evaluate(params, cfg: mamba2.Mamba2Config, docs: Iterable[Document], *, wind
     cache_doc = np.full(batch, -1)  # the document each row's cache continues
     n_docs = n_bytes = scored = 0
     nll_total, nll = 0.0, jnp.zeros((), jnp.float32)
-    cache = mamba2.init_cache(cfg, batch, compute_dtype(params))
+    family = archs.family(cfg)
+    cache = family.init_cache(params, cfg, batch)
     t0, k = time.perf_counter(), 0
     while True:
         for r in range(batch):  # a window needs window + 1 tokens: the last position's target too
@@ -123,7 +126,7 @@ def evaluate(params, cfg: mamba2.Mamba2Config, docs: Iterable[Document], *, wind
         cache_doc = np.where(last >= 0, last, cache_doc)
         # segment ids within the window: document numbers relative to the row's first (padding: the last)
         local = np.where(docs_w[:, :window] >= 0, docs_w[:, :window], last[:, None]) - docs_w[:, :1]
-        sums, cache = mamba2.score_window(params, cfg, jnp.asarray(tokens[:, :window]), jnp.asarray(tokens[:, 1:]),
+        sums, cache = family.score_window(params, cfg, jnp.asarray(tokens[:, :window]), jnp.asarray(tokens[:, 1:]),
                                           jnp.asarray(weights, jnp.float32), cache,
                                           segment_ids=jnp.asarray(local.astype(np.int32)), reset=jnp.asarray(reset))
         nll = nll + sums.nll

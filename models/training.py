@@ -336,67 +336,9 @@ def _model(cfg: TrainRunConfig, vocab_size: int):
 
 
 def _check_vocab(rows: PackedRows, mcfg) -> None:
-    hi, vocab = int(rows.tokens.max()), _family(mcfg).vocab_size(mcfg)
+    hi, vocab = int(rows.tokens.max()), archs.family(mcfg).vocab_size(mcfg)
     if hi >= vocab:
         raise ValueError(f"token id {hi} in the data is out of range for the model's vocabulary of {vocab}")
-
-
-class _Mamba2Family:
-    """What the loop needs of Mamba-2 (its config is ``mcfg``)."""
-
-    @staticmethod
-    def vocab_size(mcfg: mamba2.Mamba2Config) -> int:
-        return mcfg.padded_vocab_size
-
-    @staticmethod
-    def loss(params, mcfg: mamba2.Mamba2Config, tokens, segment_ids, remat: str):
-        return mamba2.loss(params, mcfg, tokens, segment_ids=segment_ids, remat=remat)
-
-    @staticmethod
-    def save(params, mcfg: mamba2.Mamba2Config, folder: Path) -> None:
-        mamba2.save_checkpoint(params, mcfg, folder)
-
-    @staticmethod
-    def check_mesh(mcfg: mamba2.Mamba2Config, mesh) -> None:
-        from ssdkit.models.mamba2 import sharding as mamba2_sharding
-
-        mamba2_sharding.config_check(mcfg, mesh)
-
-    @staticmethod
-    def param_specs(params, mcfg: mamba2.Mamba2Config, mesh):
-        from ssdkit.models.mamba2 import sharding as mamba2_sharding
-
-        return mamba2_sharding.param_specs(params, mesh)
-
-
-class _MixerFamily:
-    """What the loop needs of a mixer model (``mcfg`` is the :class:`ssdkit.MixerLM` itself)."""
-
-    @staticmethod
-    def vocab_size(mcfg: MixerLM) -> int:
-        return mcfg.cfg.vocab_size
-
-    @staticmethod
-    def loss(params, mcfg: MixerLM, tokens, segment_ids, remat: str):
-        return mcfg.loss(params, tokens, segment_ids=segment_ids, remat=remat)
-
-    @staticmethod
-    def save(params, mcfg: MixerLM, folder: Path) -> None:
-        """Safetensors, one tensor per PyTree path, and mixer.json (``ssdkit.models.archs.save_checkpoint``)."""
-        archs.save_checkpoint(params, mcfg, folder)
-
-    @staticmethod
-    def check_mesh(mcfg: MixerLM, mesh) -> None:
-        mcfg.check_mesh(mesh)
-
-    @staticmethod
-    def param_specs(params, mcfg: MixerLM, mesh):
-        return mcfg.param_specs(params, mesh)
-
-
-def _family(mcfg):
-    """The one place that tells the model families apart."""
-    return _MixerFamily if isinstance(mcfg, MixerLM) else _Mamba2Family
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -422,7 +364,7 @@ def _on_mesh(cfg: TrainRunConfig, mcfg, state, optimizer, log):
     from ssdkit import sharding
 
     mesh = sharding.make_mesh(cfg.mesh)
-    family = _family(mcfg)
+    family = archs.family(mcfg)
     family.check_mesh(mcfg, mesh)
     rows = sharding.batch_size_multiple(mesh)
     if (cfg.batch_size // cfg.micro_batches) % rows:
@@ -531,7 +473,7 @@ def _json_number(x: float) -> float | None:
 def _export(cfg: TrainRunConfig, params, mcfg, step: int, *, tokenizer, tokenizer_file, record: dict) -> None:
     """Write ``out/model``: the weights, tokenizer.json, and training.json (the run and its data)."""
     folder = Path(cfg.out) / "model"
-    _family(mcfg).save(params, mcfg, folder)
+    archs.family(mcfg).save(params, mcfg, folder)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
     else:
@@ -592,6 +534,8 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
 
     out = Path(cfg.out)
     _check_out(out)
+    if cfg.arch != "mamba2":  # a user's package.module:Class is imported and checked before any data is read
+        archs.mixer(cfg.arch)
     tokenizer, tokenizer_file = text.load(cfg.tokenizer)
     train_docs, held_docs, manifest = load_documents(cfg, tokenizer, log=log)
     train_rows, held_rows = prepare_data(cfg, train_docs, held_docs)
@@ -757,7 +701,7 @@ def make_step(mcfg: mamba2.Mamba2Config | MixerLM, optimizer, *, remat: str = "n
 
 def _batch_loss(params, batch, *, mcfg, remat):
     tokens, segment_ids = batch
-    return _family(mcfg).loss(params, mcfg, tokens, segment_ids, remat)
+    return archs.family(mcfg).loss(params, mcfg, tokens, segment_ids, remat)
 
 
 _eval_loss = jax.jit(_batch_loss, static_argnames=("mcfg", "remat"))  # the model config is hashable

@@ -5,7 +5,8 @@
 :class:`MixerLM` turns a :class:`~ssdkit.core.mixer.Mixer` (a layer written once against
 :class:`~ssdkit.core.mixer.LayerOps`) into everything the rest of ssdkit takes: ``prefill`` (with ragged
 ``lengths``), ``decode``, ``verify`` / ``commit`` (speculative decoding, :func:`ssdkit.generate`),
-``loss`` with packed ``segment_ids`` (:func:`ssdkit.make_train_step`), and sharding rules for a mesh
+``loss`` with packed ``segment_ids`` (:func:`ssdkit.make_train_step`), ``score_window`` (a stream scored
+window by window, the state carried: ``ssdkit eval``), and sharding rules for a mesh
 (:meth:`MixerLM.param_specs`). The recurrent parts (convs, scan, their cache and rollback) are
 ssdkit's; the mixer only computes the recurrence's inputs and its output.
 """
@@ -28,7 +29,8 @@ from ssdkit.core.layers import is_per_layer, scan_layers
 from ssdkit.core.mixer import LayerRecord, Mixer, check_mixer, commit_layer, conv_spec, run_layer
 from ssdkit.core.norm import rms_norm
 from ssdkit.dtypes import accumulation_dtype
-from ssdkit.training.loss import LossMetrics, head_cross_entropy, next_token_targets
+from ssdkit.training.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
+from ssdkit.xla_options import inference_jit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +179,37 @@ class MixerLM:
         metrics = head_cross_entropy(h[:, :-1], params.embedding, targets, weights).metrics()
         return metrics.loss, metrics
 
+    def score_window(self, params: LMParams, tokens: Tokens, targets: Tokens, weights: jax.Array,
+                     cache: RecurrentCache, *, segment_ids: SegmentIds | None = None,
+                     reset: jax.Array | None = None) -> tuple[CrossEntropySums, RecurrentCache]:
+        """Cross-entropy sums of one window of a stream, continuing from ``cache``: ``(sums, new cache)``
+        (compiled once per shape; ``ssdkit eval`` reads any length of text this way).
+
+        Position t of ``tokens`` (batch, seq) predicts ``targets[:, t]`` with weight ``weights[:, t]`` (0 to
+        skip; the caller gives the next window's first token as the last target, so a stream cut into windows
+        scores every token once: exact for a recurrence, no overlap). ``segment_ids`` packs several documents
+        in a row (every conv window and the state reset at each change of id; the cache continues the first
+        one), ``reset`` (batch,) bool starts a row afresh (its cache zeroed) at this window's first token.
+        Positions after a row's end may hold anything in range with weight 0: they only spoil that row's
+        returned cache."""
+        self._check_tokens(tokens, 2)
+        self._check_tokens(targets, 2)
+        batch, seq = np.shape(tokens)
+        for name, a in (("targets", targets), ("weights", weights)) + (
+                (("segment_ids", segment_ids),) if segment_ids is not None else ()):
+            if np.shape(a) != (batch, seq):
+                raise ValueError(f"{name} must have the shape of tokens {(batch, seq)}, got {np.shape(a)}")
+        want = jax.eval_shape(functools.partial(self.init_cache, batch))
+        if jax.tree_util.tree_structure(cache) != jax.tree_util.tree_structure(want) or any(
+                np.shape(a) != b.shape for a, b in zip(jax.tree_util.tree_leaves(cache),
+                                                       jax.tree_util.tree_leaves(want), strict=True)):
+            raise ValueError(f"cache must be this model's cache for {batch} rows (MixerLM.init_cache({batch}))")
+        reset = jnp.zeros((batch,), bool) if reset is None else jnp.asarray(reset, bool)
+        if reset.shape != (batch,):
+            raise ValueError(f"reset must have shape ({batch},), got {reset.shape}")
+        return _score_window(self, params, tokens, targets, jnp.asarray(weights, jnp.float32), segment_ids, reset,
+                             cache)
+
     # ------------------------------------------------------------------ generation
     def prefill(self, params: LMParams, tokens: Tokens, cache: RecurrentCache | None = None,
                 lengths: Lengths | None = None) -> tuple[Logits, RecurrentCache]:
@@ -264,3 +297,12 @@ def _init(model: MixerLM, key: jax.Array, dtype) -> LMParams:
     layers = jax.tree_util.tree_map(lambda a: a.astype(dtype), LayerParams(norm=norm, mixer=mixers))
     emb = cfg.embedding_std * jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), dtype)
     return LMParams(embedding=emb, layers=layers, norm_f=jnp.ones((cfg.d_model,), dtype))
+
+
+@functools.partial(inference_jit, static_argnames=("model",))
+def _score_window(model: MixerLM, params, tokens, targets, weights, segment_ids, reset, cache):
+    """:meth:`MixerLM.score_window`'s program: the rows marked ``reset`` start from a zero cache."""
+    keep = lambda a: jnp.where(jnp.reshape(~reset, (1, -1) + (1,) * (a.ndim - 2)), a, jnp.zeros_like(a))  # noqa: E731
+    cache = jax.tree_util.tree_map(keep, cache)
+    h, cache = model._stack(params, params.embedding[tokens], cache, mode="sequence", segment_ids=segment_ids)
+    return head_cross_entropy(h, params.embedding, targets, weights), cache

@@ -7,15 +7,17 @@ errors per mesh (and per command); any failed check raises (non-zero exit).
     python tests/sharding_check.py [--long] [MESH ...]
 
 Every run checks greedy generation outside the mesh context too (the sharded inputs alone), ``ssdkit train
---mesh`` against the run on one device, and ``ssdkit generate --mesh`` with the shipped model against the
-command on one device. The default run passes one mesh with three axes at once (fsdp=2,model=2,seq=2);
-``-m long`` passes seven more meshes."""
+--mesh`` against the run on one device, ``ssdkit generate --mesh`` with the shipped model against the
+command on one device, and both commands with a layer defined in a test module (tests/custom_mixer.py,
+``--arch tests.custom_mixer:GatedDelta``). The default run passes one mesh with three axes at once
+(fsdp=2,model=2,seq=2); ``-m long`` passes seven more meshes."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import ssdkit
 from ssdkit import sharding
-from ssdkit.models import mamba2, training
+from ssdkit.models import archs, mamba2, training
 from ssdkit.models.mamba2 import sharding as msh
 from tests.helpers import assert_same_greedy_tokens, greedy_margins
 
@@ -220,34 +222,83 @@ def check_speculative_command(mesh: str, params, prompt, expected, margins, row:
     return bool(np.array_equal(got, np.asarray(expected)[row]))
 
 
-def train_run_config(data: str, out: str, mesh: str | None) -> training.TrainRunConfig:
-    """A tiny ``ssdkit train`` run (its data file written here); the test runs it on one process too."""
+def train_run_config(data: str, out: str, mesh: str | None, **options) -> training.TrainRunConfig:
+    """A tiny ``ssdkit train`` run (its data file written here), ``options`` replacing its settings (``arch``,
+    ``d_model``, ...); the test runs it on one process too."""
     with open(data, "w") as f:
         f.write("def f(x):\n    return x * 2\n" * 200)
-    return training.TrainRunConfig(data=data, out=out, mesh=mesh, d_model=32, n_layer=2, d_state=8, headdim=16,
-                                   chunk_size=8, seq_len=32, batch_size=8, steps=3, warmup_steps=1, eval_every=3,
-                                   save_every=3, progress=False)
+    return training.TrainRunConfig(**{**dict(data=data, out=out, mesh=mesh, d_model=32, n_layer=2, d_state=8,
+                                             headdim=16, chunk_size=8, seq_len=32, batch_size=8, steps=3,
+                                             warmup_steps=1, eval_every=3, save_every=3, progress=False), **options})
+
+
+def compare_train_commands(tmp: Path, mesh: str, **options) -> dict:
+    """``ssdkit train --mesh`` into ``tmp/mesh`` and on one device into ``tmp/one``: the same losses, held-out
+    loss (unless ``held_out=0``) and exported weights (returns and prints the errors)."""
+    logs = {}
+    for name, m in (("one", None), ("mesh", mesh)):
+        cfg = train_run_config(str(tmp / "data.txt"), str(tmp / name), m, **options)
+        training.train(cfg, log=lambda s: None)
+        logs[name] = [json.loads(line) for line in (tmp / name / "log.jsonl").read_text().splitlines()]
+    one, sharded = ([e["loss"] for e in logs[k]] for k in ("one", "mesh"))
+    held = options.get("held_out", 1) > 0
+    errors = {"train_command_mesh": mesh, "arch": options.get("arch", "mamba2"),
+              "losses": float(np.max(np.abs(np.subtract(sharded, one)) / np.abs(one))),
+              "held_out": abs(logs["mesh"][-1]["held_out_loss"] - logs["one"][-1]["held_out_loss"]) if held else 0.0}
+    load = archs.load_checkpoint if "arch" in options else mamba2.load_checkpoint
+    errors["exported_weights"] = rel_err(load(tmp / "mesh" / "model")[0], load(tmp / "one" / "model")[0])
+    print(json.dumps(errors), flush=True)
+    assert errors["losses"] < 1e-5 and errors["held_out"] < 1e-4 and errors["exported_weights"] < 1e-4, errors
+    return errors
 
 
 def check_train_command(mesh: str) -> None:
     """``ssdkit train --mesh``: the same losses and exported weights as the run on one device."""
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        logs = {}
-        for name, m in (("one", None), ("mesh", mesh)):
-            cfg = train_run_config(str(Path(tmp) / "data.txt"), str(Path(tmp) / name), m)
-            training.train(cfg, log=lambda s: None)
-            logs[name] = [json.loads(line) for line in (Path(tmp) / name / "log.jsonl").read_text().splitlines()]
-        one, sharded = ([e["loss"] for e in logs[k]] for k in ("one", "mesh"))
-        errors = {"train_command_mesh": mesh, "losses": float(np.max(np.abs(np.subtract(sharded, one)) / np.abs(one))),
-                  "held_out": abs(logs["mesh"][-1]["held_out_loss"] - logs["one"][-1]["held_out_loss"])}
-        w_one, _ = mamba2.load_checkpoint(Path(tmp) / "one" / "model")
-        w_mesh, _ = mamba2.load_checkpoint(Path(tmp) / "mesh" / "model")
-        errors["exported_weights"] = rel_err(w_mesh, w_one)
-        print(json.dumps(errors), flush=True)
-        assert errors["losses"] < 1e-5 and errors["held_out"] < 1e-4 and errors["exported_weights"] < 1e-4, errors
+        compare_train_commands(Path(tmp), mesh)
+
+
+#: a layer defined in a test module, not in the package (tests/custom_mixer.py)
+CUSTOM_ARCH = "tests.custom_mixer:GatedDelta"
+
+
+def check_custom_mixer(mesh: str) -> None:
+    """A user's own layer on a mesh, through the commands: ``ssdkit train --arch tests.custom_mixer:GatedDelta
+    --mesh`` equals the run on one device (losses and exported weights; d_model 64, so that the
+    embedding and the larger weights are split over fsdp, every head-major array over model by the mixer's
+    ``head_axes``), and ``ssdkit generate --mesh`` from that export (greedy, 13 prompt ids right-padded to
+    split over seq) chooses one device's tokens: each the argmax of the one-device logits after the tokens
+    before it (barring a near tie)."""
+    import contextlib
+    import io
+    import tempfile
+
+    from ssdkit.models import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # nothing held out: the held-out loss is the training loss's program, checked on a mesh for Mamba-2 above
+        compare_train_commands(Path(tmp), mesh, arch=CUSTOM_ARCH, d_model=64, held_out=0.0, remat="none")
+        folder = Path(tmp) / "one" / "model"
+        (folder / "tokenizer.json").unlink()  # ids in, ids out, no end-of-document stop
+        params, model = archs.load_checkpoint(folder)
+        specs = model.param_specs(params, sharding.make_mesh(mesh)).layers.mixer
+        assert specs.wv == P(None, "fsdp", "model") and specs.wo == P(None, "model", "fsdp"), specs
+        assert model.param_specs(params, sharding.make_mesh(mesh)).embedding == P(None, "fsdp")
+        ids = [100, 101, 102, 32, 120, 61, 49, 10, 100, 101, 102, 40, 41]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            assert cli.main(["generate", "--model", str(folder), "--prompt-ids", ",".join(map(str, ids)),
+                             "--max-new-tokens", str(NEW), "--mesh", mesh]) == 0
+        got = [int(t) for t in buf.getvalue().split()]
+        # one device's greedy choices after the same tokens: the argmax of one forward over prompt + generation
+        logits = np.asarray(jax.jit(model.forward)(params, jnp.asarray([ids + got], jnp.int32)))[0, len(ids) - 1:-1]
+        want = np.argmax(logits, axis=-1)
+        assert len(got) == NEW
+        assert_same_greedy_tokens(got, want, greedy_margins(logits), tie=1e-4,
+                                  name=f"ssdkit generate --mesh {mesh} with {CUSTOM_ARCH}")
+        print(json.dumps({"custom_mixer_mesh": mesh, "greedy_equal": bool(np.array_equal(got, want))}), flush=True)
 
 
 #: ``ssdkit generate`` with the shipped model, sampled (a prompt of 18 ids)
@@ -278,3 +329,5 @@ if __name__ == "__main__":
     # the commands: a training run on a mesh, and generation with the shipped model
     check_train_command("data=2,model=2,seq=2")
     check_generate_command("model=2,seq=4")
+    # a layer of a test module, trained and generated from on a mesh through the same commands
+    check_custom_mixer("fsdp=2,model=2,seq=2")

@@ -71,7 +71,8 @@ def test_sharded_programs_equal_one_device(meshes):
     device's, and so does generation from the sharded inputs outside the mesh context, speculative generation
     (prompt lookup; its verifies of k + 1 tokens unsplit over seq) in the library and through `ssdkit generate
     --speculative lookup --mesh`; `ssdkit train --mesh` and `ssdkit generate --mesh` (the shipped model) equal
-    the commands on one device."""
+    the commands on one device, and so do both commands with a layer defined in a test module
+    (`--arch tests.custom_mixer:GatedDelta`: trained on fsdp=2,model=2,seq=2, its export generating there)."""
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_check.py"), *meshes],
                           env=_env(8), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
@@ -79,6 +80,8 @@ def test_sharded_programs_equal_one_device(meshes):
     assert proc.stdout.count('"plain_generated_equal"') == len(meshes), proc.stdout
     assert proc.stdout.count('"speculative_command_equal"') == len(meshes), proc.stdout
     assert "train_command_mesh" in proc.stdout and "generate_command_mesh" in proc.stdout, proc.stdout
+    assert '"arch": "tests.custom_mixer:GatedDelta"' in proc.stdout, proc.stdout
+    assert '"custom_mixer_mesh"' in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("devices,args,counts", [(4, [], (5, 1, 1)),
