@@ -136,6 +136,7 @@ def test_drafts_verified_on_this_layer(ids_only, capsys):
     assert_same_greedy_tokens(drafted, plain, margins, tie=1e-4, name="--speculative MODEL_DIR")
 
 
+@pytest.mark.long  # eval's window loop is tests/test_evaluation.py's; this is the mixer checkpoint through it
 def test_it_is_evaluated_window_by_window_as_in_one_pass(trained, logits_of, tmp_path):
     """``ssdkit eval`` on three files in windows of 5 over 2 rows (windows shorter than the documents; a row
     takes its next document inside a window; the convs' windows and the state carried between windows):

@@ -52,7 +52,9 @@ def _params64(model, seed):
     return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
 
 
-@pytest.mark.parametrize("name", LAYERS)
+# DeltaNet by default (the delta rule's rank-one path, three convs); Gated DeltaNet adds a decay and a gate on
+# the same path, and its forward is held to the published layer under -m long: long here too.
+@pytest.mark.parametrize("name", ["deltanet", pytest.param("gated-deltanet", marks=pytest.mark.long)])
 def test_prefill_then_decode_equals_forward(name):
     """Float64: the chunked forward at every position == prefill of a 10-token prefix (a chunk and a bit) + 17
     O(1) decode steps; and the layer's head_axes match its params (MixerLM.param_specs on a model axis of 2)."""

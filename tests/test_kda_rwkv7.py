@@ -65,7 +65,9 @@ def _decode_from(model, params, tokens, cache, start):
     return np.stack(logits, axis=1), cache
 
 
-@pytest.mark.parametrize("name", NAMES)
+# RWKV-7 by default (a general rank-one term with a per-channel decay, two convs, the residual stream itself:
+# pre_norm = False); KDA's per-channel decay with the delta rule is the same kernel path: long.
+@pytest.mark.parametrize("name", [pytest.param("kda", marks=pytest.mark.long), "rwkv7"])
 def test_prefill_then_decode_equals_forward(name):
     """Float64: forward at every position == prefill of 10 tokens (not a multiple of the chunk) + 17 O(1)
     decode steps, through both convs / the three convs and the rank-one scan."""
