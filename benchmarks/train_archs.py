@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", default="mamba2,retention,gla")
     ap.add_argument("--probe-steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("runs/archs"))
+    ap.add_argument("--eval-rows", type=int, default=1000000,
+                    help="held-out rows for the final figure (default: every one; the same rows for every arch)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         _ssdkit("train", "--config", args.config, "--arch", arch, "--out", str(run), "--steps", str(steps),
                 "--warmup-steps", str(max(1, round(base.get("warmup_steps", 20) * steps / base["steps"]))),
-                "--eval-every", str(steps), "--eval-rows", "1000000", "--save-every", str(steps), "--no-progress")
+                "--eval-every", str(steps), "--eval-rows", str(args.eval_rows), "--save-every", str(steps),
+                "--no-progress")
         wall = time.perf_counter() - t
         final = _log(run)[-1]
         rows.append({"arch": arch, "params": _params(run), "seconds_per_step": per_step, "steps": steps,

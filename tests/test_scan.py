@@ -419,7 +419,6 @@ def test_recurrence_spec_validation():
         Recurrence(num_heads=6, head_dim=0, state_dim=8)
 
 
-@pytest.mark.numerics  # a miscompile of XLA's CPU backend: both code generations
 @pytest.mark.parametrize("kind", ["diagonal", "diagonal+rank-one"])
 def test_one_chunk_from_a_zero_state_built_in_the_program(kind):
     """One chunk from a zero state made inside the jitted program (an empty cache, as a model's forward or
