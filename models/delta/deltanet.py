@@ -97,6 +97,12 @@ def qkv(cfg, lp, h: Hidden, ops: ssdkit.LayerOps):
     return ssdkit.l2_norm(q, eps=QK_NORM_EPS), ssdkit.l2_norm(k, eps=QK_NORM_EPS), v
 
 
+def qkv_conv_channels(cfg) -> tuple[int, int, int]:
+    """The channels of :func:`qkv`'s three short convs: q (G·N), k (G·N), v (H·P), in that order."""
+    gn, hp = cfg.num_groups * cfg.state_dim, cfg.num_heads * cfg.head_dim
+    return gn, gn, hp
+
+
 def delta_recurrence(cfg) -> ssdkit.Recurrence:
     """The scan of a delta-rule layer with a scalar decay per head: H heads of (P, N) states, β folded into
     per-head ``w`` and ``b`` (:func:`ssdkit.delta_rule` repeats grouped q, k to the heads)."""
@@ -120,8 +126,7 @@ class DeltaNet:
 
     def conv_channels(self, cfg) -> tuple[int, int, int]:
         """Three short convs, of q (G·N), k (G·N) and v (H·P) channels, in that order."""
-        gn, hp = cfg.num_groups * cfg.state_dim, cfg.num_heads * cfg.head_dim
-        return gn, gn, hp
+        return qkv_conv_channels(cfg)
 
     def init_layer(self, cfg, key: jax.Array) -> DeltaNetLayer:
         ks = jax.random.split(key, 8)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 import ssdkit
-from ssdkit.models.delta.deltanet import Hidden, delta_recurrence, qkv, short_conv_init
+from ssdkit.models.delta.deltanet import Hidden, delta_recurrence, qkv, qkv_conv_channels, short_conv_init
 
 #: The range of the decay rate's init, A = exp(A_log) ~ U(0, A_INIT_MAX] (fla's 16).
 A_INIT_MAX = 16.0
@@ -115,8 +115,7 @@ class GatedDeltaNet:
 
     def conv_channels(self, cfg) -> tuple[int, int, int]:
         """Three short convs, of q (G·N), k (G·N) and v (H·P) channels, in that order."""
-        gn, hp = cfg.num_groups * cfg.state_dim, cfg.num_heads * cfg.head_dim
-        return gn, gn, hp
+        return qkv_conv_channels(cfg)
 
     def init_layer(self, cfg, key: jax.Array) -> GatedDeltaNetLayer:
         ks = jax.random.split(key, 11)

@@ -159,9 +159,15 @@ class _Ops:
                              f"(batch, K-1, channels): conv_channels and the config's conv_kernel say otherwise")
         return window
 
-    def _scan_once(self):
+    def _scan_once(self, w, u, bonus, readout) -> dict:
+        """Raise on a second scan call; the keyword options the primitive takes (only those given, so a
+        diagonal layer calls the primitives exactly as before the rank-one kind existed)."""
         if self.result is not None:
             raise ValueError("the mixer called ops.scan twice: a layer has one recurrence (one state)")
+        options = {} if bonus is None and readout == "inclusive" else {"bonus": bonus, "readout": readout}
+        if w is not None or u is not None:
+            options.update(w=w, u=u)
+        return options
 
     def finish(self):
         if len(self.windows) != len(self.windows_in):
@@ -180,14 +186,11 @@ class _SequenceOps(_Ops):
         return y
 
     def scan(self, x, log_a, b, c, *, w=None, u=None, bonus=None, readout="inclusive"):
-        self._scan_once()
         if self.lengths is not None:  # steps past a row's length are identity steps: the state holds
             valid = jnp.arange(x.shape[1])[None, :] < self.lengths[:, None]
             keep = lambda a: None if a is None else jnp.where(valid.reshape(valid.shape + (1,) * (a.ndim - 2)), a, 0)
             x, log_a, w = keep(x), keep(log_a), keep(w)
-        options = {} if bonus is None and readout == "inclusive" else {"bonus": bonus, "readout": readout}
-        if w is not None or u is not None:
-            options.update(w=w, u=u)
+        options = self._scan_once(w, u, bonus, readout)
         y, self.result = ssd_scan(x, log_a, b, c, chunk_size=self.spec.chunk_size, initial_state=self.cache.state,
                                   segment_ids=self.segment_ids, **options)
         return y
@@ -201,10 +204,7 @@ class _StepOps(_Ops):
         return y
 
     def scan(self, x, log_a, b, c, *, w=None, u=None, bonus=None, readout="inclusive"):
-        self._scan_once()
-        options = {} if bonus is None and readout == "inclusive" else {"bonus": bonus, "readout": readout}
-        if w is not None or u is not None:
-            options.update(w=w, u=u)
+        options = self._scan_once(w, u, bonus, readout)
         y, self.result = ssd_step(self.cache.state, x, log_a, b, c, **options)
         return y
 
@@ -218,10 +218,7 @@ class _VerifyOps(_Ops):
         return y
 
     def scan(self, x, log_a, b, c, *, w=None, u=None, bonus=None, readout="inclusive"):
-        self._scan_once()
-        options = {} if bonus is None and readout == "inclusive" else {"bonus": bonus, "readout": readout}
-        if w is not None or u is not None:
-            options.update(w=w, u=u)
+        options = self._scan_once(w, u, bonus, readout)
         y, self.result = ssd_verify(self.cache.state, x, log_a, b, c, **options)
         return y
 
