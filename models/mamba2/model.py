@@ -487,8 +487,8 @@ class Mamba2LM:
         layer weights for the call's duration) and never per step."""
         return params if is_per_layer(params.layers) else dataclasses.replace(params, layers=unstack(params.layers))
 
-    def prefill(self, params, tokens, lengths=None):
-        logits, cache = prefill_program(params, self.cfg, tokens, lengths, None)
+    def prefill(self, params, tokens, lengths=None, cache=None):
+        logits, cache = prefill_program(params, self.cfg, tokens, lengths, cache)
         if is_per_layer(params.layers):  # decode then reads and writes every layer's cache in place
             cache = unstack(cache)
         return logits, cache

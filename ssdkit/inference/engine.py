@@ -1,0 +1,676 @@
+"""A serving engine: continuous batching over a fixed pool of state slots, with an exact prefix cache.
+
+The engine is generic over the language-model protocol (``ssdkit.inference.protocol``), with one more
+requirement: ``prefill(params, tokens, lengths=, cache=)`` continues from a cache (a fresh cache is all
+zeros, as every ssdkit model's is). Its device state is one :class:`SlotState`: the model's cache for
+``slots`` rows, each row's last token, its sampling settings as data (:class:`ssdkit.inference.sampling.RowSampling`)
+and its token counts for the penalties. Three compiled programs do all the work:
+
+* a prefill *piece* (batch 1; its length padded up to a power-of-two bucket, so a handful of programs
+  serve every prompt): a prompt is prefilled piece by piece from the longest cached prefix
+  (:class:`~ssdkit.inference.prefix_cache.PrefixCache`), each piece ending where a snapshot is taken;
+* *admit*: sample a request's first token from its prompt's last logits and write its cache, token and
+  settings into a free slot;
+* *step*: one decode step of every slot at once, sampling each row with its own settings and key.
+
+One engine iteration (:meth:`Engine.step`) runs at most one prefill piece and then one decode step of the
+live slots, so a long prompt never stalls the streams already running by more than a piece. A finished
+(EOS, ``max_new_tokens``) or cancelled request frees its slot at once and the next queued one takes it.
+Row b's token i is drawn with ``fold_in(key(seed), i)``, as ``ssdkit.generate`` draws a batch-1 request's,
+so a request's tokens do not depend on what else runs beside it (up to floating-point rounding of the
+batched programs).
+
+:meth:`Engine.start` runs the iterations in a thread of their own; ``submit`` and ``cancel`` may be called
+from any thread, and each request's :class:`TokenEvent` s go to the callback it was submitted with (called
+in the engine's thread: hand them on, do not compute there).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Bool, Int
+
+from ssdkit._typing import Lengths, StepTokens
+from ssdkit.inference.prefix_cache import PrefixCache
+from ssdkit.inference.protocol import prepare_params
+from ssdkit.inference.sampling import (
+    Greedy,
+    Penalties,
+    RowSampling,
+    Sample,
+    TokenLogprobs,
+    penalize,
+    sample_rows,
+    top_logprobs,
+)
+from ssdkit.xla_options import inference_jit
+
+log = logging.getLogger("ssdkit.engine")
+
+FINISH_STOP = "stop"  # the model's end-of-text token (or, in the server, a stop string)
+FINISH_LENGTH = "length"  # max_new_tokens reached
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+
+# ------------------------------------------------------------------------------ configuration and requests
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """What an :class:`Engine` holds and accepts.
+
+    Attributes:
+        slots: requests decoded together (the batch of the compiled decode step).
+        max_queue: requests waiting for a slot; past it, :meth:`Engine.submit` raises :class:`QueueFull`.
+        max_prompt_tokens: longest prompt accepted.
+        max_new_tokens: most tokens one request may ask for.
+        snapshot_interval: tokens between prefix-cache snapshots inside a prompt, and the longest prefill
+            piece (so also how long one piece keeps the running streams waiting).
+        prefix_cache_bytes: bytes of snapshots kept (0 turns the prefix cache off).
+        max_logprobs: most alternatives a request may ask for per token.
+        min_bucket: the shortest prefill piece shape (pieces are padded up to a power of two from here).
+    """
+
+    slots: int = 8
+    max_queue: int = 64
+    max_prompt_tokens: int = 8192
+    max_new_tokens: int = 4096
+    snapshot_interval: int = 256
+    prefix_cache_bytes: int = 512 * 2**20
+    max_logprobs: int = 5
+    min_bucket: int = 16
+
+    def __post_init__(self):
+        for name in ("slots", "max_queue", "max_prompt_tokens", "max_new_tokens", "snapshot_interval",
+                     "min_bucket"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("prefix_cache_bytes", "max_logprobs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 0, got {v!r}")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The prefill piece lengths compiled: powers of two from ``min_bucket`` up to the first that holds
+        ``snapshot_interval`` tokens."""
+        out = [1 << max(0, math.ceil(math.log2(self.min_bucket)))]
+        while out[-1] < self.snapshot_interval:
+            out.append(out[-1] * 2)
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One request: its prompt ids and how to sample.
+
+    Attributes:
+        prompt: the prompt's token ids (at least one).
+        max_new_tokens: most tokens generated (the EOS included when it comes).
+        sampler: :class:`~ssdkit.Greedy` or :class:`~ssdkit.Sample`.
+        penalties: :class:`~ssdkit.inference.sampling.Penalties`.
+        seed: token i is drawn with ``fold_in(jax.random.key(seed), i)``.
+        logprobs: None, or how many most likely alternatives (0..max_logprobs) to report per token with the
+            chosen token's log-probability.
+        ignore_eos: keep generating past the end-of-text token (benchmarks).
+    """
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampler: Greedy | Sample = Greedy()
+    penalties: Penalties = Penalties()
+    seed: int = 0
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """What a request's callback receives: one per generated token, then the last one with
+    ``finish_reason`` set (``token`` None when the request ended without a new token: cancelled, error).
+
+    Attributes:
+        token: the generated id, or None.
+        index: its position in the output (0 first).
+        logprob: its log-probability under the model (when asked for).
+        top: the most likely alternatives ((id, log-probability), most likely first), when asked for.
+        finish_reason: None while running; then ``"stop"`` (the end-of-text token, which is ``token``),
+            ``"length"``, ``"cancelled"`` or ``"error"``.
+        message: what went wrong, for ``"error"``.
+        cached_tokens: prompt tokens taken from the prefix cache (on the first event).
+        time: ``time.perf_counter()`` when the engine produced it.
+    """
+
+    token: int | None
+    index: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None
+    finish_reason: str | None = None
+    message: str | None = None
+    cached_tokens: int = 0
+    time: float = 0.0
+
+
+class QueueFull(Exception):
+    """The engine's queue is full: try again later."""
+
+
+class EngineClosed(Exception):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+class RequestHandle:
+    """A submitted request: :meth:`cancel` it from any thread; its slot is freed within one engine step."""
+
+    def __init__(self, request_id: int, request: GenerationRequest, on_event: Callable[[TokenEvent], None]):
+        self.id = request_id
+        self.request = request
+        self.on_event = on_event
+        self.submitted = time.perf_counter()
+        self.cancelled = False
+        self.finished = False
+        self.generated = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since the engine started (read by a server's ``/metrics``)."""
+
+    requests_submitted: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    requests_rejected: int = 0
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    prefill_pieces: int = 0
+    prefill_seconds: float = 0.0
+    slot_steps: int = 0  # sum over decode steps of the slots live in it
+
+
+# ------------------------------------------------------------------------------ device state and programs
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """Everything the decode step reads and writes, for every slot.
+
+    Attributes:
+        cache: the model's cache for ``slots`` rows.
+        token: (slots,) the last token of each row (the next decode step's input).
+        step: (slots,) the index of the next token each row samples.
+        rows: each row's sampling settings and key.
+        counts: (slots, vocab) times each row generated each token (the penalties').
+        prompt_mask: (slots, vocab) the tokens of each row's prompt (the repetition penalty's).
+        logprobs: (slots,) whether the row reports log-probabilities.
+    """
+
+    cache: Any
+    token: StepTokens
+    step: Lengths
+    rows: RowSampling
+    counts: Int[Array, "slots vocab"]
+    prompt_mask: Bool[Array, "slots vocab"]
+    logprobs: Bool[Array, " slots"]
+
+
+def _sample(logits, rows: RowSampling, steps, counts, prompt_mask):
+    """:func:`sample_rows` after the penalties (computed only when some row has one)."""
+    active = jnp.any((rows.repetition != 1) | (rows.presence != 0) | (rows.frequency != 0))
+    logits = lax.cond(active, lambda x: penalize(x, counts, prompt_mask, rows.repetition, rows.presence,
+                                                 rows.frequency),
+                      lambda x: x.astype(jnp.float32), logits)
+    return sample_rows(logits, rows, steps)
+
+
+def _logprobs(logits, token, want, n: int) -> TokenLogprobs:
+    """:func:`top_logprobs` when some row asks (``want``), zeros otherwise."""
+    n = max(n, 1)
+    batch = token.shape[0]
+    zeros = TokenLogprobs(jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, n), jnp.int32),
+                          jnp.zeros((batch, n), jnp.float32))
+    return lax.cond(jnp.any(want), lambda: top_logprobs(logits, token, n), lambda: zeros)
+
+
+@functools.partial(inference_jit, static_argnames=("model",))
+def _piece(model, params, tokens, lengths, cache):
+    """Prefill one piece (1, bucket) of a prompt, continuing from ``cache``."""
+    return model.prefill(params, tokens, lengths=lengths, cache=cache)
+
+
+def _put_row(big, small, slot, axis):
+    return lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=axis)
+
+
+@functools.partial(inference_jit, static_argnames=("axes", "n_logprobs"), donate_argnames=("state",))
+def _admit(state: SlotState, slot, logits, cache, rows: RowSampling, prompt_mask, want_logprobs, *, axes,
+           n_logprobs):
+    """Sample a request's first token from its prompt's last ``logits`` (1, vocab) and write the request into
+    row ``slot`` of ``state``."""
+    vocab = logits.shape[-1]
+    zeros = jnp.zeros((1, vocab), jnp.int32)
+    token = _sample(logits, rows, jnp.zeros((1,), jnp.int32), zeros, prompt_mask)
+    lp = _logprobs(logits, token, want_logprobs, n_logprobs)
+    put = functools.partial(_put_row, slot=slot)
+    new = SlotState(
+        cache=jax.tree_util.tree_map(lambda b, s, a: put(b, s, axis=a), state.cache, cache, axes),
+        token=put(state.token, token, axis=0),
+        step=put(state.step, jnp.ones((1,), jnp.int32), axis=0),
+        rows=jax.tree_util.tree_map(lambda b, s: put(b, s, axis=0), state.rows, rows),
+        counts=put(state.counts, jax.nn.one_hot(token, vocab, dtype=jnp.int32), axis=0),
+        prompt_mask=put(state.prompt_mask, prompt_mask, axis=0),
+        logprobs=put(state.logprobs, want_logprobs, axis=0),
+    )
+    return new, token, lp
+
+
+@functools.partial(inference_jit, static_argnames=("model", "n_logprobs"), donate_argnames=("state",))
+def _decode(model, params, state: SlotState, *, n_logprobs):
+    """One decode step of every slot: the next token of each row, with its settings and key."""
+    logits, cache = model.decode(params, state.token, state.cache)
+    token = _sample(logits, state.rows, state.step, state.counts, state.prompt_mask)
+    lp = _logprobs(logits, token, state.logprobs, n_logprobs)
+    counts = state.counts.at[jnp.arange(token.shape[0]), token].add(1)
+    return dataclasses.replace(state, cache=cache, token=token, step=state.step + 1, counts=counts), token, lp
+
+
+def _batch_axes(model, params) -> Any:
+    """The batch axis of each leaf of the model's cache (found by tracing prefill at batch 1 and 2)."""
+    shapes = [jax.eval_shape(lambda p, t: model.prefill(p, t)[1], params, jax.ShapeDtypeStruct((b, 1), jnp.int32))
+              for b in (1, 2)]
+
+    def axis(a, b):
+        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
+        if len(diff) != 1:
+            raise ValueError(f"cannot tell the batch axis of a cache entry of shape {a.shape} (batch 1) / "
+                             f"{b.shape} (batch 2)")
+        return diff[0]
+
+    return jax.tree_util.tree_map(axis, *shapes)
+
+
+# ------------------------------------------------------------------------------ the engine
+@dataclasses.dataclass
+class _Prefill:
+    """A request being prefilled piece by piece into its reserved slot."""
+
+    handle: RequestHandle
+    slot: int
+    chain: Any
+    position: int
+    boundaries: list[int]
+    cache: Any
+    logits: Any
+    cached_tokens: int
+
+
+@dataclasses.dataclass
+class _Live:
+    handle: RequestHandle
+    first_event: bool = True
+
+
+class Engine:
+    """Continuous batching over ``config.slots`` state slots for ``model`` (a language model whose prefill
+    continues from a cache), with a prefix cache of recurrent states. See the module docstring."""
+
+    def __init__(self, model, params, config: EngineConfig = EngineConfig(), *, eos_token_id: int | None = None,
+                 vocab_size: int | None = None, mesh: jax.sharding.Mesh | None = None):
+        self.model = model
+        self.config = config
+        self.mesh = mesh
+        with self._on_mesh():
+            self.params = jax.jit(prepare_params, static_argnums=0)(model, params)
+        self.eos_token_id = eos_token_id
+        logits = jax.eval_shape(lambda p, t: model.prefill(p, t)[0], self.params,
+                                jax.ShapeDtypeStruct((1, 1), jnp.int32))
+        self.logits_width = int(logits.shape[-1])
+        self.vocab_size = int(vocab_size) if vocab_size is not None else self.logits_width
+        self._axes = _batch_axes(model, self.params)
+        self._zero_row = self._zeros(1)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, config.snapshot_interval)
+        self.stats = EngineStats()
+        self._state = self._fresh_state()
+        self._queue: collections.deque[RequestHandle] = collections.deque()
+        self._lock = threading.Condition()
+        self._free = list(range(config.slots))
+        self._live: dict[int, _Live] = {}
+        self._prefill: _Prefill | None = None
+        self._ids = itertools.count()
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # ------------------------------------------------------------------ state
+    def _on_mesh(self):
+        """Where the programs run: under ``jax.set_mesh(mesh)`` with a mesh (params placed by the caller by
+        the model's rules; the slots' cache is placed by the compiler), else as they are."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _zeros(self, batch: int):
+        shapes = jax.eval_shape(lambda p, t: self.model.prefill(p, t)[1], self.params,
+                                jax.ShapeDtypeStruct((batch, 1), jnp.int32))
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def _fresh_state(self) -> SlotState:
+        s, v = self.config.slots, self.logits_width
+        return SlotState(
+            cache=self._zeros(s), token=jnp.zeros((s,), jnp.int32), step=jnp.zeros((s,), jnp.int32),
+            rows=RowSampling.of([(Greedy(), Penalties(), 0)] * s), counts=jnp.zeros((s, v), jnp.int32),
+            prompt_mask=jnp.zeros((s, v), bool), logprobs=jnp.zeros((s,), bool),
+        )
+
+    # ------------------------------------------------------------------ requests
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError, saying why, unless the engine can run ``request``."""
+        cfg = self.config
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"submit a GenerationRequest, got {type(request).__name__}")
+        n = len(request.prompt)
+        if n < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if n > cfg.max_prompt_tokens:
+            raise ValueError(f"the prompt has {n} tokens; this server takes at most {cfg.max_prompt_tokens}")
+        ids = np.asarray(request.prompt)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError("prompt token ids must be integers")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise ValueError(f"prompt token id {bad} is out of range 0..{self.vocab_size - 1}")
+        m = request.max_new_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= cfg.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be an integer in 1..{cfg.max_new_tokens}, got {m!r}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= cfg.max_logprobs:
+            raise ValueError(f"logprobs must be in 0..{cfg.max_logprobs}, got {request.logprobs!r}")
+        if not -(2**63) <= request.seed < 2**63:
+            raise ValueError(f"seed must be an integer in -2**63..2**63-1, got {request.seed}")
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[TokenEvent], None]) -> RequestHandle:
+        """Queue ``request``; its events go to ``on_event`` (called in the engine's thread).
+
+        Raises ValueError (a request the engine cannot run), :class:`QueueFull` or :class:`EngineClosed`.
+        """
+        self.check(request)
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosed("the server is shutting down")
+            if len(self._queue) >= self.config.max_queue:
+                self.stats.requests_rejected += 1
+                raise QueueFull(f"{len(self._queue)} requests are waiting for a slot (the most this server queues)")
+            handle = RequestHandle(next(self._ids), request, on_event)
+            self._queue.append(handle)
+            self.stats.requests_submitted += 1
+            self._lock.notify_all()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        handle.cancel()
+        with self._lock:
+            self._lock.notify_all()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._live) + (self._prefill is not None)
+
+    @property
+    def slots_used(self) -> int:
+        """Slots holding a request being decoded."""
+        return len(self._live)
+
+    @property
+    def free_slots(self) -> list[int]:
+        """The slots free now (a request being prefilled holds its slot), ascending."""
+        return sorted(self._free)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._live and self._prefill is None
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> bool:
+        """One engine iteration: drop cancelled requests, run one prefill piece (admitting a request into a
+        slot when its prompt is done), then one decode step of the live slots. False if there was nothing to
+        do."""
+        with self._on_mesh():
+            return self._step()
+
+    def _step(self) -> bool:
+        self._reap()
+        worked = False
+        if self._prefill is None and self._free:
+            with self._lock:
+                handle = self._queue.popleft() if self._queue else None
+            if handle is not None:
+                self._begin_prefill(handle)
+                worked = True
+        if self._prefill is not None:
+            self._prefill_piece()
+            worked = True
+        if self._live:
+            self._decode_step()
+            worked = True
+        return worked
+
+    def _reap(self) -> None:
+        with self._lock:
+            gone = [h for h in self._queue if h.cancelled]
+            for h in gone:
+                self._queue.remove(h)
+        for h in gone:
+            self._finish(h, FINISH_CANCELLED)
+        if self._prefill is not None and self._prefill.handle.cancelled:
+            self._free.append(self._prefill.slot)
+            self._finish(self._prefill.handle, FINISH_CANCELLED)
+            self._prefill = None
+        for slot, live in list(self._live.items()):
+            if live.handle.cancelled:
+                self._release(slot)
+                self._finish(live.handle, FINISH_CANCELLED)
+
+    def _finish(self, handle: RequestHandle, reason: str, message: str | None = None) -> None:
+        if handle.finished:
+            return
+        handle.finished = True
+        if reason == FINISH_CANCELLED:
+            self.stats.requests_cancelled += 1
+        else:
+            self.stats.requests_finished += 1
+        handle.on_event(TokenEvent(token=None, index=handle.generated, finish_reason=reason, message=message,
+                                   time=time.perf_counter()))
+
+    def _release(self, slot: int) -> None:
+        del self._live[slot]
+        self._free.append(slot)
+
+    def _begin_prefill(self, handle: RequestHandle) -> None:
+        ids = np.asarray(handle.request.prompt, np.int32)
+        self.stats.prompt_tokens += len(ids)
+        pc = self.prefix_cache
+        chain = pc.chain(ids)
+        snap = pc.lookup(chain) if pc.capacity_bytes else None
+        start = 0 if snap is None else len(snap.ids)
+        self._prefill = _Prefill(
+            handle=handle, slot=self._free.pop(0), chain=chain, position=start,
+            boundaries=pc.boundaries(ids, start) if pc.capacity_bytes else self._plain_boundaries(len(ids), start),
+            cache=self._zero_row if snap is None else snap.cache, logits=None if snap is None else snap.logits,
+            cached_tokens=start,
+        )
+
+    def _plain_boundaries(self, n: int, start: int) -> list[int]:
+        step = self.config.snapshot_interval
+        return sorted({*range((start // step + 1) * step, n, step), n} - set(range(start + 1)))
+
+    def _prefill_piece(self) -> None:
+        p = self._prefill
+        ids = p.chain.ids
+        if p.boundaries:
+            end = p.boundaries.pop(0)
+            n = end - p.position
+            bucket = next(b for b in self.config.buckets if b >= n)
+            tokens = np.zeros((1, bucket), np.int32)
+            tokens[0, :n] = ids[p.position:end]
+            t0 = time.perf_counter()
+            try:
+                p.logits, p.cache = _piece(self.model, self.params, jnp.asarray(tokens),
+                                           jnp.asarray([n], jnp.int32), p.cache)
+            except Exception as err:  # noqa: BLE001 - one request fails, the engine stays up
+                log.exception("prefill failed")
+                self._free.append(p.slot)
+                self._prefill = None
+                self._finish(p.handle, FINISH_ERROR, f"prefill failed: {err}")
+                return
+            self.stats.prefill_pieces += 1
+            self.stats.prefilled_tokens += n
+            p.position = end
+            if self.prefix_cache.capacity_bytes:
+                self.prefix_cache.store(p.chain, end, p.cache, p.logits)
+            self.stats.prefill_seconds += time.perf_counter() - t0
+        if not p.boundaries:
+            self._prefill = None
+            self._admit(p)
+
+    def _admit(self, p: _Prefill) -> None:
+        req = p.handle.request
+        mask = np.zeros((1, self.logits_width), bool)
+        mask[0, np.asarray(req.prompt)] = True
+        rows = RowSampling.of([(req.sampler, req.penalties, req.seed)])
+        self._state, token, lp = _admit(
+            self._state, jnp.int32(p.slot), p.logits, p.cache, rows, jnp.asarray(mask),
+            jnp.asarray([req.logprobs is not None]), axes=self._axes, n_logprobs=self.config.max_logprobs,
+        )
+        self._live[p.slot] = _Live(p.handle)
+        lp = jax.tree_util.tree_map(np.asarray, lp) if req.logprobs is not None else None
+        self._emit(p.slot, np.asarray(token), lp, cached=p.cached_tokens)
+
+    def _decode_step(self) -> None:
+        t0 = time.perf_counter()
+        want = any(live.handle.request.logprobs is not None for live in self._live.values())
+        self._state, token, lp = _decode(self.model, self.params, self._state, n_logprobs=self.config.max_logprobs)
+        token = np.asarray(token)
+        lp = jax.tree_util.tree_map(np.asarray, lp) if want else None
+        self.stats.decode_steps += 1
+        self.stats.slot_steps += len(self._live)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        for slot in list(self._live):
+            self._emit(slot, token, lp)
+
+    def _emit(self, slot: int, tokens: np.ndarray, lp: TokenLogprobs | None, cached: int = 0) -> None:
+        live = self._live[slot]
+        h, req = live.handle, live.handle.request
+        row = 0 if tokens.shape[0] == 1 else slot
+        token = int(tokens[row])
+        logprob = top = None
+        if lp is not None and req.logprobs is not None:
+            logprob = float(lp.logprob[row])
+            ids, vals = lp.top_ids[row], lp.top_logprobs[row]
+            top = tuple((int(i), float(v)) for i, v in zip(ids[:req.logprobs], vals[:req.logprobs], strict=True))
+        h.generated += 1
+        self.stats.generated_tokens += 1
+        eos = self.eos_token_id is not None and not req.ignore_eos and token == self.eos_token_id
+        reason = FINISH_STOP if eos else FINISH_LENGTH if h.generated >= req.max_new_tokens else None
+        if reason is not None:
+            self._release(slot)
+            h.finished = True
+            self.stats.requests_finished += 1
+        h.on_event(TokenEvent(token=token, index=h.generated - 1, logprob=logprob, top=top, finish_reason=reason,
+                              cached_tokens=cached, time=time.perf_counter()))
+
+    # ------------------------------------------------------------------ running
+    def warmup(self) -> float:
+        """Compile every program the engine runs (each prefill bucket, admit, decode) by running them on a
+        throwaway request; returns the seconds it took. The prefix cache and statistics are left as they were."""
+        with self._on_mesh():
+            return self._warmup()
+
+    def _warmup(self) -> float:
+        t0 = time.perf_counter()
+        for bucket in self.config.buckets:
+            logits, cache = _piece(self.model, self.params, jnp.zeros((1, bucket), jnp.int32),
+                                   jnp.ones((1,), jnp.int32), self._zero_row)
+        rows = RowSampling.of([(Greedy(), Penalties(), 0)])
+        state, _, _ = _admit(self._fresh_state(), jnp.int32(0), logits, cache, rows,
+                             jnp.zeros((1, self.logits_width), bool), jnp.zeros((1,), bool), axes=self._axes,
+                             n_logprobs=self.config.max_logprobs)
+        jax.block_until_ready(_decode(self.model, self.params, state, n_logprobs=self.config.max_logprobs))
+        return time.perf_counter() - t0
+
+    def run_until_idle(self) -> None:
+        """Run iterations in this thread until nothing is queued or running (tests, batch jobs)."""
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Run the iterations in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is already running")
+        self._thread = threading.Thread(target=self._loop, name="ssdkit-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                worked = self.step()
+            except Exception as err:  # noqa: BLE001 - fail the live requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"engine step failed: {err}")
+                worked = True
+            if not worked:
+                with self._lock:
+                    if not self._stop and not self._queue and not any(h.cancelled for h in self._queue):
+                        self._lock.wait(timeout=0.05)
+
+    def _fail_all(self, message: str) -> None:
+        for slot, live in list(self._live.items()):
+            self._release(slot)
+            self._finish(live.handle, FINISH_ERROR, message)
+        self._state = self._fresh_state()
+
+    def drain(self) -> None:
+        """Take no new requests (:meth:`submit` raises :class:`EngineClosed`); queued and running ones go on."""
+        with self._lock:
+            self._accepting = False
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            handles = list(self._queue) + [live.handle for live in self._live.values()]
+            if self._prefill is not None:
+                handles.append(self._prefill.handle)
+            for h in handles:
+                h.cancel()
+            self._lock.notify_all()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread (after its current iteration); requests still running are cancelled."""
+        self.cancel_all()
+        if self._thread is not None:
+            deadline = time.monotonic() + (timeout if timeout is not None else 60)
+            while not self.idle and time.monotonic() < deadline and self._thread.is_alive():
+                time.sleep(0.01)
+            with self._lock:
+                self._stop = True
+                self._lock.notify_all()
+            self._thread.join(timeout)
+            self._thread = None
