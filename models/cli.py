@@ -8,6 +8,9 @@
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
                     [--train [--train-lengths 512,2048] [--train-batch 1] [--remat none,layer]]
                     [--plot roofline.png]
+    ssdkit serve    [--model DIR|default] [--host 127.0.0.1] [--port 8000] [--slots N] [--max-queue M]
+                    [--api-key KEY] [--prefix-cache-mb MB] [--snapshot-interval T] [--mesh ...]
+                    an OpenAI-compatible HTTP server (the serve extra: pip install 'ssdkit[serve]'; docs/serving.md)
     ssdkit demo     prefill + O(1) decode of toy recurrences built on the core, with timings
     ssdkit train    --data FILE|DIR|IDS.npy [--config run.toml] [--out DIR] [--model PRESET | --init-from DIR]
                     [--arch mamba2|NAME|package.module:Class]
@@ -225,6 +228,73 @@ def cmd_generate(args) -> int:
     rate = f"{(len(stamps) - 1) / max(decoding, 1e-9):.1f} tokens/s after it" if len(stamps) > 1 else "no decode step"
     print(f"[ssdkit] {len(stamps)} tokens; compiling {compiling[-1]:.2f} s (ahead of the first token, the prefill "
           f"and decode programs); first token after {stamps[0]:.2f} s, compiling included; {rate}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """``ssdkit serve``: load the model, build the engine and the app, compile every program, then serve."""
+    try:
+        from ssdkit.models import server
+    except ImportError as err:
+        raise CliError(f"ssdkit serve needs the serve extra ({err.name} is missing): pip install 'ssdkit[serve]'") \
+            from None
+    import jax
+
+    from ssdkit.inference.engine import Engine, EngineConfig
+    from ssdkit.models import archs, mamba2, text
+
+    if not 0 <= args.port < 65536:
+        raise CliError(f"--port must be in 0..65535, got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SSDKIT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise CliError("--api-key is empty")
+    if args.prefix_cache_mb < 0:
+        raise CliError(f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), got {args.prefix_cache_mb}")
+    if args.drain_timeout < 0:
+        raise CliError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    if args.max_body_kb < 1:
+        raise CliError(f"--max-body-kb must be >= 1, got {args.max_body_kb}")
+    try:
+        config = EngineConfig(slots=args.slots, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+                              max_new_tokens=args.max_tokens_limit, snapshot_interval=args.snapshot_interval,
+                              prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+    except ValueError as err:
+        flag = str(err).split()[0].removeprefix("EngineConfig.")
+        names = {"slots": "--slots", "max_queue": "--max-queue", "max_prompt_tokens": "--max-prompt-tokens",
+                 "max_new_tokens": "--max-tokens-limit", "snapshot_interval": "--snapshot-interval"}
+        raise CliError(str(err).replace(f"EngineConfig.{flag}", names.get(flag, flag))) from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"[ssdkit] warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    _enable_compilation_cache()
+    params, cfg, path, random_init = load_model(args.model, args.dtype, args.seed)
+    if random_init:
+        print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
+    tokenizer = None if path is None else mamba2.load_tokenizer(path)
+    family = archs.family(cfg)
+    mesh = None
+    if args.mesh is not None:
+        from ssdkit import sharding
+
+        try:
+            mesh = sharding.make_mesh(args.mesh)
+            family.check_mesh(cfg, mesh)
+        except ValueError as err:
+            raise CliError(f"--mesh: {err}") from None
+        params = sharding.place(params, mesh, family.param_specs(params, cfg, mesh))
+        print(f"[ssdkit] mesh {dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr)
+    engine = Engine(family.language_model(cfg), params, config, mesh=mesh, vocab_size=family.vocab_size(cfg),
+                    eos_token_id=text.eod_id(tokenizer) if tokenizer is not None else None)
+    template, specials = server.chat_template(path)
+    name = args.served_model_name or server.default_model_name(None if args.model in (None, "default") else path)
+    srv = server.Server(engine, tokenizer, server.ServerConfig(
+        model_name=name, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, drain_timeout=args.drain_timeout),
+        chat_template=template, special_tokens=specials)
+    print(f"[ssdkit] compiling (prefill pieces of {', '.join(map(str, config.buckets))} tokens, admit, decode "
+          f"of {config.slots} slots) ...", file=sys.stderr)
+    print(f"[ssdkit] compiled in {engine.warmup():.1f} s; serving {name!r} on http://{args.host}:{args.port}/v1 "
+          f"on {jax.devices()[0].platform}", file=sys.stderr)
+    server.run(srv, args.host, args.port, log_level=args.log_level)
     return 0
 
 
@@ -605,6 +675,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a progress bar on stderr (default on)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching over state slots, an "
+                       "exact prefix cache of recurrent states (the serve extra; docs/serving.md)")
+    v.add_argument("--model", default=None, help="checkpoint directory (Mamba-2 or a mixer's), a Mamba-2 preset "
+                   "(random weights), or default: the shipped model (the default)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--slots", type=int, default=8, help="requests decoded together: the batch of the compiled "
+                   "decode step (default 8)")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; past it, 429 (default 64)")
+    v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (default: "
+                   "$SSDKIT_API_KEY, else none)")
+    v.add_argument("--prefix-cache-mb", type=float, default=512, help="memory for snapshots of recurrent states by "
+                   "prompt prefix (default 512; 0 turns the prefix cache off)")
+    v.add_argument("--snapshot-interval", type=int, default=256, help="tokens between snapshots inside a prompt, "
+                   "and the longest prefill piece (default 256)")
+    v.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted (default 8192)")
+    v.add_argument("--max-tokens-limit", type=int, default=4096, help="most tokens a request may ask for "
+                   "(default 4096)")
+    v.add_argument("--max-body-kb", type=int, default=1024, help="largest request body (default 1024 KiB)")
+    v.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds running requests get to "
+                   "finish before they are cancelled (default 30)")
+    v.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                   "directory's name, or ssdkit-default)")
+    v.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (state stays float32)")
+    v.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    v.add_argument("--mesh", default=None, help="shard over the devices, e.g. fsdp=8 or model=2 (docs/scaling.md)")
+    v.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default warning)")
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="prefill + decode of toy recurrences on the core, with timings")
     d.add_argument("--prompt-len", type=int, default=512, help="tokens of random prompt to prefill (default 512)")
