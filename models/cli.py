@@ -281,6 +281,9 @@ def cmd_serve(args) -> int:
             family.check_mesh(cfg, mesh)
         except ValueError as err:
             raise CliError(f"--mesh: {err}") from None
+        if mesh.shape["seq"] > 1:
+            raise CliError(f"--mesh: the server splits no sequence over devices (seq={mesh.shape['seq']}); use "
+                           "data (slots split over replicas), fsdp and model")
         params = sharding.place(params, mesh, family.param_specs(params, cfg, mesh))
         print(f"[ssdkit] mesh {dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr)
     engine = Engine(family.language_model(cfg), params, config, mesh=mesh, vocab_size=family.vocab_size(cfg),

@@ -205,3 +205,21 @@ def test_eos_ends_a_request_and_penalties_change_the_tokens(rng):
     (penalised,) = _run(engine, [GenerationRequest(prompt, 30, penalties=Penalties(presence=1e3))])
     out = _tokens(penalised)
     assert len(set(out)) == len(out) and out[0] == tokens[0]
+
+
+@pytest.mark.long
+def test_engine_on_meshes_equals_one_device():
+    """Data-parallel slots, fully sharded and tensor-parallel weights: 4 host devices in a subprocess
+    (tests/serve_mesh_check.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    proc = subprocess.run([sys.executable, str(root / "tests" / "serve_mesh_check.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("equal the one-device engine's") == 3

@@ -373,11 +373,32 @@ class Engine:
 
     def _fresh_state(self) -> SlotState:
         s, v = self.config.slots, self.logits_width
-        return SlotState(
+        state = SlotState(
             cache=self._zeros(s), token=jnp.zeros((s,), jnp.int32), step=jnp.zeros((s,), jnp.int32),
             rows=RowSampling.of([(Greedy(), Penalties(), 0)] * s), counts=jnp.zeros((s, v), jnp.int32),
             prompt_mask=jnp.zeros((s, v), bool), logprobs=jnp.zeros((s,), bool),
         )
+        return state if self.mesh is None else self._place(state)
+
+    def _place(self, state: SlotState) -> SlotState:
+        """On a mesh, the slots split over its ``data`` axis (data-parallel replicas, each decoding its share
+        of the slots; when ``data`` divides them) and are replicated over the rest: the weights' own placement
+        (fsdp, model) decides how each replica's work is split."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        n = dict(self.mesh.shape).get("data", 1)
+        split = n > 1 and self.config.slots % n == 0
+
+        def put(leaf, axis):
+            parts = [None] * jnp.ndim(leaf)
+            if split:
+                parts[axis] = "data"
+            return jax.device_put(leaf, NamedSharding(self.mesh, P(*parts)))
+
+        rest = dataclasses.replace(state, cache=None)
+        rest = jax.tree_util.tree_map(lambda a: put(a, 0), rest)
+        return dataclasses.replace(rest, cache=jax.tree_util.tree_map(put, state.cache, self._axes))
 
     # ------------------------------------------------------------------ requests
     def check(self, request: GenerationRequest) -> None:
