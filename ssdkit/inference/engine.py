@@ -106,6 +106,15 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 0, got {v!r}")
 
     @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The decode batches compiled: powers of two below ``slots``, and ``slots``. The live requests are the
+        first rows of the smallest that holds them, so a step costs what they need, not what ``slots`` would."""
+        out = [1]
+        while out[-1] * 2 < self.slots:
+            out.append(out[-1] * 2)
+        return tuple(sorted({*out, self.slots}))
+
+    @property
     def buckets(self) -> tuple[int, ...]:
         """The prefill piece lengths compiled: powers of two from ``min_bucket`` up to the first that holds
         ``snapshot_interval`` tokens."""
@@ -293,6 +302,38 @@ def _decode(model, params, state: SlotState, *, n_logprobs):
     return dataclasses.replace(state, cache=cache, token=token, step=state.step + 1, counts=counts), token, lp
 
 
+def _state_axes(state: SlotState, axes) -> SlotState:
+    """The batch axis of every leaf of a :class:`SlotState` (the cache's from ``axes``, 0 for the rest)."""
+    rest = jax.tree_util.tree_map(lambda _: 0, dataclasses.replace(state, cache=None))
+    return dataclasses.replace(rest, cache=axes)
+
+
+@functools.partial(inference_jit, static_argnames=("axes",), donate_argnames=("state",))
+def _move(state: SlotState, src, dst, *, axes):
+    """Row ``src`` of every leaf copied to row ``dst`` (the live rows stay the first ones when one leaves)."""
+    def move(a, axis):
+        return lax.dynamic_update_slice_in_dim(a, lax.dynamic_slice_in_dim(a, src, 1, axis), dst, axis)
+
+    return jax.tree_util.tree_map(move, state, _state_axes(state, axes))
+
+
+@functools.partial(inference_jit, static_argnames=("axes", "rows"))
+def _resize(state: SlotState, *, axes, rows: int) -> SlotState:
+    """The state with ``rows`` rows: the first ones kept, new ones zero (the decode batch grows or shrinks)."""
+    def resize(a, axis):
+        n = a.shape[axis]
+        if rows <= n:
+            return lax.slice_in_dim(a, 0, rows, axis=axis)
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):  # keys pad as their raw data
+            data = resize(jax.random.key_data(a), axis)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, rows - n)
+        return jnp.pad(a, pad)
+
+    return jax.tree_util.tree_map(resize, state, _state_axes(state, axes))
+
+
 def _batch_axes(model, params) -> Any:
     """The batch axis of each leaf of the model's cache (found by tracing prefill at batch 1 and 2)."""
     shapes = [jax.eval_shape(lambda p, t: model.prefill(p, t)[1], params, jax.ShapeDtypeStruct((b, 1), jnp.int32))
@@ -311,10 +352,9 @@ def _batch_axes(model, params) -> Any:
 # ------------------------------------------------------------------------------ the engine
 @dataclasses.dataclass
 class _Prefill:
-    """A request being prefilled piece by piece into its reserved slot."""
+    """A request being prefilled piece by piece (it takes a row of the decode batch when its prompt is done)."""
 
     handle: RequestHandle
-    slot: int
     chain: Any
     position: int
     boundaries: list[int]
@@ -323,10 +363,6 @@ class _Prefill:
     cached_tokens: int
 
 
-@dataclasses.dataclass
-class _Live:
-    handle: RequestHandle
-    first_event: bool = True
 
 
 class Engine:
@@ -349,11 +385,14 @@ class Engine:
         self._zero_row = self._zeros(1)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes, config.snapshot_interval)
         self.stats = EngineStats()
-        self._state = self._fresh_state()
+        # the decode batch: the live requests are its first rows, in self._live's order; it holds
+        # self._rows rows, the smallest of self.batch_sizes that fits them (grown and shrunk as they come and go)
+        self.batch_sizes = config.batch_sizes if mesh is None else (config.slots,)
+        self._rows = self.batch_sizes[0]
+        self._state = self._fresh_state(self._rows)
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._lock = threading.Condition()
-        self._free = list(range(config.slots))
-        self._live: dict[int, _Live] = {}
+        self._live: list[RequestHandle] = []
         self._prefill: _Prefill | None = None
         self._ids = itertools.count()
         self._accepting = True
@@ -371,8 +410,8 @@ class Engine:
                                 jax.ShapeDtypeStruct((batch, 1), jnp.int32))
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    def _fresh_state(self) -> SlotState:
-        s, v = self.config.slots, self.logits_width
+    def _fresh_state(self, s: int) -> SlotState:
+        v = self.logits_width
         state = SlotState(
             cache=self._zeros(s), token=jnp.zeros((s,), jnp.int32), step=jnp.zeros((s,), jnp.int32),
             rows=RowSampling.of([(Greedy(), Penalties(), 0)] * s), counts=jnp.zeros((s, v), jnp.int32),
@@ -388,7 +427,7 @@ class Engine:
         from jax.sharding import PartitionSpec as P
 
         n = dict(self.mesh.shape).get("data", 1)
-        split = n > 1 and self.config.slots % n == 0
+        split = n > 1 and state.token.shape[0] % n == 0
 
         def put(leaf, axis):
             parts = [None] * jnp.ndim(leaf)
@@ -462,9 +501,9 @@ class Engine:
         return len(self._live)
 
     @property
-    def free_slots(self) -> list[int]:
-        """The slots free now (a request being prefilled holds its slot), ascending."""
-        return sorted(self._free)
+    def decode_batch(self) -> int:
+        """Rows the decode step computes now: the smallest of :attr:`batch_sizes` that holds the live requests."""
+        return self._rows
 
     @property
     def idle(self) -> bool:
@@ -481,7 +520,7 @@ class Engine:
     def _step(self) -> bool:
         self._reap()
         worked = False
-        if self._prefill is None and self._free:
+        if self._prefill is None and len(self._live) < self.config.slots:
             with self._lock:
                 handle = self._queue.popleft() if self._queue else None
             if handle is not None:
@@ -503,13 +542,11 @@ class Engine:
         for h in gone:
             self._finish(h, FINISH_CANCELLED)
         if self._prefill is not None and self._prefill.handle.cancelled:
-            self._free.append(self._prefill.slot)
             self._finish(self._prefill.handle, FINISH_CANCELLED)
             self._prefill = None
-        for slot, live in list(self._live.items()):
-            if live.handle.cancelled:
-                self._release(slot)
-                self._finish(live.handle, FINISH_CANCELLED)
+        for handle in [h for h in self._live if h.cancelled]:
+            self._release(handle)
+            self._finish(handle, FINISH_CANCELLED)
 
     def _finish(self, handle: RequestHandle, reason: str, message: str | None = None) -> None:
         if handle.finished:
@@ -522,9 +559,26 @@ class Engine:
         handle.on_event(TokenEvent(token=None, index=handle.generated, finish_reason=reason, message=message,
                                    time=time.perf_counter()))
 
-    def _release(self, slot: int) -> None:
-        del self._live[slot]
-        self._free.append(slot)
+    def _release(self, handle: RequestHandle) -> None:
+        """Free ``handle``'s row: the last live row moves into it, so the live rows stay the first ones; the
+        decode batch shrinks when half of it is enough and nobody is waiting."""
+        row, last = self._live.index(handle), len(self._live) - 1
+        if row != last:
+            self._state = _move(self._state, jnp.int32(last), jnp.int32(row), axes=self._axes)
+            self._live[row] = self._live[last]
+        self._live.pop()
+        if not self._queue and self._prefill is None:
+            self._resize(self._fit(len(self._live)))
+
+    def _fit(self, n: int) -> int:
+        return next(b for b in self.batch_sizes if b >= n)
+
+    def _resize(self, rows: int) -> None:
+        if rows != self._rows:
+            self._state = _resize(self._state, axes=self._axes, rows=rows)
+            if self.mesh is not None:
+                self._state = self._place(self._state)
+            self._rows = rows
 
     def _begin_prefill(self, handle: RequestHandle) -> None:
         ids = np.asarray(handle.request.prompt, np.int32)
@@ -534,7 +588,7 @@ class Engine:
         snap = pc.lookup(chain) if pc.capacity_bytes else None
         start = 0 if snap is None else len(snap.ids)
         self._prefill = _Prefill(
-            handle=handle, slot=self._free.pop(0), chain=chain, position=start,
+            handle=handle, chain=chain, position=start,
             boundaries=pc.boundaries(ids, start) if pc.capacity_bytes else self._plain_boundaries(len(ids), start),
             cache=self._zero_row if snap is None else snap.cache, logits=None if snap is None else snap.logits,
             cached_tokens=start,
@@ -559,7 +613,6 @@ class Engine:
                                            jnp.asarray([n], jnp.int32), p.cache)
             except Exception as err:  # noqa: BLE001 - one request fails, the engine stays up
                 log.exception("prefill failed")
-                self._free.append(p.slot)
                 self._prefill = None
                 self._finish(p.handle, FINISH_ERROR, f"prefill failed: {err}")
                 return
@@ -578,30 +631,30 @@ class Engine:
         mask = np.zeros((1, self.logits_width), bool)
         mask[0, np.asarray(req.prompt)] = True
         rows = RowSampling.of([(req.sampler, req.penalties, req.seed)])
+        row = len(self._live)
+        self._resize(max(self._rows, self._fit(row + 1)))
         self._state, token, lp = _admit(
-            self._state, jnp.int32(p.slot), p.logits, p.cache, rows, jnp.asarray(mask),
+            self._state, jnp.int32(row), p.logits, p.cache, rows, jnp.asarray(mask),
             jnp.asarray([req.logprobs is not None]), axes=self._axes, n_logprobs=self.config.max_logprobs,
         )
-        self._live[p.slot] = _Live(p.handle)
+        self._live.append(p.handle)
         lp = jax.tree_util.tree_map(np.asarray, lp) if req.logprobs is not None else None
-        self._emit(p.slot, np.asarray(token), lp, cached=p.cached_tokens)
+        self._emit(p.handle, 0, np.asarray(token), lp, cached=p.cached_tokens)
 
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
-        want = any(live.handle.request.logprobs is not None for live in self._live.values())
+        want = any(h.request.logprobs is not None for h in self._live)
         self._state, token, lp = _decode(self.model, self.params, self._state, n_logprobs=self.config.max_logprobs)
         token = np.asarray(token)
         lp = jax.tree_util.tree_map(np.asarray, lp) if want else None
         self.stats.decode_steps += 1
         self.stats.slot_steps += len(self._live)
         self.stats.decode_seconds += time.perf_counter() - t0
-        for slot in list(self._live):
-            self._emit(slot, token, lp)
+        for row, handle in reversed(list(enumerate(self._live))):  # from the last: a release moves only later rows
+            self._emit(handle, row, token, lp)
 
-    def _emit(self, slot: int, tokens: np.ndarray, lp: TokenLogprobs | None, cached: int = 0) -> None:
-        live = self._live[slot]
-        h, req = live.handle, live.handle.request
-        row = 0 if tokens.shape[0] == 1 else slot
+    def _emit(self, h: RequestHandle, row: int, tokens: np.ndarray, lp: TokenLogprobs | None, cached: int = 0) -> None:
+        req = h.request
         token = int(tokens[row])
         logprob = top = None
         if lp is not None and req.logprobs is not None:
@@ -613,7 +666,7 @@ class Engine:
         eos = self.eos_token_id is not None and not req.ignore_eos and token == self.eos_token_id
         reason = FINISH_STOP if eos else FINISH_LENGTH if h.generated >= req.max_new_tokens else None
         if reason is not None:
-            self._release(slot)
+            self._release(h)
             h.finished = True
             self.stats.requests_finished += 1
         h.on_event(TokenEvent(token=token, index=h.generated - 1, logprob=logprob, top=top, finish_reason=reason,
@@ -632,10 +685,18 @@ class Engine:
             logits, cache = _piece(self.model, self.params, jnp.zeros((1, bucket), jnp.int32),
                                    jnp.ones((1,), jnp.int32), self._zero_row)
         rows = RowSampling.of([(Greedy(), Penalties(), 0)])
-        state, _, _ = _admit(self._fresh_state(), jnp.int32(0), logits, cache, rows,
-                             jnp.zeros((1, self.logits_width), bool), jnp.zeros((1,), bool), axes=self._axes,
-                             n_logprobs=self.config.max_logprobs)
-        jax.block_until_ready(_decode(self.model, self.params, state, n_logprobs=self.config.max_logprobs))
+        state = None
+        for size in self.batch_sizes:  # every decode batch, and the moves between neighbouring ones
+            state = self._fresh_state(size) if state is None else _resize(state, axes=self._axes, rows=size)
+            if self.mesh is not None:
+                state = self._place(state)
+            state, _, _ = _admit(state, jnp.int32(0), logits, cache, rows, jnp.zeros((1, self.logits_width), bool),
+                                 jnp.zeros((1,), bool), axes=self._axes, n_logprobs=self.config.max_logprobs)
+            state = _move(state, jnp.int32(0), jnp.int32(0), axes=self._axes)
+            state, *_ = _decode(self.model, self.params, state, n_logprobs=self.config.max_logprobs)
+        for size in reversed(self.batch_sizes[:-1]):  # and back down
+            state = _resize(state, axes=self._axes, rows=size)
+        jax.block_until_ready(state)
         return time.perf_counter() - t0
 
     def run_until_idle(self) -> None:
@@ -664,10 +725,11 @@ class Engine:
                         self._lock.wait(timeout=0.05)
 
     def _fail_all(self, message: str) -> None:
-        for slot, live in list(self._live.items()):
-            self._release(slot)
-            self._finish(live.handle, FINISH_ERROR, message)
-        self._state = self._fresh_state()
+        live, self._live = self._live, []
+        for handle in live:
+            self._finish(handle, FINISH_ERROR, message)
+        self._rows = self.batch_sizes[0]
+        self._state = self._fresh_state(self._rows)
 
     def drain(self) -> None:
         """Take no new requests (:meth:`submit` raises :class:`EngineClosed`); queued and running ones go on."""
@@ -676,7 +738,7 @@ class Engine:
 
     def cancel_all(self) -> None:
         with self._lock:
-            handles = list(self._queue) + [live.handle for live in self._live.values()]
+            handles = list(self._queue) + list(self._live)
             if self._prefill is not None:
                 handles.append(self._prefill.handle)
             for h in handles:
