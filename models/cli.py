@@ -289,7 +289,8 @@ def cmd_serve(args) -> int:
     engine = Engine(family.language_model(cfg), params, config, mesh=mesh, vocab_size=family.vocab_size(cfg),
                     eos_token_id=text.eod_id(tokenizer) if tokenizer is not None else None)
     template, specials = server.chat_template(path)
-    name = args.served_model_name or server.default_model_name(None if args.model in (None, "default") else path)
+    name = args.served_model_name or (path.name if path is not None and args.model not in (None, "default")
+                                      else args.model if random_init else "ssdkit-default")
     srv = server.Server(engine, tokenizer, server.ServerConfig(
         model_name=name, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, drain_timeout=args.drain_timeout),
         chat_template=template, special_tokens=specials)

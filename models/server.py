@@ -24,10 +24,10 @@ The engine (slots, queue, prefix cache) is generic; this module is the text and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -415,7 +415,7 @@ class Server:
                     shown, stopped = stopper.push(piece)
                     top = None if event.top is None else {self._token_text(i, as_ids): v for i, v in event.top}
                     if stopped:
-                        self.engine.cancel(handle)
+                        self.engine.cancel(handle, FINISH_STOP)
                         outcome = "stop"
                         yield _Delta(shown, event.token, event.logprob, top, FINISH_STOP, event.cached_tokens)
                         return
@@ -505,33 +505,34 @@ class Server:
 
         if prefix:
             yield chunk(prefix, None)
-        async for d in self._generate(request, req, stops, "completions", watch_disconnect=False,
-                                      as_ids=body.return_tokens_as_token_ids):
-            if d.token is not None:
-                n += 1
-            cached = max(cached, d.cached_tokens)
-            lp = None
-            if body.logprobs is not None and d.token is not None:
-                lp = {"tokens": [self._token_text(d.token, body.return_tokens_as_token_ids)],
-                      "token_logprobs": [d.logprob], "top_logprobs": [d.top],
-                      "text_offset": [0]}
-            if d.text or d.finish_reason or lp is not None:
-                yield chunk(d.text, d.finish_reason, lp)
+        async with contextlib.aclosing(self._generate(request, req, stops, "completions", watch_disconnect=False,
+                                                      as_ids=body.return_tokens_as_token_ids)) as deltas:
+            async for d in deltas:
+                if d.token is not None:
+                    n += 1
+                cached = max(cached, d.cached_tokens)
+                lp = None
+                if body.logprobs is not None and d.token is not None:
+                    lp = {"tokens": [self._token_text(d.token, body.return_tokens_as_token_ids)],
+                          "token_logprobs": [d.logprob], "top_logprobs": [d.top], "text_offset": [0]}
+                if d.text or d.finish_reason or d.token is not None:  # a chunk per token (text may be held back)
+                    yield chunk(d.text, d.finish_reason, lp)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
                    "choices": [], "usage": self._usage(len(req.prompt), n, cached)}
 
     async def _collect(self, deltas: AsyncIterator[_Delta]) -> _Output:
         out = _Output()
-        async for d in deltas:
-            out.text.append(d.text)
-            out.cached_tokens = max(out.cached_tokens, d.cached_tokens)
-            if d.token is not None:
-                out.tokens.append(d.token)
-                out.logprobs.append(d.logprob)
-                out.top.append(d.top)
-            if d.finish_reason is not None:
-                out.finish_reason = d.finish_reason
+        async with contextlib.aclosing(deltas):
+            async for d in deltas:
+                out.text.append(d.text)
+                out.cached_tokens = max(out.cached_tokens, d.cached_tokens)
+                if d.token is not None:
+                    out.tokens.append(d.token)
+                    out.logprobs.append(d.logprob)
+                    out.top.append(d.top)
+                if d.finish_reason is not None:
+                    out.finish_reason = d.finish_reason
         return out
 
     def _usage(self, prompt: int, completion: int, cached: int) -> dict:
@@ -600,16 +601,18 @@ class Server:
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
         yield chunk({"role": "assistant", "content": ""}, None)
-        async for d in self._generate(request, req, stops, "chat", watch_disconnect=False,
-                                      as_ids=body.return_tokens_as_token_ids):
-            if d.token is not None:
-                n += 1
-            cached = max(cached, d.cached_tokens)
-            lp = None
-            if body.logprobs and d.token is not None:
-                lp = {"content": [self._chat_logprob(d.token, d.logprob, d.top, body.return_tokens_as_token_ids)]}
-            if d.text or d.finish_reason or lp is not None:
-                yield chunk({"content": d.text} if d.text else {}, d.finish_reason, lp)
+        async with contextlib.aclosing(self._generate(request, req, stops, "chat", watch_disconnect=False,
+                                                      as_ids=body.return_tokens_as_token_ids)) as deltas:
+            async for d in deltas:
+                if d.token is not None:
+                    n += 1
+                cached = max(cached, d.cached_tokens)
+                lp = None
+                if body.logprobs and d.token is not None:
+                    lp = {"content": [self._chat_logprob(d.token, d.logprob, d.top,
+                                                         body.return_tokens_as_token_ids)]}
+                if d.text or d.finish_reason or d.token is not None:
+                    yield chunk({"content": d.text} if d.text else {}, d.finish_reason, lp)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
                    "choices": [], "usage": self._usage(len(req.prompt), n, cached)}
@@ -726,6 +729,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def default_model_name(folder: Path | None) -> str:
-    return "ssdkit-default" if folder is None else os.path.basename(os.path.normpath(folder))

@@ -192,10 +192,15 @@ class RequestHandle:
         self.on_event = on_event
         self.submitted = time.perf_counter()
         self.cancelled = False
+        self.cancel_reason = FINISH_CANCELLED
         self.finished = False
         self.generated = 0
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = FINISH_CANCELLED) -> None:
+        """End the request at the engine's next iteration; its last event says ``reason`` (``"stop"`` when a
+        caller ended it on a stop string of its own)."""
+        if not self.cancelled:
+            self.cancel_reason = reason
         self.cancelled = True
 
 
@@ -482,8 +487,9 @@ class Engine:
             self._lock.notify_all()
         return handle
 
-    def cancel(self, handle: RequestHandle) -> None:
-        handle.cancel()
+    def cancel(self, handle: RequestHandle, reason: str = FINISH_CANCELLED) -> None:
+        """:meth:`RequestHandle.cancel`, and wake the engine's thread."""
+        handle.cancel(reason)
         with self._lock:
             self._lock.notify_all()
 
@@ -540,13 +546,13 @@ class Engine:
             for h in gone:
                 self._queue.remove(h)
         for h in gone:
-            self._finish(h, FINISH_CANCELLED)
+            self._finish(h, h.cancel_reason)
         if self._prefill is not None and self._prefill.handle.cancelled:
-            self._finish(self._prefill.handle, FINISH_CANCELLED)
+            self._finish(self._prefill.handle, self._prefill.handle.cancel_reason)
             self._prefill = None
         for handle in [h for h in self._live if h.cancelled]:
             self._release(handle)
-            self._finish(handle, FINISH_CANCELLED)
+            self._finish(handle, handle.cancel_reason)
 
     def _finish(self, handle: RequestHandle, reason: str, message: str | None = None) -> None:
         if handle.finished:
