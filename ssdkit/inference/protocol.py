@@ -99,7 +99,7 @@ class GenerationResult:
     speculation: SpeculationStats | None = None
 
 
-def prefill_logits(model, params, prompt, lengths) -> tuple[Logits, Any]:
+def prefill_logits(model: LanguageModel, params: Any, prompt: Tokens, lengths: Lengths | None) -> tuple[Logits, Any]:
     """Prefill (``lengths`` passed only when given): the last logits, checked to be (batch, vocab), and the
     cache."""
     if lengths is None:
