@@ -1,8 +1,9 @@
 """The ``ssdkit`` command line.
 
     ssdkit generate [--model DIR|PRESET|default] [--prompt TEXT | --prompt-ids 1,2,3] [--max-new-tokens N]
-                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype float32|bfloat16|float16]
-                    [--speculative lookup|MODEL_DIR [--draft-tokens K]]
+                    [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S]
+                    [--repetition-penalty R] [--presence-penalty X] [--frequency-penalty X] [--stop TEXT ...]
+                    [--dtype float32|bfloat16|float16] [--speculative lookup|MODEL_DIR [--draft-tokens K]]
     ssdkit eval     [--model DIR|default] --text FILE|DIR|python-stdlib:held-out [--tokenizer FILE]
                     [--encoding utf-8] [--errors strict] [--window 2048] [--batch 8] [--json F]
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
@@ -105,20 +106,45 @@ def load_model(spec: str | None, dtype_name: str, seed: int):
     raise CliError(f"--model {spec}: no such directory, and not a preset ({', '.join(PRESETS)})")
 
 
-def _checked_sampling(args) -> None:
-    """The sampling flags, checked where the library checks them (``ssdkit.make_sampler``), before any model
-    loads; the message names the flags."""
+#: most --stop strings (as OpenAI's ``stop``)
+MAX_STOPS = 4
+
+
+def _checked_sampling(args):
+    """The sampling flags, checked where the library checks them (``ssdkit.make_sampler``,
+    ``ssdkit.Penalties``, ``StopStrings``), before any model loads; the message names the flags. Returns
+    (sampler, penalties, stop strings or None)."""
     import re
 
     import ssdkit
+    from ssdkit.inference.stops import StopStrings
 
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
-        ssdkit.make_sampler(args.temperature, args.top_k, args.top_p)
+        sampler = ssdkit.make_sampler(args.temperature, args.top_k, args.top_p, args.min_p)
     except ValueError as err:
-        raise CliError(re.sub(r"\b(temperature|top_k|top_p)\b", lambda m: "--" + m[1].replace("_", "-"),
+        raise CliError(re.sub(r"\b(temperature|top_k|top_p|min_p)\b", lambda m: "--" + m[1].replace("_", "-"),
                               str(err).replace(" or None", ""))) from None
+    try:
+        penalties = ssdkit.Penalties(args.repetition_penalty, args.presence_penalty, args.frequency_penalty)
+    except ValueError as err:
+        raise CliError(re.sub(r"\b(repetition|presence|frequency) penalty\b", r"--\1-penalty", str(err))) from None
+    stops = None
+    if args.stop is not None:
+        if len(args.stop) > MAX_STOPS:
+            raise CliError(f"--stop is given at most {MAX_STOPS} times, got {len(args.stop)}")
+        if "" in args.stop:
+            raise CliError("--stop must be a non-empty string, got ''")
+        stops = StopStrings(args.stop)
+    if args.speculative is not None:  # plain decoding only: refused before any model loads
+        given = [f for f, on in (("--stop", stops is not None), ("--repetition-penalty", penalties.repetition != 1),
+                                 ("--presence-penalty", penalties.presence != 0),
+                                 ("--frequency-penalty", penalties.frequency != 0)) if on]
+        if given:
+            raise CliError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with plain decoding, not "
+                           f"--speculative (a verify pass scores several tokens at once)")
+    return sampler, penalties, stops
 
 
 def _prompt_ids(args, tokenizer, cfg) -> list[int]:
@@ -179,7 +205,7 @@ def cmd_generate(args) -> int:
 
     if args.prompt is None and args.prompt_ids is None:
         raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
-    _checked_sampling(args)
+    sampler, penalties, stops = _checked_sampling(args)
     if not -(2**63) <= args.seed < 2**63:  # jax.random.key's range
         raise CliError(f"--seed must be an integer in -2**63..2**63-1, got {args.seed}")
     if args.draft_tokens is not None and args.speculative is None:
@@ -200,34 +226,42 @@ def cmd_generate(args) -> int:
     eos = text.eod_id(tokenizer) if tokenizer is not None else None
     out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # noqa: SIM115 - one per process
     if args.speculative is not None:
-        return _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out)
+        return _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler)
     t0 = time.perf_counter()
     stream = ssdkit.generate_stream(
         archs.family(cfg).language_model(cfg), params, prompt, max_new_tokens=args.max_new_tokens,
-        sampler=ssdkit.make_sampler(args.temperature, args.top_k, args.top_p), eos_token_id=eos,
-        key=jax.random.key(args.seed), prompt_lengths=lengths,
+        sampler=sampler, eos_token_id=eos, key=jax.random.key(args.seed), prompt_lengths=lengths,
+        penalties=penalties,
     )
     stamps: list[float] = []
     compiling: list[float] = []  # seconds spent compiling by each stamp
     decoder = text.StreamDecoder(tokenizer) if tokenizer is not None else None
     if args.prompt is not None:
         out.write(args.prompt)
+    stopped = False
     with on_mesh, _compile_clock() as compiled_for:
         for tokens in stream:
             tok = _first_row(tokens)
             stamps.append(time.perf_counter() - t0)
             compiling.append(compiled_for())
-            out.write(decoder.push(tok) if decoder is not None else f"{tok} ")
+            piece = decoder.push(tok) if decoder is not None else f"{tok} "
+            if stops is not None:  # shows only text that cannot be part of a stop string
+                piece, stopped = stops.push(piece)
+            out.write(piece)
             out.flush()
-            if eos is not None and tok == eos:
+            if stopped or (eos is not None and tok == eos):
                 break
+    if stops is not None:
+        out.write(stops.flush())  # what was held back, if no stop string came
     out.write("\n")
     # The stream compiles its two programs (prefill + sample, decode step + sample) before the first token; the
     # rate counts the decode steps after it, less any compilation after it.
     decoding = stamps[-1] - stamps[0] - (compiling[-1] - compiling[0])
     rate = f"{(len(stamps) - 1) / max(decoding, 1e-9):.1f} tokens/s after it" if len(stamps) > 1 else "no decode step"
-    print(f"[ssdkit] {len(stamps)} tokens; compiling {compiling[-1]:.2f} s (ahead of the first token, the prefill "
-          f"and decode programs); first token after {stamps[0]:.2f} s, compiling included; {rate}", file=sys.stderr)
+    ended = " (a --stop string ended them)" if stopped else ""
+    print(f"[ssdkit] {len(stamps)} tokens{ended}; compiling {compiling[-1]:.2f} s (ahead of the first token, the "
+          f"prefill and decode programs); first token after {stamps[0]:.2f} s, compiling included; {rate}",
+          file=sys.stderr)
     return 0
 
 
@@ -321,7 +355,7 @@ def _compile_clock():
         monitoring.unregister_event_duration_listener(listen)
 
 
-def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out) -> int:
+def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler) -> int:
     """``generate --speculative``: the generation program compiled ahead (``ssdkit.lower_generate``), then run
     once; the text, the acceptance rate, the compile time and the generation's time apart. A draft model may be
     of either family (a Mamba-2 or a mixer checkpoint) with the model's vocabulary."""
@@ -351,8 +385,7 @@ def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer
         t0 = time.perf_counter()
         compiled = ssdkit.lower_generate(
             archs.family(cfg).language_model(cfg), params, prompt, max_new_tokens=args.max_new_tokens,
-            sampler=ssdkit.make_sampler(args.temperature, args.top_k, args.top_p), eos_token_id=eos,
-            prompt_lengths=lengths, key=jax.random.key(args.seed),
+            sampler=sampler, eos_token_id=eos, prompt_lengths=lengths, key=jax.random.key(args.seed),
             speculative=ssdkit.Speculative(draft, draft_tokens=k), draft_params=draft_params,
         ).compile()  # tracing includes the round costs' estimate
         compile_s = time.perf_counter() - t0
@@ -621,7 +654,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
     g.add_argument("--top-p", type=float, default=None,
                    help="sample from the smallest set of tokens whose probability reaches p, in (0, 1] (default: all)")
+    g.add_argument("--min-p", type=float, default=None, help="sample only tokens at least p times as likely as the "
+                   "likeliest, p in [0, 1] (default: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the positive logits of tokens in the prompt or the output so far by R, multiply the "
+                   "others by R; R > 0 (default 1: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                   help="subtract X from the logit of every token generated so far (default 0: off)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="subtract X from a token's logit per time it was generated so far (default 0: off)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help=f"stop at the first occurrence of TEXT in the generated text, not printing it; up to "
+                   f"{MAX_STOPS} times (without a tokenizer the text is the printed ids, 'ID ' each). Like the "
+                   f"penalties, for plain decoding only (not --speculative)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (state stays float32)")
     g.add_argument("--speculative", default=None, metavar="lookup|MODEL_DIR",
                    help="decode speculatively: drafts from prompt lookup (n-grams of the prompt and the text so "

@@ -29,7 +29,7 @@ from ssdkit.dtypes import accumulation_dtype, sequence_matmul_dtype
 from ssdkit.inference.drafts import DraftModel, DraftSource, PromptLookup, Speculative
 from ssdkit.inference.loop import generate, generate_stream, lower_generate
 from ssdkit.inference.protocol import GenerationResult, LanguageModel, SpeculationStats, SpeculativeModel
-from ssdkit.inference.sampling import Greedy, Sample, make_sampler
+from ssdkit.inference.sampling import Greedy, Penalties, Sample, make_sampler
 from ssdkit.lm import LMConfig, MixerLM
 from ssdkit.training.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
 from ssdkit.training.step import StepMetrics, TrainState, adamw, make_train_step
@@ -48,6 +48,7 @@ __all__ = [
     "LossMetrics",
     "Mixer",
     "MixerLM",
+    "Penalties",
     "PromptLookup",
     "RankOne",
     "RecurrentCache",

@@ -128,6 +128,45 @@ def test_generate_with_text_prompt(ckpt_with_tokenizer, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def test_generate_stops_at_a_stop_string(ckpt_with_tokenizer, capsys):
+    """--stop: the text ends before the first occurrence of any stop string, which is not printed, and the
+    generation ends there. The greedy run of test_generate_with_text_prompt (the same programs) gives the
+    text to cut."""
+    prompt = "w1 w2 w3 w4 w1 w2 w3 w4 w1 w2"
+    args = ["generate", "--model", str(ckpt_with_tokenizer), "--prompt", prompt, "--max-new-tokens", NEW]
+    assert main(args) == 0
+    text = capsys.readouterr().out[len(prompt):-1]  # the generated text
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[2]
+    assert main([*args, "--stop", "no such text", "--stop", stop]) == 0
+    out = capsys.readouterr()
+    assert out.out == prompt + text[:text.index(stop)] + "\n"
+    assert re.search(r"\] \d+ tokens \(a --stop string ended them\)", out.err), out.err
+    assert int(re.search(r"\] (\d+) tokens", out.err)[1]) < int(NEW)
+
+
+def test_generate_passes_min_p_and_penalties(ckpt, capsys, monkeypatch):
+    """--min-p and the penalty flags reach generate_stream as the library's Sample and Penalties (the stream
+    itself is replaced: its penalties are tests/test_generate.py's)."""
+    import jax.numpy as jnp
+
+    import ssdkit
+
+    seen = {}
+
+    def stream(*args, **kwargs):
+        seen.update(kwargs)
+        return iter([jnp.asarray([7], jnp.int32)])
+
+    monkeypatch.setattr(ssdkit, "generate_stream", stream)
+    assert main(["generate", "--model", str(ckpt), "--prompt-ids", PROMPT, "--temperature", "0.8", "--min-p", "0.1",
+                 "--repetition-penalty", "1.3", "--presence-penalty", "0.5", "--frequency-penalty", "-0.25"]) == 0
+    assert capsys.readouterr().out == "7 \n"
+    assert seen["sampler"] == ssdkit.Sample(0.8, min_p=0.1)
+    assert seen["penalties"] == ssdkit.Penalties(1.3, 0.5, -0.25)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/dir", "--prompt-ids", "1"], "no such directory, and not a preset"),
     (["--model", "{ckpt}", "--prompt", "hello"], "needs a tokenizer.json"),
@@ -135,6 +174,20 @@ def test_generate_with_text_prompt(ckpt_with_tokenizer, capsys):
     (["--model", "{ckpt}", "--prompt-ids", "1,999"], "out of range"),
     (["--model", "{ckpt}", "--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be a number in"),
     (["--model", "{ckpt}"], "give a prompt"),
+    # the sampling flags are checked before the model loads (its directory does not exist)
+    (["--model", "/no/such/dir", "--prompt-ids", "1", "--min-p", "1.5"], "--min-p must be a number in [0, 1], got"),
+    (["--model", "/no/such/dir", "--prompt-ids", "1", "--repetition-penalty", "0"],
+     "--repetition-penalty must be a finite number > 0"),
+    (["--model", "/no/such/dir", "--prompt-ids", "1", "--presence-penalty", "nan"],
+     "--presence-penalty must be a finite number"),
+    (["--model", "/no/such/dir", "--prompt-ids", "1", "--frequency-penalty", "inf"],
+     "--frequency-penalty must be a finite number"),
+    (["--model", "/no/such/dir", "--prompt-ids", "1", *["--stop", "x"] * 5], "--stop is given at most 4 times, got 5"),
+    (["--model", "/no/such/dir", "--prompt-ids", "1", "--stop", ""], "--stop must be a non-empty string"),
+    (["--model", "/no/such/dir", "--prompt-ids", "1", "--speculative", "lookup", "--stop", "x"],
+     "--stop goes with plain decoding, not --speculative"),
+    (["--model", "/no/such/dir", "--prompt-ids", "1", "--speculative", "lookup", "--presence-penalty", "1",
+      "--repetition-penalty", "2"], "--repetition-penalty, --presence-penalty go with plain decoding, not"),
 ])
 def test_clear_one_line_errors(ckpt, capsys, args, message):
     args = [a.replace("{ckpt}", str(ckpt)) for a in args]

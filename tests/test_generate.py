@@ -22,9 +22,19 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from ssdkit import GenerationResult, Greedy, LanguageModel, Sample, generate, generate_stream, make_sampler
+from ssdkit import (
+    GenerationResult,
+    Greedy,
+    LanguageModel,
+    Penalties,
+    Sample,
+    Speculative,
+    generate,
+    generate_stream,
+    make_sampler,
+)
 from ssdkit.inference.loop import _generate, _generation_loop
-from ssdkit.inference.sampling import argmax_last
+from ssdkit.inference.sampling import argmax_last, penalize
 from tests.helpers import assert_same_greedy_tokens, count_jaxpr_eqns, greedy_margins
 
 # No numerics mark (README's AVX2 rerun): token ids from different programs are compared up to near ties
@@ -145,18 +155,29 @@ def _jitted(model):
     return jax.jit(model.prefill), jax.jit(model.decode)
 
 
-def python_loop(model, params, prompt, max_new_tokens, sampler, key=None, eos=None, pad=0, lengths=None):
-    """Reference: prefill, then decode + sample one token at a time on the host."""
+def python_loop(model, params, prompt, max_new_tokens, sampler, key=None, eos=None, pad=0, lengths=None,
+                penalties=None):
+    """Reference: prefill, then decode + sample one token at a time on the host; with ``penalties``, each
+    token from ``penalize``'s logits over the counts and prompt tokens kept here in numpy."""
     prefill, decode = _jitted(model)
     logits, cache = prefill(params, prompt) if lengths is None else prefill(params, prompt, lengths=lengths)
-    out, margins, agree, done = [], [], [], np.zeros(prompt.shape[0], bool)
+    batch, rows = prompt.shape[0], np.arange(prompt.shape[0])
+    out, margins, agree, done = [], [], [], np.zeros(batch, bool)
     token, scale = None, 0.0
+    counts = np.zeros(logits.shape, np.int32)
+    seen_in_prompt = np.zeros(logits.shape, bool)
+    for b, n in enumerate(np.broadcast_to(prompt.shape[1] if lengths is None else lengths, (batch,))):
+        seen_in_prompt[b, np.asarray(prompt)[b, :n]] = True
     for i in range(max_new_tokens):
         if i:
             logits, cache = decode(params, token, cache)
+        if penalties is not None:
+            logits = jax.jit(penalize)(logits, counts, seen_in_prompt,
+                                       *(np.full(batch, v, np.float32) for v in dataclasses.astuple(penalties)))
         step_key = None if key is None else jax.random.fold_in(key, i)
         token = sampler(logits, step_key)
         host = np.asarray(token)
+        counts[rows[~done], host[~done]] += 1
         margin, magnitude, choice = decision_margins(sampler, logits, step_key)
         margins.append(margin)
         agree.append(choice == host)
@@ -269,10 +290,11 @@ def test_max_new_tokens_one_runs_no_decode():
     np.testing.assert_array_equal(res.lengths, [1, 1, 1])  # a count, whatever the tokens
 
 
-def test_traced_program_does_not_grow_with_max_new_tokens():
+@pytest.mark.parametrize("penalties", [None, Penalties(1.2, 0.5, 0.1)], ids=str)
+def test_traced_program_does_not_grow_with_max_new_tokens(penalties):
     def n_eqns(max_new):
         fn = functools.partial(_generation_loop, MODEL, max_new_tokens=max_new, sampler=Sample(0.8, 5, 0.9),
-                               eos_token_id=3, pad_token_id=0)
+                               eos_token_id=3, pad_token_id=0, penalties=penalties)
         return count_jaxpr_eqns(jax.make_jaxpr(fn)(PARAMS, _prompt(), None, jax.random.key(0)).jaxpr)
 
     assert n_eqns(8) == n_eqns(256)
@@ -302,6 +324,60 @@ def test_model_without_lengths_support():
     res = generate(UnpaddedLM(), PARAMS, prompt, max_new_tokens=6)
     # Exact: UnpaddedLM traces to the very same computation as MODEL without lengths, hence the same program.
     np.testing.assert_array_equal(res.tokens, generate(MODEL, PARAMS, prompt, max_new_tokens=6).tokens)
+
+
+# ------------------------------------------------------------------------------ penalties
+PENALTIES = Penalties(repetition=1.5, presence=0.5, frequency=0.75)
+
+
+@pytest.mark.parametrize("sampler", [Greedy(), Sample(0.8, top_k=7)], ids=str)
+def test_penalties_match_python_loop(sampler):
+    """Penalized generation (right-padded rows: padding is no prompt token) against a host loop applying
+    ``penalize`` step by step; greedy also through the stream (the sampler is orthogonal to it), and the
+    penalties change its tokens."""
+    lengths, key = jnp.asarray([7, 3, 5]), jax.random.key(42)
+    # test_right_padded_prompts_match_each_row_alone's shapes. Seed 22: the repetition penalty changes row
+    # 0's token 0 (its prefill argmax is a prompt token); row 1's argmax is among its padding only.
+    prompt = _prompt(seed=22)
+    run = dict(max_new_tokens=12, sampler=sampler, key=key, prompt_lengths=lengths, penalties=PENALTIES)
+    res = generate(MODEL, PARAMS, prompt, **run)
+    ref = python_loop(MODEL, PARAMS, prompt, 12, sampler, key, lengths=lengths, penalties=PENALTIES)
+    assert_same_greedy_tokens(res.tokens, ref.tokens, ref.margins, tie=ref.tie)
+    if isinstance(sampler, Greedy):
+        streamed = np.stack(list(generate_stream(MODEL, PARAMS, prompt, **run)), axis=1)
+        assert_same_greedy_tokens(streamed, ref.tokens, ref.margins, tie=ref.tie)
+        assert not np.array_equal(python_loop(MODEL, PARAMS, prompt, 12, sampler, lengths=lengths).tokens, ref.tokens)
+
+
+def test_huge_presence_penalty_never_repeats_a_token():
+    res = generate(MODEL, PARAMS, _prompt(), max_new_tokens=20, penalties=Penalties(presence=1e4))
+    for row in np.asarray(res.tokens).tolist():
+        assert len(set(row)) == len(row), row
+
+
+def test_inactive_penalties_are_no_penalties():
+    """``Penalties()`` is the program without penalties: the same jit cache entry, the very same tokens."""
+    prompt, key = _prompt(), jax.random.key(1)
+    plain = generate(MODEL, PARAMS, prompt, max_new_tokens=20)  # test_greedy_matches_python_loop's program
+    before = _generate._cache_size()
+    np.testing.assert_array_equal(generate(MODEL, PARAMS, prompt, max_new_tokens=20, penalties=Penalties()).tokens,
+                                  plain.tokens)
+    assert _generate._cache_size() == before
+    fn = functools.partial(_generation_loop, MODEL, max_new_tokens=8, sampler=Sample(0.8), eos_token_id=3,
+                           pad_token_id=0)
+    assert str(jax.make_jaxpr(functools.partial(fn, penalties=Penalties(1.0, 0.0, -0.0)))(PARAMS, prompt, None, key)) \
+        == str(jax.make_jaxpr(fn)(PARAMS, prompt, None, key))
+
+
+def test_bad_penalties():
+    prompt = _prompt()
+    with pytest.raises(ValueError, match="cannot be combined with speculative decoding"):
+        generate(MODEL, PARAMS, prompt, max_new_tokens=4, speculative=Speculative(),
+                 penalties=Penalties(presence=1.0))
+    with pytest.raises(TypeError, match=r"penalties must be ssdkit\.Penalties.*got \{'presence': 1\.0\}"):
+        generate(MODEL, PARAMS, prompt, max_new_tokens=4, penalties={"presence": 1.0})
+    with pytest.raises(TypeError, match="penalties must be"):
+        generate_stream(MODEL, PARAMS, prompt, max_new_tokens=4, penalties=1.2)
 
 
 # ------------------------------------------------------------------------------ streaming

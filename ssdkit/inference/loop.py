@@ -11,6 +11,14 @@ one device call per step, for interactive use. With ``speculative=``, :func:`gen
 speculative loop instead (``ssdkit.inference.speculative``). :func:`lower_generate` gives the very program
 :func:`generate` runs for a request, traced and lowered ahead of time, to compile and run as two steps
 (``ssdkit generate`` reports compilation apart this way).
+
+With active ``penalties=`` (:class:`~ssdkit.inference.sampling.Penalties`), every token, token 0 included,
+is drawn from :func:`~ssdkit.inference.sampling.penalize`'s logits rather than the model's, and then
+counted: the carry also holds what the penalties read, ``counts[b, v]`` (times row ``b`` has generated
+token ``v``; a finished row counts nothing more) and ``prompt_mask[b, v]`` (``v`` is among row ``b``'s
+first ``prompt_lengths[b]`` prompt tokens), both (batch, vocab) over the logits' last axis (a padded
+vocabulary included). Without them (None or ``Penalties()``) the program is the plain one, with no such
+carry.
 """
 
 from __future__ import annotations
@@ -30,12 +38,67 @@ from jaxtyping import Array, Bool, Int
 from ssdkit._typing import Lengths, StepTokens, Tokens
 from ssdkit.dtypes import check_integer, check_lengths
 from ssdkit.inference.drafts import Speculative
-from ssdkit.inference.protocol import GenerationResult, LanguageModel, prefill_and_sample, prepare_params
-from ssdkit.inference.sampling import Greedy, Sampler, sample_tokens
+from ssdkit.inference.protocol import (
+    GenerationResult,
+    LanguageModel,
+    prefill_and_sample,
+    prefill_logits,
+    prepare_params,
+)
+from ssdkit.inference.sampling import Greedy, Penalties, Sampler, penalize, sample_tokens
 from ssdkit.inference.speculative import check_speculative, generate_speculative
 from ssdkit.xla_options import inference_jit
 
 _INT32 = np.iinfo(np.int32)
+
+
+# ------------------------------------------------------------------------------ penalties
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """What :func:`penalize` reads of each row: the tokens it generated and the tokens of its prompt."""
+
+    counts: Int[Array, "batch vocab"]  # times row b generated token v
+    prompt_mask: Bool[Array, "batch vocab"]  # token v is in row b's prompt (padding excluded)
+
+
+def _prompt_mask(prompt, lengths, width: int) -> Bool[Array, "batch vocab"]:
+    """``mask[b, v]``: token ``v`` occurs in ``prompt[b, :lengths[b]]`` (the whole row without lengths)."""
+    batch, seq = prompt.shape
+    if lengths is not None:  # padding positions point past the vocabulary: dropped by the scatter
+        prompt = jnp.where(jnp.arange(seq) < lengths[:, None], prompt, width)
+    return jnp.zeros((batch, width), bool).at[jnp.arange(batch)[:, None], prompt].set(True, mode="drop")
+
+
+def _penalized_token(sampler, logits, key, step, seen: _Seen, penalties: Penalties, live) -> tuple:
+    """Token ``step`` drawn from ``penalize(logits, seen...)``, and ``seen`` with it counted where ``live``
+    (a finished row's tokens are pad and count for nothing)."""
+    batch = logits.shape[0]
+    per_row = functools.partial(jnp.full, (batch,), dtype=jnp.float32)
+    logits = penalize(logits, seen.counts, seen.prompt_mask, per_row(penalties.repetition),
+                      per_row(penalties.presence), per_row(penalties.frequency))
+    token = sample_tokens(sampler, logits, key, step, batch)
+    counts = seen.counts.at[jnp.arange(batch), token].add(live.astype(jnp.int32))
+    return token, dataclasses.replace(seen, counts=counts)
+
+
+def _first_token(model, params, prompt, lengths, key, sampler, penalties: Penalties | None) -> tuple:
+    """Prefill and sample token 0: (token, logits, cache, seen); ``seen`` is None without penalties (and the
+    program then the plain prefill + sample)."""
+    if penalties is None:
+        return (*prefill_and_sample(model, params, prompt, lengths, key, sampler), None)
+    logits, cache = prefill_logits(model, params, prompt, lengths)
+    width = logits.shape[-1]
+    seen = _Seen(jnp.zeros(logits.shape, jnp.int32), _prompt_mask(prompt, lengths, width))
+    token, seen = _penalized_token(sampler, logits, key, 0, seen, penalties, jnp.ones(logits.shape[:1], bool))
+    return token, logits, cache, seen
+
+
+def _next_token(sampler, logits, key, step, seen: _Seen | None, penalties: Penalties | None, done) -> tuple:
+    """Token ``step`` for a decode step's logits, and ``seen`` after it (None without penalties)."""
+    if penalties is None:
+        return sample_tokens(sampler, logits, key, step, logits.shape[0]), None
+    return _penalized_token(sampler, logits, key, step, seen, penalties, ~done)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -50,6 +113,7 @@ class _LoopState:
     done: Bool[Array, " batch"]  # the row has emitted its EOS
     lengths: Lengths  # tokens generated per row, EOS included
     cache: Any  # the model's cache
+    seen: _Seen | None = None  # what the penalties read; None (no carry) without penalties
 
 
 def _emit(done, token, eos_token_id, pad_token_id):
@@ -85,19 +149,21 @@ def _check_decode(model, params, token, logits, cache) -> None:
 
 
 def _generation_loop(
-    model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id
+    model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id, penalties=None
 ) -> _LoopState:
-    """The traced body of :func:`generate` (un-jitted): prefill, token 0, then the decode loop."""
+    """The traced body of :func:`generate` (un-jitted): prefill, token 0, then the decode loop. ``penalties``
+    that are not active are no penalties (the very same program)."""
     batch = prompt.shape[0]
+    penalties = _active(penalties)
     params = prepare_params(model, params)  # once, before the loop (e.g. per-layer weights for decode)
-    token, logits, cache = prefill_and_sample(model, params, prompt, lengths, key, sampler)
+    token, logits, cache, seen = _first_token(model, params, prompt, lengths, key, sampler, penalties)
     _check_decode(model, params, token, logits, cache)
     written, done = _emit(jnp.zeros((batch,), bool), token, eos_token_id, pad_token_id)
     buffer = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
     buffer = lax.dynamic_update_slice_in_dim(buffer, written[:, None], 0, axis=1)
     init = _LoopState(
         step=jnp.int32(1), token=token, tokens=buffer, done=done, lengths=jnp.ones((batch,), jnp.int32),
-        cache=cache,
+        cache=cache, seen=seen,
     )
 
     def cond(s: _LoopState):
@@ -105,7 +171,7 @@ def _generation_loop(
 
     def body(s: _LoopState) -> _LoopState:
         logits, cache = model.decode(params, s.token, s.cache)
-        token = sample_tokens(sampler, logits, key, s.step, batch)
+        token, seen = _next_token(sampler, logits, key, s.step, s.seen, penalties, s.done)
         written, done = _emit(s.done, token, eos_token_id, pad_token_id)
         return _LoopState(
             step=s.step + 1,
@@ -114,18 +180,21 @@ def _generation_loop(
             done=done,
             lengths=s.lengths + (~s.done).astype(jnp.int32),
             cache=cache,
+            seen=seen,
         )
 
     return lax.while_loop(cond, body, init)
 
 
 @functools.partial(
-    inference_jit, static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id")
+    inference_jit,
+    static_argnames=("model", "max_new_tokens", "sampler", "eos_token_id", "pad_token_id", "penalties"),
 )
-def _generate(model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id):
+def _generate(model, params, prompt, lengths, key, *, max_new_tokens, sampler, eos_token_id, pad_token_id,
+              penalties=None):
     final = _generation_loop(
         model, params, prompt, lengths, key, max_new_tokens=max_new_tokens, sampler=sampler,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, penalties=penalties,
     )
     return GenerationResult(tokens=final.tokens, lengths=final.lengths)
 
@@ -179,6 +248,20 @@ def _validate(model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_t
     return int(max_new_tokens), eos, pad
 
 
+def _active(penalties: Penalties | None) -> Penalties | None:
+    """``penalties`` if they change any logit, else None (one program, one jit cache entry, for both)."""
+    return penalties if penalties is not None and penalties.active else None
+
+
+def _checked_penalties(penalties) -> Penalties | None:
+    """``penalties`` checked to be a :class:`Penalties` or None; the active ones, else None."""
+    if penalties is not None and not isinstance(penalties, Penalties):
+        raise TypeError(
+            f"penalties must be ssdkit.Penalties(repetition=, presence=, frequency=) or None, got {penalties!r}"
+        )
+    return _active(penalties)
+
+
 def _as_inputs(prompt, prompt_lengths):
     lengths = None if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
     return jnp.asarray(prompt, jnp.int32), lengths
@@ -198,6 +281,7 @@ def generate(
     pad_token_id: int = 0,
     speculative: Speculative | None = None,
     draft_params: Any = None,
+    penalties: Penalties | None = None,
 ) -> GenerationResult:
     """Prefill ``prompt`` and generate up to ``max_new_tokens`` tokens per row in one compiled device call.
 
@@ -215,6 +299,15 @@ def generate(
             ``verify`` and ``commit``, see ``ssdkit.inference.speculative``): the same tokens as plain greedy
             decoding, or the same distribution as plain sampling, in fewer passes of the weights.
         draft_params: the parameters of a :class:`~ssdkit.DraftModel` (only with one).
+        penalties: :class:`~ssdkit.Penalties` (static) on the tokens a row has seen: each token (token 0
+            included) is drawn from ``penalize(logits, counts, prompt_mask, ...)``
+            (``ssdkit.inference.sampling.penalize``) instead of the logits,
+            ``l'_v = ρ(l_v) − frequency · c_v − presence · [c_v > 0]``, where ``c_v`` counts the row's
+            generated tokens equal to ``v`` so far and ``ρ(l) = l / r if l > 0 else l · r`` (r the
+            repetition penalty) for ``v`` in the row's prompt (its first ``prompt_lengths`` tokens) or
+            generated, ``ρ(l) = l`` otherwise. None or ``Penalties()``: none (the plain program). Not with
+            ``speculative`` (ValueError): a verify pass scores k tokens at once, and penalties would make
+            each one's logits depend on the tokens it verifies.
 
     Returns:
         :class:`GenerationResult` with ``tokens`` (batch, max_new_tokens) int32, ``lengths`` (batch,) and,
@@ -223,26 +316,34 @@ def generate(
     program, args, static = _program(
         model, params, prompt, max_new_tokens=max_new_tokens, sampler=sampler, key=key, eos_token_id=eos_token_id,
         prompt_lengths=prompt_lengths, pad_token_id=pad_token_id, speculative=speculative, draft_params=draft_params,
+        penalties=penalties,
     )
     return program(*args, **static)
 
 
 def _program(model, params, prompt, *, max_new_tokens, sampler, key, eos_token_id, prompt_lengths, pad_token_id,
-             speculative, draft_params):
+             speculative, draft_params, penalties):
     """Check a :func:`generate` request; return the jitted program that runs it, its positional arguments (the
     model first: static) and its static keyword arguments."""
     max_new_tokens, eos, pad = _validate(
         model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
     )
+    penalties = _checked_penalties(penalties)
     prompt, lengths = _as_inputs(prompt, prompt_lengths)
     static = dict(max_new_tokens=max_new_tokens, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
     if speculative is not None:
+        if penalties is not None:
+            raise ValueError(
+                f"penalties={penalties!r} cannot be combined with speculative decoding: a verify pass scores k "
+                f"tokens at once, and penalties would make each one's logits depend on the tokens it verifies; "
+                f"pass penalties=None, or speculative=None"
+            )
         check_speculative(model, sampler, speculative, draft_params)
         args = (model, params, draft_params, prompt, lengths, key)
         return generate_speculative, args, dict(static, speculative=speculative)
     if draft_params is not None:
         raise ValueError("draft_params is for speculative decoding with a DraftModel; pass speculative= too")
-    return _generate, (model, params, prompt, lengths, key), static
+    return _generate, (model, params, prompt, lengths, key), dict(static, penalties=penalties)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +386,7 @@ def lower_generate(
     pad_token_id: int = 0,
     speculative: Speculative | None = None,
     draft_params: Any = None,
+    penalties: Penalties | None = None,
 ) -> LoweredGeneration:
     """The program :func:`generate` runs for this request (same arguments, same checks), traced and lowered
     now, to compile and run as separate steps::
@@ -303,25 +405,30 @@ def lower_generate(
     program, args, static = _program(
         model, params, prompt, max_new_tokens=max_new_tokens, sampler=sampler, key=key, eos_token_id=eos_token_id,
         prompt_lengths=prompt_lengths, pad_token_id=pad_token_id, speculative=speculative, draft_params=draft_params,
+        penalties=penalties,
     )
     return LoweredGeneration(program.lower(*args, **static), args[1:])
 
 
-@functools.partial(inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"))
-def _stream_first(model, params, prompt, lengths, key, *, sampler, eos_token_id, pad_token_id):
-    token, _, cache = prefill_and_sample(model, params, prompt, lengths, key, sampler)
+@functools.partial(
+    inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id", "penalties")
+)
+def _stream_first(model, params, prompt, lengths, key, *, sampler, eos_token_id, pad_token_id, penalties=None):
+    token, _, cache, seen = _first_token(model, params, prompt, lengths, key, sampler, penalties)
     written, done = _emit(jnp.zeros(token.shape, bool), token, eos_token_id, pad_token_id)
-    return token, written, done, cache
+    return token, written, done, cache, seen
 
 
 @functools.partial(
-    inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id"), donate_argnames=("cache",)
+    inference_jit, static_argnames=("model", "sampler", "eos_token_id", "pad_token_id", "penalties"),
+    donate_argnames=("cache", "seen"),
 )
-def _stream_next(model, params, token, done, cache, key, step, *, sampler, eos_token_id, pad_token_id):
+def _stream_next(model, params, token, done, cache, key, step, seen, *, sampler, eos_token_id, pad_token_id,
+                 penalties=None):
     logits, cache = model.decode(params, token, cache)
-    token = sample_tokens(sampler, logits, key, step, token.shape[0])
+    token, seen = _next_token(sampler, logits, key, step, seen, penalties, done)
     written, done = _emit(done, token, eos_token_id, pad_token_id)
-    return token, written, done, cache
+    return token, written, done, cache, seen
 
 
 _prepare = inference_jit(prepare_params, static_argnames=("model",))
@@ -338,10 +445,12 @@ def generate_stream(
     eos_token_id: int | None = None,
     prompt_lengths: Lengths | None = None,
     pad_token_id: int = 0,
+    penalties: Penalties | None = None,
 ) -> Iterator[StepTokens]:
     """Yield each step's (batch,) int32 tokens as they are produced, for interactive use.
 
-    Same arguments, key schedule and tokens as :func:`generate` (finished rows yield ``pad_token_id``),
+    Same arguments (``penalties`` included), key schedule and tokens as :func:`generate` (finished rows
+    yield ``pad_token_id``),
     but one device call per token: a jitted prefill + sample, then a jitted decode + sample step that
     donates the cache. Step ``i + 1`` is dispatched before step ``i`` is yielded, so the device works
     while the caller handles a token. Stops after ``max_new_tokens`` steps or once every row is done.
@@ -350,20 +459,22 @@ def generate_stream(
     max_new_tokens, eos, pad = _validate(
         model, prompt, max_new_tokens, sampler, key, prompt_lengths, eos_token_id, pad_token_id
     )
+    penalties = _checked_penalties(penalties)
     prompt, lengths = _as_inputs(prompt, prompt_lengths)
     params = _prepare(model, params)  # the decode layout, kept for this stream only
-    first = functools.partial(_stream_first, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
-    advance = functools.partial(_stream_next, model, sampler=sampler, eos_token_id=eos, pad_token_id=pad)
+    static = dict(sampler=sampler, eos_token_id=eos, pad_token_id=pad, penalties=penalties)
+    first = functools.partial(_stream_first, model, **static)
+    advance = functools.partial(_stream_next, model, **static)
 
     def steps() -> Iterator[StepTokens]:
-        token, written, done, cache = first(params, prompt, lengths, key)
+        token, written, done, cache, seen = first(params, prompt, lengths, key)
         for step in range(1, max_new_tokens + 1):
             if step < max_new_tokens:  # dispatched now, runs while the caller handles `written`
-                following = advance(params, token, done, cache, key, np.int32(step))
+                following = advance(params, token, done, cache, key, np.int32(step), seen)
             yield written
             if eos is not None and bool(np.all(np.asarray(done))):
                 return
             if step < max_new_tokens:
-                token, written, done, cache = following
+                token, written, done, cache, seen = following
 
     return steps()

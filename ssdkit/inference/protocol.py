@@ -99,8 +99,9 @@ class GenerationResult:
     speculation: SpeculationStats | None = None
 
 
-def prefill_and_sample(model, params, prompt, lengths, key, sampler):
-    """Prefill (``lengths`` passed only when given) and sample token 0 from the last logits."""
+def prefill_logits(model: LanguageModel, params: Any, prompt: Tokens, lengths: Lengths | None) -> tuple[Logits, Any]:
+    """Prefill (``lengths`` passed only when given): the last logits, checked to be (batch, vocab), and the
+    cache."""
     if lengths is None:
         logits, cache = model.prefill(params, prompt)
     else:
@@ -111,7 +112,13 @@ def prefill_and_sample(model, params, prompt, lengths, key, sampler):
             f"model.prefill must return last logits of shape (batch, vocab) = ({batch}, vocab), got "
             f"{jnp.shape(logits)}"
         )
-    return sample_tokens(sampler, logits, key, 0, batch), logits, cache
+    return logits, cache
+
+
+def prefill_and_sample(model, params, prompt, lengths, key, sampler):
+    """Prefill (:func:`prefill_logits`) and sample token 0 from the last logits."""
+    logits, cache = prefill_logits(model, params, prompt, lengths)
+    return sample_tokens(sampler, logits, key, 0, prompt.shape[0]), logits, cache
 
 
 def prepare_params(model, params):
