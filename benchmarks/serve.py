@@ -263,7 +263,8 @@ def main() -> None:
         ctx = args.slots * (prompt_lens[1] + output_lens[1] + args.shared_tokens + 128)
         servers.append(ServerProcess("llama.cpp", [
             args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
-            "--parallel", str(args.slots), "-c", str(ctx), "--cont-batching", "--metrics"],
+            "--parallel", str(args.slots), "-c", str(ctx), "--cont-batching", "--metrics",
+            "--threads-http", str(max(args.concurrency + [args.shared_concurrency]) + 8)],
             f"http://127.0.0.1:{port}", "bench"))
     results = {}
     for server in servers:

@@ -6,9 +6,10 @@ zeros, as every ssdkit model's is). Its device state is one :class:`SlotState`: 
 ``slots`` rows, each row's last token, its sampling settings as data (:class:`ssdkit.inference.sampling.RowSampling`)
 and its token counts for the penalties. Three compiled programs do all the work:
 
-* a prefill *piece* (batch 1; its length padded up to a power-of-two bucket, so a handful of programs
-  serve every prompt): a prompt is prefilled piece by piece from the longest cached prefix
-  (:class:`~ssdkit.inference.prefix_cache.PrefixCache`), each piece ending where a snapshot is taken;
+* a prefill *piece* (batch 1, a power-of-two length, so a handful of programs serve every prompt): a prompt
+  is prefilled from the longest cached prefix (:class:`~ssdkit.inference.prefix_cache.PrefixCache`) in
+  pieces of the longest length that fits before the next snapshot (only a tail shorter than the shortest
+  length is padded, with lengths masking the padding);
 * *admit*: sample a request's first token from its prompt's last logits and write its cache, token and
   settings into a free slot;
 * *step*: one decode step of every slot at once, sampling each row with its own settings and key.
@@ -116,10 +117,10 @@ class EngineConfig:
 
     @property
     def buckets(self) -> tuple[int, ...]:
-        """The prefill piece lengths compiled: powers of two from ``min_bucket`` up to the first that holds
-        ``snapshot_interval`` tokens."""
+        """The prefill piece lengths compiled: powers of two from ``min_bucket`` up to ``snapshot_interval``
+        (a piece never crosses a snapshot boundary)."""
         out = [1 << max(0, math.ceil(math.log2(self.min_bucket)))]
-        while out[-1] < self.snapshot_interval:
+        while out[-1] * 2 <= self.snapshot_interval:
             out.append(out[-1] * 2)
         return tuple(out)
 
@@ -605,14 +606,18 @@ class Engine:
         return sorted({*range((start // step + 1) * step, n, step), n} - set(range(start + 1)))
 
     def _prefill_piece(self) -> None:
+        """Prefill the next piece of the prompt: the longest bucket that fits before the next snapshot boundary
+        (so no piece is padded, except one shorter than the shortest bucket), snapshotting at the boundary."""
         p = self._prefill
         ids = p.chain.ids
         if p.boundaries:
-            end = p.boundaries.pop(0)
-            n = end - p.position
-            bucket = next(b for b in self.config.buckets if b >= n)
+            end = p.boundaries[0]
+            left = end - p.position
+            fitting = [b for b in self.config.buckets if b <= left]
+            n = fitting[-1] if fitting else left
+            bucket = fitting[-1] if fitting else self.config.buckets[0]
             tokens = np.zeros((1, bucket), np.int32)
-            tokens[0, :n] = ids[p.position:end]
+            tokens[0, :n] = ids[p.position:p.position + n]
             t0 = time.perf_counter()
             try:
                 p.logits, p.cache = _piece(self.model, self.params, jnp.asarray(tokens),
@@ -624,9 +629,11 @@ class Engine:
                 return
             self.stats.prefill_pieces += 1
             self.stats.prefilled_tokens += n
-            p.position = end
-            if self.prefix_cache.capacity_bytes:
-                self.prefix_cache.store(p.chain, end, p.cache, p.logits)
+            p.position += n
+            if p.position == end:
+                p.boundaries.pop(0)
+                if self.prefix_cache.capacity_bytes:
+                    self.prefix_cache.store(p.chain, end, p.cache, p.logits)
             self.stats.prefill_seconds += time.perf_counter() - t0
         if not p.boundaries:
             self._prefill = None
