@@ -315,6 +315,8 @@ class Server:
             return json.loads(bytes(data), parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply to be a request", code="invalid_json") from None
 
     def _guard(self, request: Request) -> None:
         self._check_auth(request)

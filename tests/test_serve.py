@@ -121,6 +121,8 @@ def test_completions_equal_generate_streamed_or_not(served):
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, logprobs=2,
                                   extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
     got, margins = _ids_and_margins(r.choices[0].logprobs)
+    alternatives = [int(t.removeprefix("token_id:")) for top in r.choices[0].logprobs.top_logprobs for t in top]
+    assert max(got + alternatives) < CFG.vocab_size  # 257 of the 272 logits: the padding is never drawn
     want = _direct(served.server.engine, ids, 24)
     assert_same_greedy_tokens(np.array([got]), np.array([want[:len(got)]]), margins[None], tie=TIE)
     assert r.choices[0].text == _shown(got) and r.choices[0].finish_reason == "length"
@@ -192,7 +194,8 @@ def test_bad_requests_get_openai_errors(served):
         served.client("wrong").completions.create(model="tiny", prompt="x")
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     raw = [(b"{not json", 400, "not valid JSON"), (b'{"prompt": "x", "temperature": NaN}', 400, "NaN"),
-           (b"[1, 2]", 400, "JSON object"), (json.dumps({"prompt": "x" * 5000}).encode(), 413, "at most 4096")]
+           (b"[1, 2]", 400, "JSON object"), (json.dumps({"prompt": "x" * 5000}).encode(), 413, "at most 4096"),
+           (b"[" * 2000 + b"]" * 2000, 400, "nested too deeply")]
     for body, status, words in raw:
         r = httpx.post(f"{served.url}/v1/completions", content=body, headers=headers)
         assert r.status_code == status and words in r.json()["error"]["message"], (body[:40], r.text)

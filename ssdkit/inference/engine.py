@@ -257,6 +257,14 @@ def _sample(logits, rows: RowSampling, steps, counts, prompt_mask):
     return sample_rows(logits, rows, steps)
 
 
+def _vocabulary(logits, vocab: int):
+    """The logits of the vocabulary's ids only: a padded vocabulary's extra ids (rows of a padded embedding
+    or head, no token of the tokenizer) get -inf, so they are never drawn and carry no probability."""
+    if vocab >= logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+
+
 def _logprobs(logits, token, want, n: int) -> TokenLogprobs:
     """:func:`top_logprobs` when some row asks (``want``), zeros otherwise."""
     n = max(n, 1)
@@ -276,13 +284,14 @@ def _put_row(big, small, slot, axis):
     return lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=axis)
 
 
-@functools.partial(inference_jit, static_argnames=("axes", "n_logprobs"), donate_argnames=("state",))
+@functools.partial(inference_jit, static_argnames=("axes", "n_logprobs", "vocab"), donate_argnames=("state",))
 def _admit(state: SlotState, slot, logits, cache, rows: RowSampling, prompt_mask, want_logprobs, *, axes,
-           n_logprobs):
-    """Sample a request's first token from its prompt's last ``logits`` (1, vocab) and write the request into
+           n_logprobs, vocab):
+    """Sample a request's first token from its prompt's last ``logits`` (1, width) and write the request into
     row ``slot`` of ``state``."""
-    vocab = logits.shape[-1]
-    zeros = jnp.zeros((1, vocab), jnp.int32)
+    logits = _vocabulary(logits, vocab)
+    width = logits.shape[-1]
+    zeros = jnp.zeros((1, width), jnp.int32)
     token = _sample(logits, rows, jnp.zeros((1,), jnp.int32), zeros, prompt_mask)
     lp = _logprobs(logits, token, want_logprobs, n_logprobs)
     put = functools.partial(_put_row, slot=slot)
@@ -291,17 +300,18 @@ def _admit(state: SlotState, slot, logits, cache, rows: RowSampling, prompt_mask
         token=put(state.token, token, axis=0),
         step=put(state.step, jnp.ones((1,), jnp.int32), axis=0),
         rows=jax.tree_util.tree_map(lambda b, s: put(b, s, axis=0), state.rows, rows),
-        counts=put(state.counts, jax.nn.one_hot(token, vocab, dtype=jnp.int32), axis=0),
+        counts=put(state.counts, jax.nn.one_hot(token, width, dtype=jnp.int32), axis=0),
         prompt_mask=put(state.prompt_mask, prompt_mask, axis=0),
         logprobs=put(state.logprobs, want_logprobs, axis=0),
     )
     return new, token, lp
 
 
-@functools.partial(inference_jit, static_argnames=("model", "n_logprobs"), donate_argnames=("state",))
-def _decode(model, params, state: SlotState, *, n_logprobs):
+@functools.partial(inference_jit, static_argnames=("model", "n_logprobs", "vocab"), donate_argnames=("state",))
+def _decode(model, params, state: SlotState, *, n_logprobs, vocab):
     """One decode step of every slot: the next token of each row, with its settings and key."""
     logits, cache = model.decode(params, state.token, state.cache)
+    logits = _vocabulary(logits, vocab)
     token = _sample(logits, state.rows, state.step, state.counts, state.prompt_mask)
     lp = _logprobs(logits, token, state.logprobs, n_logprobs)
     counts = state.counts.at[jnp.arange(token.shape[0]), token].add(1)
@@ -649,6 +659,7 @@ class Engine:
         self._state, token, lp = _admit(
             self._state, jnp.int32(row), p.logits, p.cache, rows, jnp.asarray(mask),
             jnp.asarray([req.logprobs is not None]), axes=self._axes, n_logprobs=self.config.max_logprobs,
+            vocab=self.vocab_size,
         )
         self._live.append(p.handle)
         lp = jax.tree_util.tree_map(np.asarray, lp) if req.logprobs is not None else None
@@ -657,7 +668,8 @@ class Engine:
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
         want = any(h.request.logprobs is not None for h in self._live)
-        self._state, token, lp = _decode(self.model, self.params, self._state, n_logprobs=self.config.max_logprobs)
+        self._state, token, lp = _decode(self.model, self.params, self._state, n_logprobs=self.config.max_logprobs,
+                                         vocab=self.vocab_size)
         token = np.asarray(token)
         lp = jax.tree_util.tree_map(np.asarray, lp) if want else None
         self.stats.decode_steps += 1
@@ -704,9 +716,11 @@ class Engine:
             if self.mesh is not None:
                 state = self._place(state)
             state, _, _ = _admit(state, jnp.int32(0), logits, cache, rows, jnp.zeros((1, self.logits_width), bool),
-                                 jnp.zeros((1,), bool), axes=self._axes, n_logprobs=self.config.max_logprobs)
+                                 jnp.zeros((1,), bool), axes=self._axes, n_logprobs=self.config.max_logprobs,
+                                 vocab=self.vocab_size)
             state = _move(state, jnp.int32(0), jnp.int32(0), axes=self._axes)
-            state, *_ = _decode(self.model, self.params, state, n_logprobs=self.config.max_logprobs)
+            state, *_ = _decode(self.model, self.params, state, n_logprobs=self.config.max_logprobs,
+                                vocab=self.vocab_size)
         for size in reversed(self.batch_sizes[:-1]):  # and back down
             state = _resize(state, axes=self._axes, rows=size)
         jax.block_until_ready(state)
