@@ -34,8 +34,9 @@ from tests.helpers import assert_close, assert_same_greedy_tokens
 #: a vocabulary with no padding (a multiple of 16), so the engine's logits are generate's (the engine gives a padded
 #: vocabulary's extra ids no probability; test_serve checks that)
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=272, d_state=8, headdim=16, chunk_size=8)
-#: 3 slots (so requests queue), snapshots every 32 tokens (pieces padded to 16 or 32)
-CONFIG = EngineConfig(slots=3, max_queue=8, snapshot_interval=32, max_new_tokens=64, max_prompt_tokens=256)
+#: 2 slots (so requests queue, and a finishing request's row is taken by the last one), snapshots every 32 tokens
+#: (pieces of 16 or 32)
+CONFIG = EngineConfig(slots=2, max_queue=8, snapshot_interval=32, max_new_tokens=64, max_prompt_tokens=256)
 TIE = 1e-4  # twice a generous bound on the logits' rounding between two programs (logits of order 1)
 
 
@@ -155,16 +156,16 @@ def test_prefix_cache_is_bounded_by_bytes(rng):
 
 def test_cancel_frees_the_slot_within_one_step_and_the_queue_takes_it(rng):
     engine = _engine()
-    handles, events = [], [[] for _ in range(4)]
-    for i in range(4):  # one more than the slots
+    handles, events = [], [[] for _ in range(3)]
+    for i in range(3):  # one more than the slots
         handles.append(engine.submit(GenerationRequest(_prompt(rng, 4), 60, seed=i), events[i].append))
-    for _ in range(6):
+    for _ in range(4):
         engine.step()
-    assert engine.running == 3 and engine.queued == 1
-    engine.cancel(handles[1])
+    assert engine.running == 2 and engine.queued == 1 and engine.decode_batch == 2
+    engine.cancel(handles[0])  # row 0: the request in row 1 moves into it
     engine.step()  # the cancelled slot is freed and the queued request's prefill starts in the same step
-    assert events[1][-1].finish_reason == "cancelled" and events[1][-1].token is None
-    assert engine.queued == 0 and engine.slots_used == 3 and events[3][0].index == 0  # admitted, first token out
+    assert events[0][-1].finish_reason == "cancelled" and events[0][-1].token is None
+    assert engine.queued == 0 and engine.slots_used == 2 and events[2][0].index == 0  # admitted, first token out
     engine.cancel_all()
     engine.step()
     assert engine.idle and engine.decode_batch == 1

@@ -71,7 +71,7 @@ def _decode_programs(params, cfg, batch: int = 1, model=None):
     prepared = model.prepare(params)
     per_layer_cache = model.prefill(prepared, jnp.zeros((batch, 5), jnp.int32))[1]
     stream = _stream_next.lower(model, prepared, token, jnp.zeros((batch,), bool), per_layer_cache, None,
-                                jnp.int32(1), sampler=greedy, eos_token_id=None, pad_token_id=0)
+                                jnp.int32(1), None, sampler=greedy, eos_token_id=None, pad_token_id=0)
     return {"decode_step": step.compile().as_text(), "generate": _loop_bodies(gen.compile().as_text()),
             "generate_stream": stream.compile().as_text()}
 
