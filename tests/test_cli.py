@@ -213,3 +213,21 @@ def test_demo_runs(capsys):
     assert main(["demo", "--prompt-len", "20", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "retention" in out and "GLA" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "70000"], "--port must be in 0..65535"),
+    (["--slots", "0"], "--slots must be a positive integer"),
+    (["--snapshot-interval", "0"], "--snapshot-interval must be a positive integer"),
+    (["--max-tokens-limit", "0"], "--max-tokens-limit must be a positive integer"),
+    (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0"),
+    (["--api-key", " "], "--api-key is empty"),
+    (["--max-body-kb", "0"], "--max-body-kb must be >= 1"),
+    (["--drain-timeout", "-1"], "--drain-timeout must be >= 0"),
+    (["--model", "/no/such/dir"], "no such directory, and not a preset"),
+])
+def test_serve_refuses_bad_flags_in_one_line(capsys, args, message):
+    """Each before the server binds or anything compiles."""
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0 and err.startswith("ssdkit serve: error:"), err
