@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -237,6 +238,15 @@ class _Output:
     cached_tokens: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Submitted:
+    """A request in the engine: its handle, the queue its events arrive on, when it arrived."""
+
+    handle: Any
+    queue: asyncio.Queue
+    arrived: float
+
+
 @dataclasses.dataclass
 class _Delta:
     text: str
@@ -383,9 +393,9 @@ class Server:
         return default if given is None else given
 
     # ------------------------------------------------------------------ generation
-    async def _generate(self, request: Request, req: GenerationRequest, stops: list[str], endpoint: str,
-                        watch_disconnect: bool, as_ids: bool = False) -> AsyncIterator[_Delta]:
-        """Submit ``req`` and yield its text pieces (stop strings cut, special tokens dropped)."""
+    def _submit(self, req: GenerationRequest, endpoint: str) -> _Submitted:
+        """Queue ``req`` in the engine, its events bound for this event loop; before any response starts, so
+        that a full queue is a 429 and a draining server a 503 for streamed requests too."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         arrived = time.perf_counter()
@@ -397,6 +407,12 @@ class Server:
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except EngineClosed:
             raise ApiError(503, "the server is shutting down", kind="service_unavailable", code="draining") from None
+        return _Submitted(handle, queue, arrived)
+
+    async def _generate(self, request: Request, sub: _Submitted, stops: list[str], endpoint: str,
+                        watch_disconnect: bool, as_ids: bool = False) -> AsyncIterator[_Delta]:
+        """Yield a submitted request's text pieces (stop strings cut, special tokens dropped)."""
+        handle, queue, arrived = sub.handle, sub.queue, sub.arrived
         watcher = asyncio.create_task(self._watch(request, handle)) if watch_disconnect else None
         decoder = text.StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         stopper = StopStrings(stops)
@@ -448,7 +464,9 @@ class Server:
                 self.engine.cancel(handle)
                 return
 
-    def _sse(self, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    def _sse(self, chunks: AsyncIterator[dict], sub: _Submitted) -> StreamingResponse:
+        """Server-sent events of ``chunks``, then ``[DONE]``; the request is cancelled when the response ends
+        (a no-op after it finished), also when the client left before the first chunk."""
         async def body():
             try:
                 async for chunk in chunks:
@@ -458,7 +476,8 @@ class Server:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(self.engine.cancel, sub.handle))
 
     # ------------------------------------------------------------------ endpoints
     async def _completions(self, request: Request) -> Response:
@@ -474,14 +493,15 @@ class Server:
                                     "does not compute", param="echo")
             req = self._request(body, ids, self._max_tokens(body.max_tokens, 16), body.logprobs)
             stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            sub = self._submit(req, "completions")
         except ApiError as err:
             return err.response()
         rid = f"cmpl-{secrets.token_hex(12)}"
         prefix = self._decode(ids) if body.echo else ""
         if body.stream:
-            return self._sse(self._completion_chunks(request, rid, req, stops, prefix, body))
+            return self._sse(self._completion_chunks(request, rid, sub, stops, prefix, body), sub)
         try:
-            out = await self._collect(self._generate(request, req, stops, "completions", watch_disconnect=True,
+            out = await self._collect(self._generate(request, sub, stops, "completions", watch_disconnect=True,
                                                      as_ids=body.return_tokens_as_token_ids))
         except ApiError as err:
             return err.response()
@@ -497,7 +517,7 @@ class Server:
                              "model": self.config.model_name, "choices": [choice],
                              "usage": self._usage(len(ids), len(out.tokens), out.cached_tokens)})
 
-    async def _completion_chunks(self, request, rid, req, stops, prefix, body) -> AsyncIterator[dict]:
+    async def _completion_chunks(self, request, rid, sub: _Submitted, stops, prefix, body) -> AsyncIterator[dict]:
         created = int(time.time())
         n, cached = 0, 0
 
@@ -507,7 +527,7 @@ class Server:
 
         if prefix:
             yield chunk(prefix, None)
-        async with contextlib.aclosing(self._generate(request, req, stops, "completions", watch_disconnect=False,
+        async with contextlib.aclosing(self._generate(request, sub, stops, "completions", watch_disconnect=False,
                                                       as_ids=body.return_tokens_as_token_ids)) as deltas:
             async for d in deltas:
                 if d.token is not None:
@@ -521,7 +541,7 @@ class Server:
                     yield chunk(d.text, d.finish_reason, lp)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
-                   "choices": [], "usage": self._usage(len(req.prompt), n, cached)}
+                   "choices": [], "usage": self._usage(len(sub.handle.request.prompt), n, cached)}
 
     async def _collect(self, deltas: AsyncIterator[_Delta]) -> _Output:
         out = _Output()
@@ -568,13 +588,14 @@ class Server:
                 raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
             req = self._request(body, ids, self._max_tokens(max_tokens, self.engine.config.max_new_tokens), logprobs)
             stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            sub = self._submit(req, "chat")
         except ApiError as err:
             return err.response()
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if body.stream:
-            return self._sse(self._chat_chunks(request, rid, req, stops, body))
+            return self._sse(self._chat_chunks(request, rid, sub, stops, body), sub)
         try:
-            out = await self._collect(self._generate(request, req, stops, "chat", watch_disconnect=True,
+            out = await self._collect(self._generate(request, sub, stops, "chat", watch_disconnect=True,
                                                      as_ids=body.return_tokens_as_token_ids))
         except ApiError as err:
             return err.response()
@@ -593,7 +614,7 @@ class Server:
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
                 "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in (top or {}).items()]}
 
-    async def _chat_chunks(self, request, rid, req, stops, body) -> AsyncIterator[dict]:
+    async def _chat_chunks(self, request, rid, sub: _Submitted, stops, body) -> AsyncIterator[dict]:
         created = int(time.time())
         n, cached = 0, 0
 
@@ -603,7 +624,7 @@ class Server:
                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
         yield chunk({"role": "assistant", "content": ""}, None)
-        async with contextlib.aclosing(self._generate(request, req, stops, "chat", watch_disconnect=False,
+        async with contextlib.aclosing(self._generate(request, sub, stops, "chat", watch_disconnect=False,
                                                       as_ids=body.return_tokens_as_token_ids)) as deltas:
             async for d in deltas:
                 if d.token is not None:
@@ -617,7 +638,7 @@ class Server:
                     yield chunk({"content": d.text} if d.text else {}, d.finish_reason, lp)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
-                   "choices": [], "usage": self._usage(len(req.prompt), n, cached)}
+                   "choices": [], "usage": self._usage(len(sub.handle.request.prompt), n, cached)}
 
     def _render(self, messages: list[Message]) -> str:
         from jinja2.exceptions import TemplateError

@@ -283,6 +283,8 @@ def test_overload_gets_429_and_sigterm_drains():
         handles += [engine.submit(GenerationRequest((1,), 300, ignore_eos=True), lambda e: None) for _ in range(4)]
         r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x"}, headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+        with pytest.raises(openai.RateLimitError):  # a streamed request too: refused before its response starts
+            client.completions.create(model="tiny", prompt="x", stream=True)
         for h in handles:
             engine.cancel(h)
         s.uvicorn.handle_exit(signal.SIGTERM, None)
