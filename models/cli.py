@@ -201,6 +201,7 @@ def cmd_generate(args) -> int:
     import jax
 
     import ssdkit
+    from ssdkit.bench import compile_clock
     from ssdkit.models import archs, mamba2, text
 
     if args.prompt is None and args.prompt_ids is None:
@@ -239,7 +240,7 @@ def cmd_generate(args) -> int:
     if args.prompt is not None:
         out.write(args.prompt)
     stopped = False
-    with on_mesh, _compile_clock() as compiled_for:
+    with on_mesh, compile_clock() as compiled_for:
         for tokens in stream:
             tok = _first_row(tokens)
             stamps.append(time.perf_counter() - t0)
@@ -334,25 +335,6 @@ def cmd_serve(args) -> int:
           f"on {jax.devices()[0].platform}", file=sys.stderr)
     server.run(srv, args.host, args.port, log_level=args.log_level)
     return 0
-
-
-@contextlib.contextmanager
-def _compile_clock():
-    """Within it: a function giving the seconds JAX has spent tracing, lowering and compiling programs since
-    the block began (``jax.monitoring``'s compile events)."""
-    from jax import monitoring
-
-    total = [0.0]
-
-    def listen(event: str, seconds: float, **_) -> None:
-        if event.startswith("/jax/core/compile/"):
-            total[0] += seconds
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield lambda: total[0]
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
 
 
 def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler) -> int:
