@@ -201,6 +201,7 @@ def cmd_generate(args) -> int:
     import jax
 
     import ssdkit
+    from ssdkit.bench import compile_clock
     from ssdkit.models import archs, mamba2, text
 
     if args.prompt is None and args.prompt_ids is None:
@@ -239,7 +240,7 @@ def cmd_generate(args) -> int:
     if args.prompt is not None:
         out.write(args.prompt)
     stopped = False
-    with on_mesh, _compile_clock() as compiled_for:
+    with on_mesh, compile_clock() as compiled_for:
         for tokens in stream:
             tok = _first_row(tokens)
             stamps.append(time.perf_counter() - t0)
@@ -336,25 +337,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _compile_clock():
-    """Within it: a function giving the seconds JAX has spent tracing, lowering and compiling programs since
-    the block began (``jax.monitoring``'s compile events)."""
-    from jax import monitoring
-
-    total = [0.0]
-
-    def listen(event: str, seconds: float, **_) -> None:
-        if event.startswith("/jax/core/compile/"):
-            total[0] += seconds
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield lambda: total[0]
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
-
-
 def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler) -> int:
     """``generate --speculative``: the generation program compiled ahead (``ssdkit.lower_generate``), then run
     once; the text, the acceptance rate, the compile time and the generation's time apart. A draft model may be
@@ -443,6 +425,7 @@ def _initialize_distributed(args) -> None:
 def cmd_eval(args) -> int:
     import json
 
+    from ssdkit.bench import compile_clock
     from ssdkit.models import evaluation, mamba2, text
 
     if args.window < 1 or args.batch < 1:
@@ -477,20 +460,23 @@ def cmd_eval(args) -> int:
         bar = tqdm(unit="tok", unit_scale=True, desc=f"eval ({len(files)} files)", dynamic_ncols=True,
                    file=sys.stderr)
     try:
-        result = evaluation.evaluate(params, cfg, docs, window=args.window, batch=args.batch,
-                                     progress=bar.update if bar is not None else None)
+        with compile_clock() as compiled_for:
+            result = evaluation.evaluate(params, cfg, docs, window=args.window, batch=args.batch,
+                                         progress=bar.update if bar is not None else None)
+            compiling = compiled_for()
     except ValueError as err:
         raise CliError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
+    running = max(result.seconds - compiling, 1e-9)
     print(f"{result.documents} files, {result.num_bytes:,} bytes, {result.tokens:,} target tokens: "
           f"cross-entropy {result.cross_entropy:.4f} nats/token, perplexity {result.perplexity:.3f}, "
-          f"{result.bits_per_byte:.4f} bits/byte ({result.tokens_per_second:,.0f} tokens/s, "
-          f"{result.seconds:.1f} s incl. compilation)")
+          f"{result.bits_per_byte:.4f} bits/byte ({result.tokens / running:,.0f} tokens/s; {result.seconds:.1f} s, "
+          f"of which compiling {compiling:.1f} s)")
     if args.json:
         record = {"model": str(path) if path is not None else args.model, "text": str(args.text),
-                  **dataclasses.asdict(result), "cross_entropy": result.cross_entropy,
+                  **dataclasses.asdict(result), "compile_seconds": compiling, "cross_entropy": result.cross_entropy,
                   "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0

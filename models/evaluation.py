@@ -6,7 +6,11 @@ next document when it runs short), and every row is read in fixed windows of ``w
 recurrent state and the conv windows carried from one window to the next (``mamba2.score_window``, or
 ``ssdkit.MixerLM.score_window`` for a mixer model: ``ssdkit.models.archs.family``). For a
 recurrence this is exact: no overlap, no truncated context, every target scored once, and the result
-does not depend on ``window`` or ``batch`` (tested). One compiled program serves every window.
+does not depend on ``window`` or ``batch`` (tested). Every window has the same shape (the last one padded
+with weight 0), so one compiled program serves every window of a row count; rows with nothing to read are
+not computed: once every document is taken, the live rows move into the fewest rows of ``batch`` or a power
+of two below it (their states taken along), so one file in 8 rows costs one row's forward pass, not eight.
+The loop reads nothing back from the device but every 64 windows.
 
 Figures: ``cross_entropy`` = Σ nll / targets (nats per token), ``perplexity`` = exp(cross_entropy),
 ``bits_per_byte`` = Σ nll / (ln 2 · the files' sizes in bytes). Every token after a document's first is a
@@ -18,11 +22,13 @@ compressor's output size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -90,33 +96,50 @@ def evaluate(params, cfg: mamba2.Mamba2Config | MixerLM, docs: Iterable[Document
     :class:`ssdkit.MixerLM`), see the module docstring; ``progress(targets)`` after each window.
 
     ``docs`` is consumed lazily: each row takes the next document when its buffer runs short of a window,
-    so memory holds about ``batch`` documents (and their windows) at a time, whatever the total."""
+    so memory holds about ``batch`` documents (and their windows) at a time, whatever the total. When no
+    document is left, rows that run dry leave the batch (``batch`` is the most rows computed at once)."""
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    pending = iter(docs)
+    pending, dry = iter(docs), False
     ids = [np.zeros(0, np.int32) for _ in range(batch)]  # each row's unread stream
     seg = [np.zeros(0, np.int64) for _ in range(batch)]  # its document numbers (global, increasing)
     cache_doc = np.full(batch, -1)  # the document each row's cache continues
     n_docs = n_bytes = scored = 0
     nll_total, nll = 0.0, jnp.zeros((), jnp.float32)
     family = archs.family(cfg)
-    cache = family.init_cache(params, cfg, batch)
+    sizes = _row_counts(batch)
+    cache, axes = None, None
     t0, k = time.perf_counter(), 0
     while True:
-        for r in range(batch):  # a window needs window + 1 tokens: the last position's target too
-            while len(ids[r]) < window + 1 and (doc := next(pending, None)) is not None:
-                if not len(doc.ids):
-                    continue
-                ids[r] = np.concatenate([ids[r], doc.ids.astype(np.int32)])
-                seg[r] = np.concatenate([seg[r], np.full(len(doc.ids), n_docs)])
-                n_docs, n_bytes = n_docs + 1, n_bytes + doc.num_bytes
-        if not any(len(a) for a in ids):
+        for r in range(len(ids)):  # a window needs window + 1 tokens: the last position's target too
+            while len(ids[r]) < window + 1 and not dry:
+                doc = next(pending, None)
+                if doc is None:
+                    dry = True
+                elif len(doc.ids):
+                    ids[r] = np.concatenate([ids[r], doc.ids.astype(np.int32)])
+                    seg[r] = np.concatenate([seg[r], np.full(len(doc.ids), n_docs)])
+                    n_docs, n_bytes = n_docs + 1, n_bytes + doc.num_bytes
+        if dry:  # a row's last token alone (the window before's last target, or a document of one token) is done
+            seg = [b if len(a) > 1 else b[:0] for a, b in zip(ids, seg, strict=True)]
+            ids = [a if len(a) > 1 else a[:0] for a in ids]
+        live = [r for r in range(len(ids)) if len(ids[r])]
+        if not live:
             break
-        tokens = np.zeros((batch, window + 1), np.int32)
-        docs_w = np.full((batch, window + 1), -1, np.int64)  # -1: past the row's end
-        for r in range(batch):
+        rows = min(n for n in sizes if n >= len(live))
+        if rows < len(ids):  # rows ran dry (no document left to take): the live ones move into fewer rows
+            keep = live + [r for r in range(len(ids)) if not len(ids[r])][:rows - len(live)]
+            ids, seg, cache_doc = [ids[r] for r in keep], [seg[r] for r in keep], cache_doc[keep]
+            if cache is not None:
+                axes = _batch_axes(params, cfg) if axes is None else axes
+                cache = jax.tree_util.tree_map(functools.partial(_take_rows, np.asarray(keep)), cache, axes)
+        if cache is None:
+            cache = family.init_cache(params, cfg, rows)
+        tokens = np.zeros((rows, window + 1), np.int32)
+        docs_w = np.full((rows, window + 1), -1, np.int64)  # -1: past the row's end
+        for r in range(rows):
             m = min(len(ids[r]), window + 1)
             tokens[r, :m], docs_w[r, :m] = ids[r][:m], seg[r][:m]
             ids[r], seg[r] = ids[r][window:], seg[r][window:]
@@ -143,6 +166,29 @@ def evaluate(params, cfg: mamba2.Mamba2Config | MixerLM, docs: Iterable[Document
     nll_total += float(nll)
     return EvalResult(documents=n_docs, tokens=scored, num_bytes=n_bytes, nll=nll_total,
                       seconds=time.perf_counter() - t0)
+
+
+def _row_counts(batch: int) -> tuple[int, ...]:
+    """The row counts a window is run with: ``batch``, and the powers of two below it (one compiled program
+    each, made when rows first run dry)."""
+    return (batch, *(1 << i for i in range(batch.bit_length()) if 1 << i < batch))
+
+
+def _take_rows(rows, a, axis: int):
+    """``a``'s batch rows ``rows`` (along ``axis``)."""
+    return jnp.take(a, rows, axis=axis)
+
+
+def _batch_axes(params, cfg):
+    """The batch axis of each leaf of the model's cache (the axis whose size follows the rows)."""
+    family = archs.family(cfg)
+    one, two = (jax.eval_shape(lambda p, n=n: family.init_cache(p, cfg, n), params) for n in (1, 2))
+
+    def axis(a, b):
+        (found,) = (i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y)
+        return found
+
+    return jax.tree_util.tree_map(axis, one, two)
 
 
 def read_documents(files: Iterable[Path], tokenizer, *, encoding: str = "utf-8", errors: str = "strict"

@@ -7,6 +7,7 @@ memory-bandwidth ceiling.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -42,6 +43,26 @@ def time_calls(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, m
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
     return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+@contextlib.contextmanager
+def compile_clock():
+    """Within it: a function giving the seconds JAX has spent tracing, lowering and compiling programs since
+    the block began (``jax.monitoring``'s ``/jax/core/compile/...`` duration events), so that a rate can
+    leave compilation out."""
+    from jax import monitoring
+
+    total = [0.0]
+
+    def listen(event: str, seconds: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            total[0] += seconds
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield lambda: total[0]
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
 
 
 def compile_seconds(jitted, *args, **kwargs) -> tuple[float, object]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from ssdkit.models import evaluation, mamba2, text
+from ssdkit.models import archs, evaluation, mamba2, text
 from ssdkit.models.cli import main
 from ssdkit.training.data import ByteTokenizer
 
@@ -80,8 +80,9 @@ def _evaluate_equals_forward(model, direct, window, batch):
 
 # Every window shape is a compiled program (~2.5 CPU-s). Windows of 5 in 8 rows: more rows than documents;
 # row 1 takes a second and a third document while it runs short of a window, the third starting exactly at a
-# window's first token (after 3 + 2 tokens); windows shorter than a document and not dividing it. The CLI
-# test below reads the same windows (its default 8 rows).
+# window's first token (after 3 + 2 tokens); windows shorter than a document and not dividing it. Rows run dry
+# and leave the batch (4 rows computed, then 2, then 1: three programs, the states of the rows kept moved
+# along). The CLI test below reads one file (its default 8 rows: one row computed, the 1-row program).
 @pytest.mark.numerics
 def test_windows_and_rows_equal_forward(model, direct):
     _evaluate_equals_forward(model, direct, 5, 8)
@@ -95,6 +96,30 @@ def test_windows_and_rows_equal_forward(model, direct):
 def test_more_windows_and_rows_equal_forward(model, direct, window, batch):
     n = _evaluate_equals_forward(model, direct, window, batch)
     assert window < 220 or n == 1  # one window: one pass
+
+
+def test_rows_without_documents_are_not_computed(model, monkeypatch):
+    """One document in 8 rows is read in one row (the issue's 8x: seven rows of padding per window); rows
+    that run dry once every document is taken leave the batch (a program for fewer rows: a power of two, or
+the batch);
+    a stream's last token alone (the window before's last target) takes no window: 106 tokens in windows
+    of 5 are 21 windows."""
+    rows = []
+    score = archs.Mamba2Family.score_window
+
+    def spy(params, cfg, tokens, *args, **kwargs):
+        rows.append(tokens.shape[0])
+        return score(params, cfg, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(archs.Mamba2Family, "score_window", staticmethod(spy))
+    docs = [text.encode_document(ByteTokenizer(), t) for t in TEXTS]
+    assert len(docs[4].ids) == 106
+    evaluation.evaluate(model[0], model[1], docs[4:], window=5, batch=8)
+    assert rows == [1] * 21
+    rows.clear()
+    evaluation.evaluate(model[0], model[1], docs, window=5, batch=8)
+    # rows of 29 | 3 + 2 + 80 | 106 tokens: 3 live rows (4 computed), then 2, then 1 (the last 4 windows)
+    assert rows == [4] * 6 + [2] * 11 + [1] * 4, rows
 
 
 def test_byte_tokenizer_json_equals_byte_tokenizer():
