@@ -517,31 +517,39 @@ class Server:
                              "model": self.config.model_name, "choices": [choice],
                              "usage": self._usage(len(ids), len(out.tokens), out.cached_tokens)})
 
-    async def _completion_chunks(self, request, rid, sub: _Submitted, stops, prefix, body) -> AsyncIterator[dict]:
+    def _completion_chunks(self, request, rid, sub: _Submitted, stops, prefix, body) -> AsyncIterator[dict]:
+        def choice(d: _Delta) -> dict:
+            lp = None
+            if body.logprobs is not None and d.token is not None:
+                lp = {"tokens": [self._token_text(d.token, body.return_tokens_as_token_ids)],
+                      "token_logprobs": [d.logprob], "top_logprobs": [d.top], "text_offset": [0]}
+            return {"text": d.text, "logprobs": lp}
+
+        opening = {"text": prefix, "logprobs": None} if prefix else None
+        return self._stream_chunks(request, rid, sub, stops, body, "completions", "text_completion", opening, choice)
+
+    async def _stream_chunks(self, request, rid, sub: _Submitted, stops, body, endpoint: str, kind: str,
+                             opening: dict | None, choice) -> AsyncIterator[dict]:
+        """A streamed answer's chunks (``object`` = ``kind``): ``opening`` first when given, then one per token
+        (``choice(delta)``: its text and logprobs; the text may be held back) and the finish, then the usage when
+        ``stream_options.include_usage`` asks."""
         created = int(time.time())
         n, cached = 0, 0
 
-        def chunk(text_, finish, logprobs=None):
-            return {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
-                    "choices": [{"index": 0, "text": text_, "logprobs": logprobs, "finish_reason": finish}]}
+        def chunk(**fields) -> dict:
+            return {"id": rid, "object": kind, "created": created, "model": self.config.model_name, **fields}
 
-        if prefix:
-            yield chunk(prefix, None)
-        async with contextlib.aclosing(self._generate(request, sub, stops, "completions", watch_disconnect=False,
+        if opening is not None:
+            yield chunk(choices=[{"index": 0, **opening, "finish_reason": None}])
+        async with contextlib.aclosing(self._generate(request, sub, stops, endpoint, watch_disconnect=False,
                                                       as_ids=body.return_tokens_as_token_ids)) as deltas:
             async for d in deltas:
-                if d.token is not None:
-                    n += 1
+                n += d.token is not None
                 cached = max(cached, d.cached_tokens)
-                lp = None
-                if body.logprobs is not None and d.token is not None:
-                    lp = {"tokens": [self._token_text(d.token, body.return_tokens_as_token_ids)],
-                          "token_logprobs": [d.logprob], "top_logprobs": [d.top], "text_offset": [0]}
-                if d.text or d.finish_reason or d.token is not None:  # a chunk per token (text may be held back)
-                    yield chunk(d.text, d.finish_reason, lp)
+                if d.text or d.finish_reason or d.token is not None:
+                    yield chunk(choices=[{"index": 0, **choice(d), "finish_reason": d.finish_reason}])
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield {"id": rid, "object": "text_completion", "created": created, "model": self.config.model_name,
-                   "choices": [], "usage": self._usage(len(sub.handle.request.prompt), n, cached)}
+            yield chunk(choices=[], usage=self._usage(len(sub.handle.request.prompt), n, cached))
 
     async def _collect(self, deltas: AsyncIterator[_Delta]) -> _Output:
         out = _Output()
@@ -614,31 +622,15 @@ class Server:
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
                 "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in (top or {}).items()]}
 
-    async def _chat_chunks(self, request, rid, sub: _Submitted, stops, body) -> AsyncIterator[dict]:
-        created = int(time.time())
-        n, cached = 0, 0
+    def _chat_chunks(self, request, rid, sub: _Submitted, stops, body) -> AsyncIterator[dict]:
+        def choice(d: _Delta) -> dict:
+            lp = None
+            if body.logprobs and d.token is not None:
+                lp = {"content": [self._chat_logprob(d.token, d.logprob, d.top, body.return_tokens_as_token_ids)]}
+            return {"delta": {"content": d.text} if d.text else {}, "logprobs": lp}
 
-        def chunk(delta, finish, logprobs=None):
-            return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": self.config.model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-
-        yield chunk({"role": "assistant", "content": ""}, None)
-        async with contextlib.aclosing(self._generate(request, sub, stops, "chat", watch_disconnect=False,
-                                                      as_ids=body.return_tokens_as_token_ids)) as deltas:
-            async for d in deltas:
-                if d.token is not None:
-                    n += 1
-                cached = max(cached, d.cached_tokens)
-                lp = None
-                if body.logprobs and d.token is not None:
-                    lp = {"content": [self._chat_logprob(d.token, d.logprob, d.top,
-                                                         body.return_tokens_as_token_ids)]}
-                if d.text or d.finish_reason or d.token is not None:
-                    yield chunk({"content": d.text} if d.text else {}, d.finish_reason, lp)
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.config.model_name,
-                   "choices": [], "usage": self._usage(len(sub.handle.request.prompt), n, cached)}
+        opening = {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        return self._stream_chunks(request, rid, sub, stops, body, "chat", "chat.completion.chunk", opening, choice)
 
     def _render(self, messages: list[Message]) -> str:
         from jinja2.exceptions import TemplateError

@@ -55,7 +55,6 @@ from ssdkit.inference.sampling import (
     RowSampling,
     Sample,
     TokenLogprobs,
-    penalize,
     sample_rows,
     top_logprobs,
 )
@@ -248,15 +247,6 @@ class SlotState:
     logprobs: Bool[Array, " slots"]
 
 
-def _sample(logits, rows: RowSampling, steps, counts, prompt_mask):
-    """:func:`sample_rows` after the penalties (computed only when some row has one)."""
-    active = jnp.any((rows.repetition != 1) | (rows.presence != 0) | (rows.frequency != 0))
-    logits = lax.cond(active, lambda x: penalize(x, counts, prompt_mask, rows.repetition, rows.presence,
-                                                 rows.frequency),
-                      lambda x: x.astype(jnp.float32), logits)
-    return sample_rows(logits, rows, steps)
-
-
 def _vocabulary(logits, vocab: int):
     """The logits of the vocabulary's ids only: a padded vocabulary's extra ids (rows of a padded embedding
     or head, no token of the tokenizer) get -inf, so they are never drawn and carry no probability."""
@@ -292,7 +282,7 @@ def _admit(state: SlotState, slot, logits, cache, rows: RowSampling, prompt_mask
     logits = _vocabulary(logits, vocab)
     width = logits.shape[-1]
     zeros = jnp.zeros((1, width), jnp.int32)
-    token = _sample(logits, rows, jnp.zeros((1,), jnp.int32), zeros, prompt_mask)
+    token = sample_rows(logits, rows, jnp.zeros((1,), jnp.int32), zeros, prompt_mask)
     lp = _logprobs(logits, token, want_logprobs, n_logprobs)
     put = functools.partial(_put_row, slot=slot)
     new = SlotState(
@@ -312,7 +302,7 @@ def _decode(model, params, state: SlotState, *, n_logprobs, vocab):
     """One decode step of every slot: the next token of each row, with its settings and key."""
     logits, cache = model.decode(params, state.token, state.cache)
     logits = _vocabulary(logits, vocab)
-    token = _sample(logits, state.rows, state.step, state.counts, state.prompt_mask)
+    token = sample_rows(logits, state.rows, state.step, state.counts, state.prompt_mask)
     lp = _logprobs(logits, token, state.logprobs, n_logprobs)
     counts = state.counts.at[jnp.arange(token.shape[0]), token].add(1)
     return dataclasses.replace(state, cache=cache, token=token, step=state.step + 1, counts=counts), token, lp
@@ -606,14 +596,10 @@ class Engine:
         start = 0 if snap is None else len(snap.ids)
         self._prefill = _Prefill(
             handle=handle, chain=chain, position=start,
-            boundaries=pc.boundaries(ids, start) if pc.capacity_bytes else self._plain_boundaries(len(ids), start),
+            boundaries=pc.boundaries(ids, start),
             cache=self._zero_row if snap is None else snap.cache, logits=None if snap is None else snap.logits,
             cached_tokens=start,
         )
-
-    def _plain_boundaries(self, n: int, start: int) -> list[int]:
-        step = self.config.snapshot_interval
-        return sorted({*range((start // step + 1) * step, n, step), n} - set(range(start + 1)))
 
     def _prefill_piece(self) -> None:
         """Prefill the next piece of the prompt: the longest bucket that fits before the next snapshot boundary

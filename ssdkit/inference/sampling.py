@@ -296,13 +296,15 @@ def sample_rows(
     """Token ``steps[b]`` of each row, drawn with row b's settings: :func:`penalize` (when ``counts`` are
     given), then argmax for temperature-0 rows, else ``Sample(...)``'s draw with ``fold_in(key[b], steps[b])``.
 
-    A row without penalties gets the token ``Greedy()`` or ``Sample(...)`` gives for it alone. The sort for
-    top-k / top-p and the random draw run only when some row needs them (``lax.cond``).
+    A row without penalties gets the token ``Greedy()`` or ``Sample(...)`` gives for it alone. The penalties,
+    the sort for top-k / top-p and the random draw run only when some row needs them (``lax.cond``).
     """
+    logits = logits.astype(jnp.float32)
     if counts is not None:
         mask = jnp.zeros(counts.shape, bool) if prompt_mask is None else prompt_mask
-        logits = penalize(logits, counts, mask, rows.repetition, rows.presence, rows.frequency)
-    logits = logits.astype(jnp.float32)
+        active = jnp.any((rows.repetition != 1) | (rows.presence != 0) | (rows.frequency != 0))
+        logits = lax.cond(active, lambda x: penalize(x, counts, mask, rows.repetition, rows.presence,
+                                                     rows.frequency), lambda x: x, logits)
     greedy = argmax_last(logits)
 
     def draw(_):
