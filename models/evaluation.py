@@ -68,12 +68,13 @@ class EvalResult:
 def text_files(spec: str | Path, *, log: Callable[[str], None] | None = None) -> list[Path]:
     """The files to evaluate: a text file, the text files under a folder (``text.text_files_under``: sorted,
     hidden ones and those that are not text skipped; ``log`` gets the counts), or a named corpus part
-    (``python-stdlib:held-out``, ``python-stdlib:train``, ``python-stdlib``). Nothing to read (a file that is
+    (``python-stdlib:held-out``, ``python-packages:held-out``, ``python-code:train``, ...: ``corpus.CORPORA``).
+    Nothing to read (a file that is
     not text, a folder without text files, no bytes at all) is a ValueError naming it."""
     named = corpus.resolve(str(spec)) if not Path(spec).exists() else None
     if named is not None:
-        stdlib, part = named
-        return stdlib.paths(part)
+        named_corpus, part = named
+        return named_corpus.paths(part)
     path = Path(spec)
     if path.is_file():
         text.check_text_file(path)
