@@ -20,6 +20,7 @@ import codecs
 import dataclasses
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,38 @@ class StreamDecoder:
         if new.endswith("\n"):  # start afresh: decoding stays O(line) per token
             self._ids, self._shown = [], 0
         return new
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` of ``vocab_size`` ids learnt from ``texts`` (the training
+    split: never the held-out text).
+
+    Laid out as the byte tokenizer is, so the two agree wherever they can: ids 0..255 are the bytes
+    (GPT-2's byte-to-character map), 256 is ``<|endoftext|>`` (added in front of every encoded text by the
+    post-processor, so a document's first token is predicted too), and the merges follow from 257 in the
+    order they were learnt. Pre-tokenization is GPT-2's (words, numbers, punctuation and whitespace runs
+    apart), so a merge never crosses from indentation into code. Deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if not ByteTokenizer.vocab_size < vocab_size <= 2**16:
+        raise ValueError(f"a BPE vocabulary must have {ByteTokenizer.vocab_size + 1}..65536 ids, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    learnt = json.loads(tok.to_str())
+    # Re-number: bytes first (as the byte tokenizer), <|endoftext|> at 256, then the merges' tokens in order.
+    byte_level_json = ByteTokenizer.tokenizers_json()
+    chars = byte_level_json["model"]["vocab"]  # GPT-2 character of byte b -> b
+    old = sorted(learnt["model"]["vocab"].items(), key=lambda kv: kv[1])
+    vocab = {**chars, EOD_TOKEN: ByteTokenizer.eod_id}
+    for token, _ in old:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    description = dict(byte_level_json)
+    description["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                                    "use_regex": True}
+    description["model"] = {**byte_level_json["model"], "vocab": vocab, "merges": learnt["model"]["merges"]}
+    return Tokenizer.from_str(json.dumps(description))

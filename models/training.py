@@ -48,9 +48,11 @@ POSITIVE = frozenset({"lr", "clip_norm"})
 #: ``ssdkit train --help``: each TrainRunConfig field's group and one line (tests/test_training_cli.py checks
 #: that every field has one); the flag's help adds the field's default.
 HELP = {
-    "data": ("data", "a text file, a folder of text files (each a document), a .npy of token ids, or "
-                     "python-stdlib (the Python standard library's sources)"),
-    "tokenizer": ("data", "a tokenizer.json or a folder holding one; without one, bytes (257 ids)"),
+    "data": ("data", "a text file, a folder of text files (each a document), a .npy of token ids, or a named "
+                     "corpus: python-stdlib (the Python standard library's sources), python-packages (the "
+                     "installed third-party packages' sources) or python-code (both)"),
+    "tokenizer": ("data", "a tokenizer.json or a folder holding one; bpe:N learns a byte-level BPE of N ids "
+                          "from the training split first; without one, bytes (257 ids)"),
     "doc_separator": ("data", "split a single text file into documents at this string"),
     "encoding": ("data", "with --tokenizer: how files are decoded to text; bytes are read as is"),
     "errors": ("data", "with --tokenizer: undecodable bytes: strict (refuse, naming file and offset), replace, "
@@ -206,6 +208,8 @@ class TrainRunConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         text.check_decoding(self.encoding, self.errors)
+        if self.tokenizer is not None and self.tokenizer.startswith("bpe:"):
+            bpe_size(self.tokenizer)
         archs.check_arch(self.arch)
         if self.mesh is not None:
             from ssdkit.sharding import parse_mesh
@@ -253,6 +257,39 @@ def _texts(path: Path, cfg: TrainRunConfig, tokenizer, log: Callable[[str], None
     raise ValueError(f"training data {path} does not exist")
 
 
+def bpe_size(spec: str) -> int:
+    """N of ``--tokenizer bpe:N`` (a ValueError unless 258 <= N <= 65536)."""
+    size = spec.removeprefix("bpe:")
+    if not size.isdigit() or not 258 <= int(size) <= 2**16:
+        raise ValueError(f"tokenizer {spec!r}: bpe:N needs N in 258..65536 (bytes, <|endoftext|>, merges)")
+    return int(size)
+
+
+def load_tokenizer(cfg: TrainRunConfig, *, log: Callable[[str], None] | None = None):
+    """``(tokenizer, tokenizer.json path or None)`` for the run. ``bpe:N``: the BPE learnt from the training
+    split (``text.train_bpe`` over the documents ``load_documents`` gives the byte tokenizer, decoded as
+    ``encoding``/``errors`` say), written to ``OUT/tokenizer.json``; a resumed run reads that file back
+    (its data fingerprint then checks it gives the same ids)."""
+    log = log or (lambda message: None)
+    if cfg.tokenizer is None or not cfg.tokenizer.startswith("bpe:"):
+        return text.load(cfg.tokenizer)
+    file = Path(cfg.out) / "tokenizer.json"
+    if file.is_file():
+        log(f"[train] the run's BPE tokenizer: {file}")
+        return text.load(file)
+    size = bpe_size(cfg.tokenizer)
+    t = time.perf_counter()
+    byte_docs, _, _ = load_documents(cfg, ByteTokenizer())
+    errors = "replace" if cfg.errors == "strict" else cfg.errors  # strict files are refused when read again
+    texts = (bytes(d.ids[d.ids < 256].astype(np.uint8)).decode(cfg.encoding, errors) for d in byte_docs)
+    tok = text.train_bpe(texts, size)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(file))
+    log(f"[train] learnt a BPE of {size} ids from {len(byte_docs)} training documents in "
+        f"{time.perf_counter() - t:.1f} s: {file}")
+    return text.load(file)
+
+
 def load_documents(cfg: TrainRunConfig, tokenizer, *, log: Callable[[str], None] | None = None
                    ) -> tuple[list[Document], list[Document], CorpusManifest | None]:
     """The corpus as (training documents, held-out documents, the named corpus's manifest or None).
@@ -268,12 +305,12 @@ def load_documents(cfg: TrainRunConfig, tokenizer, *, log: Callable[[str], None]
         log("[train] the byte tokenizer reads the files' bytes as they are: encoding and errors are not used")
     named = corpus.resolve(cfg.data, cfg.held_out) if cfg.held_out > 0 and not Path(cfg.data).exists() else None
     if named is not None:
-        stdlib, part = named
+        named_corpus, part = named
         if part != "all":
-            raise ValueError(f"train on {stdlib.name} (it holds out its own files), not {cfg.data}")
-        train = _file_documents(stdlib.paths("train"), cfg, tokenizer)
-        held = _file_documents(stdlib.paths("held-out"), cfg, tokenizer)
-        return train, held, stdlib.manifest()
+            raise ValueError(f"train on {named_corpus.name} (it holds out its own files), not {cfg.data}")
+        train = _file_documents(named_corpus.paths("train"), cfg, tokenizer)
+        held = _file_documents(named_corpus.paths("held-out"), cfg, tokenizer)
+        return train, held, named_corpus.manifest()
     path = Path(cfg.data)
     if path.suffix == ".npy" and path.is_file():
         try:
@@ -536,7 +573,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
     _check_out(out)
     if cfg.arch != "mamba2":  # a user's package.module:Class is imported and checked before any data is read
         archs.mixer(cfg.arch)
-    tokenizer, tokenizer_file = text.load(cfg.tokenizer)
+    tokenizer, tokenizer_file = load_tokenizer(cfg, log=log)
     train_docs, held_docs, manifest = load_documents(cfg, tokenizer, log=log)
     train_rows, held_rows = prepare_data(cfg, train_docs, held_docs)
     fingerprint = _fingerprint(train_rows, held_rows)

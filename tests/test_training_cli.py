@@ -241,6 +241,8 @@ def test_config_file_npy_stream_and_flags_override(tmp_path):
     (["--data", "{tmp}/docs", "--remat", "all"], "remat must be one of"),
     (["--data", "{tmp}/docs", "--batch-size", "3", "--micro-batches", "2"], "multiple of micro_batches"),
     (["--data", "{tmp}/docs", "--config", "{tmp}/nope.toml"], "no training config file"),
+    (["--data", "{tmp}/docs", "--tokenizer", "bpe:100"], "tokenizer 'bpe:100': bpe:N needs N in 258..65536"),
+    (["--data", "{tmp}/docs", "--tokenizer", "bpe:lots"], "bpe:N needs N in 258..65536"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     """One line naming the setting (its allowed range, or a config file's key, type and value), exit 2,
@@ -255,6 +257,35 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message.replace("{tmp}", str(tmp_path)) in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bpe_learnt_from_the_training_split_ships_with_the_model(tmp_path, capsys):
+    """``--tokenizer bpe:N``: a BPE learnt from the training documents only, written beside the run and
+    exported with the weights; bits per byte still counts the files' bytes; a resumed run reads it back."""
+    from ssdkit.models import evaluation, text
+    from ssdkit.models.training import load_tokenizer
+    from ssdkit.training.data import split_documents
+
+    data, out = _corpus(tmp_path), tmp_path / "run"
+    (data / "doc00.txt").write_text("zyxwvut " * 400)  # a document whose pairs are the most frequent
+    args = ["train", "--data", str(data), "--out", str(out), *TINY, "--steps", "2", "--eval-every", "2",
+            "--held-out", "0.2", "--tokenizer", "bpe:272"]  # 272 ids: the byte runs' padded shapes and programs
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "learnt a BPE of 272 ids" in log and "bits/byte" in log
+    tok = mamba2.load_tokenizer(out / "model")
+    assert tok.get_vocab_size() == 272 and tok.to_str() == mamba2.load_tokenizer(out / "tokenizer.json").to_str()
+    assert tok.encode("ab").ids == [256, 97, 98]  # bytes keep their ids, <|endoftext|> in front
+    files = evaluation.text_files(data)
+    _, held_idx = split_documents(len(files), 0.2, 0)  # the run's split of the 12 files
+    learnt = any("zyx" in t for t in tok.get_vocab())
+    assert learnt == (0 not in held_idx)  # merges only from text the tokenizer may see: the training split
+    said = []
+    again, _ = load_tokenizer(TrainRunConfig(data=str(data), out=str(out), tokenizer="bpe:272"), log=said.append)
+    assert again.to_str() == tok.to_str() and "the run's BPE tokenizer" in said[0]  # a resumed run's
+    docs = list(evaluation.read_documents(files[:2], tok))
+    assert [d.num_bytes for d in docs] == [f.stat().st_size for f in files[:2]]
+    assert all(text.eod_id(tok) == d.ids[-1] == d.ids[0] for d in docs)
 
 
 # GLA is the same command through the same code (another mixer object and conv width): a long case. Its
