@@ -4,7 +4,8 @@
                     [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S]
                     [--repetition-penalty R] [--presence-penalty X] [--frequency-penalty X] [--stop TEXT ...]
                     [--dtype float32|bfloat16|float16] [--speculative lookup|MODEL_DIR [--draft-tokens K]]
-    ssdkit eval     [--model DIR|default] --text FILE|DIR|python-stdlib:held-out [--tokenizer FILE]
+    ssdkit eval     [--model DIR|default] --text FILE|DIR|python-stdlib:held-out|python-packages:held-out
+                    [--tokenizer FILE]
                     [--encoding utf-8] [--errors strict] [--window 2048] [--batch 8] [--json F]
     ssdkit bench    [--model 130m] [--dtype float32,bfloat16] [--prefill-lengths 128,512,2048] [--json F]
                     [--train [--train-lengths 512,2048] [--train-batch 1] [--remat none,layer]]
@@ -110,26 +111,46 @@ def load_model(spec: str | None, dtype_name: str, seed: int):
 MAX_STOPS = 4
 
 
-def _checked_sampling(args):
-    """The sampling flags, checked where the library checks them (``ssdkit.make_sampler``,
-    ``ssdkit.Penalties``, ``StopStrings``), before any model loads; the message names the flags. Returns
-    (sampler, penalties, stop strings or None)."""
+#: the sampling flags of ``ssdkit generate``, by their ``GenerationDefaults`` field
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                  "repetition_penalty": "--repetition-penalty", "presence_penalty": "--presence-penalty",
+                  "frequency_penalty": "--frequency-penalty"}
+
+
+def _library_checks(values: dict):
+    """(sampler, penalties) from sampling settings, by the library's own checks; a ValueError's message names
+    the flags."""
     import re
 
     import ssdkit
+
+    try:
+        sampler = ssdkit.make_sampler(values["temperature"], values["top_k"], values["top_p"], values["min_p"])
+        penalties = ssdkit.Penalties(values["repetition_penalty"], values["presence_penalty"],
+                                     values["frequency_penalty"])
+    except ValueError as err:
+        message = re.sub(r"\b(temperature|top_k|top_p|min_p)\b", lambda m: "--" + m[1].replace("_", "-"),
+                         str(err).replace(" or None", ""))
+        raise CliError(re.sub(r"\b(repetition|presence|frequency) penalty\b", r"--\1-penalty", message)) from None
+    return sampler, penalties
+
+
+def _given_sampling(args) -> dict:
+    """The sampling flags given on the command line (those left out are None)."""
+    return {field: getattr(args, field) for field in SAMPLING_FLAGS if getattr(args, field) is not None}
+
+
+def _checked_sampling(args):
+    """The sampling flags and ``--stop``, checked where the library checks them (``ssdkit.make_sampler``,
+    ``ssdkit.Penalties``, ``StopStrings``) before any model loads; the message names the flags. The flags
+    left out take the model's defaults later (:func:`_sampling`). Returns the stop strings or None."""
     from ssdkit.inference.stops import StopStrings
+    from ssdkit.models.generation_config import GenerationDefaults
 
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    try:
-        sampler = ssdkit.make_sampler(args.temperature, args.top_k, args.top_p, args.min_p)
-    except ValueError as err:
-        raise CliError(re.sub(r"\b(temperature|top_k|top_p|min_p)\b", lambda m: "--" + m[1].replace("_", "-"),
-                              str(err).replace(" or None", ""))) from None
-    try:
-        penalties = ssdkit.Penalties(args.repetition_penalty, args.presence_penalty, args.frequency_penalty)
-    except ValueError as err:
-        raise CliError(re.sub(r"\b(repetition|presence|frequency) penalty\b", r"--\1-penalty", str(err))) from None
+    given = _given_sampling(args)
+    _library_checks({**dataclasses.asdict(GenerationDefaults()), **given})
     stops = None
     if args.stop is not None:
         if len(args.stop) > MAX_STOPS:
@@ -138,21 +159,58 @@ def _checked_sampling(args):
             raise CliError("--stop must be a non-empty string, got ''")
         stops = StopStrings(args.stop)
     if args.speculative is not None:  # plain decoding only: refused before any model loads
-        given = [f for f, on in (("--stop", stops is not None), ("--repetition-penalty", penalties.repetition != 1),
-                                 ("--presence-penalty", penalties.presence != 0),
-                                 ("--frequency-penalty", penalties.frequency != 0)) if on]
-        if given:
-            raise CliError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with plain decoding, not "
+        on = [("--stop", stops is not None), ("--repetition-penalty", given.get("repetition_penalty", 1.0) != 1),
+              ("--presence-penalty", given.get("presence_penalty", 0.0) != 0),
+              ("--frequency-penalty", given.get("frequency_penalty", 0.0) != 0)]
+        named = [f for f, yes in on if yes]
+        if named:
+            raise CliError(f"{', '.join(named)} {'goes' if len(named) == 1 else 'go'} with plain decoding, not "
                            f"--speculative (a verify pass scores several tokens at once)")
-    return sampler, penalties, stops
+    return stops
+
+
+def _sampling(args, path):
+    """(sampler, penalties, a line saying which and whence) for ``ssdkit generate``: each flag given, else the
+    model folder's
+    ``generation_config.json`` (``ssdkit.models.generation_config``), else greedy without penalties
+    (temperature 0 ignores the cuts: ``make_sampler``). With
+    ``--speculative`` the model's default penalties are left out (a verify pass scores several tokens at
+    once)."""
+    from ssdkit.models import generation_config
+
+    try:
+        defaults = generation_config.read(path)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    given = _given_sampling(args)
+    values = dataclasses.asdict(defaults)
+    source = values.pop("source")
+    values.update(given)
+    dropped = ""
+    if args.speculative is not None:
+        if (values["repetition_penalty"], values["presence_penalty"], values["frequency_penalty"]) != (1.0, 0.0, 0.0):
+            dropped = " (the model's penalties left out: --speculative)"
+        values.update(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    sampler, penalties = _library_checks(values)
+    where = (f"the model's {generation_config.FILE}" if source is not None else "the built-in default")
+    how = generation_config.GenerationDefaults(**values).describe()
+    return sampler, penalties, f"[ssdkit] sampling: {how} ({where}{', flags over it' if given else ''}){dropped}"
 
 
 def _prompt_ids(args, tokenizer, cfg) -> list[int]:
     """The prompt's token ids, from ``--prompt`` (through the model's tokenizer) or ``--prompt-ids``, each
-    below the model's vocabulary (checked before anything compiles)."""
-    from ssdkit.models import archs
+    below the model's vocabulary (checked before anything compiles). Without either, the start of a new
+    document: ``<|endoftext|>`` alone, when the tokenizer has it (the model writes a file from its start)."""
+    from ssdkit.models import archs, text
 
-    if args.prompt is not None:
+    if args.prompt is None and args.prompt_ids is None:
+        eod = text.eod_id(tokenizer) if tokenizer is not None else None
+        if eod is None:
+            why = "no tokenizer.json" if tokenizer is None else "a tokenizer without <|endoftext|>"
+            raise CliError(f"give a prompt: --prompt TEXT or --prompt-ids 1,2,3 (this model has {why} to start "
+                           f"a new document with)")
+        ids = [eod]
+    elif args.prompt is not None:
         if tokenizer is None:
             raise CliError("--prompt needs a tokenizer.json in the model directory; use --prompt-ids instead")
         ids = tokenizer.encode(args.prompt).ids
@@ -204,9 +262,7 @@ def cmd_generate(args) -> int:
     from ssdkit.bench import compile_clock
     from ssdkit.models import archs, mamba2, text
 
-    if args.prompt is None and args.prompt_ids is None:
-        raise CliError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
-    sampler, penalties, stops = _checked_sampling(args)
+    stops = _checked_sampling(args)
     if not -(2**63) <= args.seed < 2**63:  # jax.random.key's range
         raise CliError(f"--seed must be an integer in -2**63..2**63-1, got {args.seed}")
     if args.draft_tokens is not None and args.speculative is None:
@@ -221,13 +277,16 @@ def cmd_generate(args) -> int:
     params, cfg, path, random_init = load_model(args.model, args.dtype, args.seed)
     tokenizer = None if path is None else mamba2.load_tokenizer(path)
     ids = _prompt_ids(args, tokenizer, cfg)
+    sampler, penalties, sampling_line = _sampling(args, path)
     if random_init:
         print(f"[ssdkit] {args.model}: randomly initialised weights (no checkpoint given)", file=sys.stderr)
     params, prompt, lengths, on_mesh = _on_mesh(args, params, cfg, ids)
     eos = text.eod_id(tokenizer) if tokenizer is not None else None
     out = sys.stdout if jax.process_index() == 0 else open(os.devnull, "w")  # noqa: SIM115 - one per process
     if args.speculative is not None:
-        return _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler)
+        return _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler,
+                                     sampling_line)
+    print(sampling_line, file=sys.stderr)  # once every check has passed: an error stays one line
     t0 = time.perf_counter()
     stream = ssdkit.generate_stream(
         archs.family(cfg).language_model(cfg), params, prompt, max_new_tokens=args.max_new_tokens,
@@ -276,7 +335,7 @@ def cmd_serve(args) -> int:
     import jax
 
     from ssdkit.inference.engine import Engine, EngineConfig
-    from ssdkit.models import archs, mamba2, text
+    from ssdkit.models import archs, generation_config, mamba2, text
 
     if not 0 <= args.port < 65536:
         raise CliError(f"--port must be in 0..65535, got {args.port}")
@@ -326,8 +385,16 @@ def cmd_serve(args) -> int:
     template, specials = server.chat_template(path)
     name = args.served_model_name or (path.name if path is not None and args.model not in (None, "default")
                                       else args.model if random_init else "ssdkit-default")
+    try:
+        sampling = generation_config.read(path)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if sampling.source is not None:
+        print(f"[ssdkit] requests that leave sampling out: {sampling.describe()} (the model's "
+              f"{generation_config.FILE})", file=sys.stderr)
     srv = server.Server(engine, tokenizer, server.ServerConfig(
-        model_name=name, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, drain_timeout=args.drain_timeout),
+        model_name=name, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, drain_timeout=args.drain_timeout,
+        sampling=sampling if sampling.source is not None else None),
         chat_template=template, special_tokens=specials)
     print(f"[ssdkit] compiling (prefill pieces of {', '.join(map(str, config.buckets))} tokens, admit, decode "
           f"of {config.slots} slots) ...", file=sys.stderr)
@@ -337,7 +404,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler) -> int:
+def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer, eos, out, sampler,
+                          sampling_line: str) -> int:
     """``generate --speculative``: the generation program compiled ahead (``ssdkit.lower_generate``), then run
     once; the text, the acceptance rate, the compile time and the generation's time apart. A draft model may be
     of either family (a Mamba-2 or a mixer checkpoint) with the model's vocabulary."""
@@ -362,6 +430,7 @@ def _generate_speculative(args, params, cfg, prompt, lengths, on_mesh, tokenizer
             raise CliError(f"--speculative {args.speculative}: its vocabulary ({draft_family.vocab_size(draft_cfg)} "
                            f"ids) differs from the model's ({family.vocab_size(cfg)}); a draft model needs the same")
         draft = ssdkit.DraftModel(draft_family.language_model(draft_cfg))
+    print(sampling_line, file=sys.stderr)
 
     with on_mesh:  # traced, compiled and run under the mesh, as ssdkit.generate would be
         t0 = time.perf_counter()
@@ -633,23 +702,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixer.json), a Mamba-2 preset (random weights: " + ", ".join(PRESETS)
                    + "), or default: the shipped byte-level model (the default)")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory)")
+    src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory); without a "
+                     "prompt, the model starts a new document")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate after the prompt (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate after the prompt (default 200)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy. Every sampling flag left out takes "
+                   "the model folder's generation_config.json (the shipped model's: see its card), else greedy "
+                   "decoding without penalties")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
     g.add_argument("--top-p", type=float, default=None,
-                   help="sample from the smallest set of tokens whose probability reaches p, in (0, 1] (default: all)")
+                   help="sample from the smallest set of tokens whose probability reaches p, in (0, 1]")
     g.add_argument("--min-p", type=float, default=None, help="sample only tokens at least p times as likely as the "
-                   "likeliest, p in [0, 1] (default: all)")
+                   "likeliest, p in [0, 1]")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
                    help="divide the positive logits of tokens in the prompt or the output so far by R, multiply the "
-                   "others by R; R > 0 (default 1: off)")
-    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
-                   help="subtract X from the logit of every token generated so far (default 0: off)")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
-                   help="subtract X from a token's logit per time it was generated so far (default 0: off)")
+                   "others by R; R > 0 (1: off)")
+    g.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                   help="subtract X from the logit of every token generated so far (0: off)")
+    g.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                   help="subtract X from a token's logit per time it was generated so far (0: off)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help=f"stop at the first occurrence of TEXT in the generated text, not printing it; up to "
                    f"{MAX_STOPS} times (without a tokenizer the text is the printed ids, 'ID ' each). Like the "
@@ -696,7 +768,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "`ssdkit train --arch`), or default: the shipped model (default)")
     e.add_argument("--text", required=True,
                    help="a text file, a folder (every text file, each a document; files with a NUL byte in their "
-                        "first 8 KiB are skipped), or python-stdlib:held-out")
+                        "first 8 KiB are skipped), or a named corpus's part: python-stdlib:held-out, "
+                        "python-packages:held-out (installed packages never trained on), python-code:held-out")
     e.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model directory's)")
     e.add_argument("--encoding", default="utf-8",
                    help="how files are decoded for a text tokenizer (default utf-8; e.g. latin-1, cp1252); "

@@ -59,6 +59,7 @@ from ssdkit.inference.engine import (
 from ssdkit.inference.sampling import Penalties, make_sampler
 from ssdkit.inference.stops import StopStrings
 from ssdkit.models import text
+from ssdkit.models.generation_config import GenerationDefaults
 
 log = logging.getLogger("ssdkit.server")
 
@@ -105,9 +106,9 @@ class _Sampling(_Body):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
@@ -224,6 +225,9 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 30.0
+    #: the model's sampling defaults (its generation_config.json) for fields a request leaves out; None:
+    #: OpenAI's (temperature 1, no cuts, no penalties)
+    sampling: GenerationDefaults | None = None
 
 
 @dataclasses.dataclass
@@ -375,10 +379,20 @@ class Server:
             raise ApiError(400, f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
         if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
             raise ApiError(400, f"each stop string must hold 1..{MAX_STOP_LENGTH} characters", param="stop")
-        temperature = 1.0 if body.temperature is None else body.temperature
-        top_k = body.top_k if body.top_k and body.top_k > 0 else None
-        sampler = make_sampler(temperature, top_k, body.top_p, body.min_p or None)
-        penalties = Penalties(body.repetition_penalty, body.presence_penalty, body.frequency_penalty)
+        # a field left out takes the model's default (its generation_config.json, as vLLM), else OpenAI's
+        d = self.config.sampling
+
+        def pick(given, default):
+            return default if given is None else given
+
+        temperature = pick(body.temperature, d.temperature if d is not None else 1.0)
+        top_k = pick(body.top_k, d.top_k if d is not None else None)
+        top_k = top_k if top_k and top_k > 0 else None
+        sampler = make_sampler(temperature, top_k, pick(body.top_p, d and d.top_p), pick(body.min_p, d and d.min_p)
+                               or None)
+        penalties = Penalties(pick(body.repetition_penalty, d.repetition_penalty if d is not None else 1.0),
+                              pick(body.presence_penalty, d.presence_penalty if d is not None else 0.0),
+                              pick(body.frequency_penalty, d.frequency_penalty if d is not None else 0.0))
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         req = GenerationRequest(prompt=tuple(ids), max_new_tokens=max_tokens, sampler=sampler, penalties=penalties,
                                 seed=seed, logprobs=logprobs, ignore_eos=body.ignore_eos)
