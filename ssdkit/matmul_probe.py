@@ -18,9 +18,9 @@ EPYC (Zen 3) 38 against 52. So on CPU a probe decides:
   versions, and ``XLA_FLAGS`` (``--xla_cpu_max_isa=AVX2`` changes the answer). A file that is missing,
   unreadable, corrupt or of another key is measured afresh and overwritten; a cache folder that cannot
   be written is skipped.
-* Within a process, :func:`probe` remembers its answer per key (``functools.cache``): the file is read
-  (or the probe run) at most once a process, when a half-precision program is first traced on CPU or
-  ``ssdkit train --compute-dtype auto`` resolves.
+* Within a process, :func:`probe` remembers its answer per key (``functools.cache``, as the CPU's name and
+  flags are): the file is read (or the probe run) at most once a process, when a half-precision program is
+  first traced on CPU or ``ssdkit train --compute-dtype auto`` resolves.
 
 ``SSDKIT_HALF_MATMUL`` overrides the rule (:class:`HalfMatmul`): ``auto`` (the default: the rule above),
 ``bfloat16`` (half-precision weights always multiply in their own dtype, on every backend) or ``float32``
@@ -143,6 +143,7 @@ class MatmulProbe:
                 f"{self.key.cpu}: {self.faster.name} products")
 
 
+@functools.cache  # the CPU does not change within a process; keys are made at every trace
 def _cpuinfo() -> tuple[str, tuple[str, ...]]:
     """(model name, matmul-relevant flags) from /proc/cpuinfo's first processor; elsewhere platform's."""
     name, flags = "", set()
