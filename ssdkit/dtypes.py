@@ -36,12 +36,13 @@ def sequence_matmul_dtype(weight_dtype, backend: str | None = None) -> jnp.dtype
     where it is not (one extra pass over the weights, and a more exact product); either way the product
     accumulates in float32 (callers pass ``preferred_element_type``). Where is it faster
     (``ssdkit.matmul_probe.half_products``): on GPU and TPU always; on XLA's CPU backend it depends on the
-    CPU (AVX-512-BF16 on AMD Zen 4: bfloat16 GEMM 327 GFLOP/s against float32's 160; an Intel Xeon: 118
-    against 218; AVX2 only: slower), so a short probe (about 0.6 s, once per process) times both and its
-    answer is cached per CPU model, jax version and ``XLA_FLAGS`` in ``~/.cache/ssdkit/`` (or
-    ``$XDG_CACHE_HOME/ssdkit/``). Only bfloat16 is probed: float16 weights are upcast on CPU. The
-    environment variable ``SSDKIT_HALF_MATMUL`` = ``auto`` (default) | ``bfloat16`` | ``float32``
-    overrides the rule on every backend (``bfloat16``: half-precision weights always multiply in their own
+    CPU (an AMD EPYC with AVX-512-BF16, Zen 4: bfloat16 GEMM 327 GFLOP/s against float32's 160; an Intel
+    Xeon with avx512_bf16: 118 against 218; an AVX2-only EPYC, Zen 3: 41 against 72), so a short probe
+    (under a second, once per machine kind) times both and its answer is cached per CPU model and flags,
+    jax version and ``XLA_FLAGS`` in ``~/.cache/ssdkit/`` (or ``$XDG_CACHE_HOME/ssdkit/``). Only
+    bfloat16 is probed: float16 weights are upcast on CPU. The environment variable
+    ``SSDKIT_HALF_MATMUL`` = ``auto`` (default) | ``bfloat16`` | ``float32`` overrides the rule on every
+    backend (``bfloat16``: half-precision weights always multiply in their own
     dtype; ``float32``: always upcast). Single-token decode does not use this (an upcast would triple its
     weight traffic). ``backend``: default JAX's.
     """
