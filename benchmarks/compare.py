@@ -28,7 +28,10 @@ default ``--remat layer``: loss, gradient, global-norm clipping at 1.0 and AdamW
 0.95), weight decay 0.1 on the matrices only) against the same step in transformers
 (``Mamba2ForCausalLM(labels=...)`` in train mode, ``loss.backward()``, ``clip_grad_norm_(1.0)``,
 ``torch.optim.AdamW`` with the same hyper-parameters and the same decay split), same weights, batch and
-sequence length, alternating for ``--rounds`` rounds after two warm-up steps each. Peak memory is each
+sequence length, alternating for ``--rounds`` rounds after two warm-up steps each. ssdkit's step runs at
+``--compute-dtype`` (default ``auto``, as ``ssdkit train`` resolves it: bfloat16 products where this machine's
+are the faster, ``ssdkit.matmul_probe``), transformers' in float32; each implementation's MFU is against the
+GEMM ceiling of the dtype its products run in, measured in the same run. Peak memory is each
 implementation's peak resident set (``VmHWM``) in a worker process of its own (one process cannot tell apart
 the two libraries' allocations), with the RSS after setup (weights, optimiser state, libraries) beside it. The
 workers stay alive and alternate step by step; with ``--isolate`` only one is in memory at a time (a fresh
@@ -63,7 +66,7 @@ import numpy as np
 
 import ssdkit
 from ssdkit.bench import RooflinePoint, measure_ceilings, plot_roofline, time_calls
-from ssdkit.models import mamba2
+from ssdkit.models import mamba2, training
 from ssdkit.models.bench import load_params, model_config
 from ssdkit.models.mamba2 import cost
 
@@ -264,12 +267,11 @@ def _peer(name: str, args, cfg, dtype, checkpoint: Callable[[], Path], scratch: 
 class SsdKitTrain:
     name = "ssdkit"
 
-    def __init__(self, params, cfg, batch: int, seq: int, remat: str):
-        from ssdkit.models import training
+    def __init__(self, params, cfg, batch: int, seq: int, remat: str, compute_dtype: str = "auto"):
         from ssdkit.models.bench import train_batch, train_optimizer
 
         optimizer = train_optimizer()
-        self.step_fn = training.make_step(cfg, optimizer, remat=remat)
+        self.step_fn = training.make_step(cfg, optimizer, remat=remat, compute_dtype=compute_dtype)
         self.state = ssdkit.TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)
         self.data = train_batch(cfg, batch, seq)
         self.tokens = batch * seq
@@ -326,7 +328,7 @@ def train_worker(args) -> None:
     or resident memory touch the other's figures."""
     params, cfg = load_params(args.model, jnp.float32, stacked=True)
     if args.train_worker == "ssdkit":
-        impl = SsdKitTrain(params, cfg, args.train_batch, args.worker_seq, args.remat)
+        impl = SsdKitTrain(params, cfg, args.train_batch, args.worker_seq, args.remat, args.compute_dtype)
     else:
         impl = TransformersTrain(Path(args.worker_checkpoint), cfg, args.train_batch, args.worker_seq, args.threads)
     del params
@@ -349,7 +351,7 @@ class Worker:
         self.name = name
         cmd = [sys.executable, __file__, "--train-worker", name, "--worker-checkpoint", str(checkpoint),
                "--worker-seq", str(seq), "--model", args.model, "--train-batch", str(args.train_batch),
-               "--threads", str(args.threads), "--remat", args.remat]
+               "--threads", str(args.threads), "--remat", args.remat, "--compute-dtype", args.compute_dtype]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.tokens = args.train_batch * seq
         if self._read() != "ready":
@@ -436,7 +438,14 @@ def main_train(args, peers: list[str]) -> None:
             params, _ = load_params(args.model, jnp.float32)
             mamba2.save_checkpoint(params, cfg, ckpt)
             del params
-        ceils = [measure_ceilings(jnp.float32)]
+        compute = training.resolve_compute_dtype(args.compute_dtype)
+        print(f"[compare] ssdkit: {compute.describe()}; transformers: float32", flush=True)
+        gemm_dtypes = sorted({"float32", compute.products})  # each implementation's products' dtype
+
+        def measure_all():
+            return {d: measure_ceilings(jnp.dtype(d)) for d in gemm_dtypes}
+
+        ceils = [measure_all()]
         rows = []
         for seq in lengths:
             if args.isolate:
@@ -450,19 +459,23 @@ def main_train(args, peers: list[str]) -> None:
             rows.append((seq, names_, seconds, flops, mem))
             print(f"train {args.train_batch}x{seq}: " + ", ".join(
                 f"{n} {1 / s:,.1f} tokens/s" for n, s in zip(rows[-1][1], seconds, strict=True)), flush=True)
-            ceils.append(measure_ceilings(jnp.float32))
+            ceils.append(measure_all())
     # MFU against the highest of the GEMM medians measured before and after each workload: a ceiling
     # measured while the shared machine was slow would flatter every implementation alike
-    ceil = max(ceils, key=lambda c: c.gemm_flops)
-    print(f"[compare] float32 GEMM ceiling {ceil.gemm_flops / 1e9:.1f} GFLOP/s (highest of {len(ceils)} medians: "
-          + ", ".join(f"{c.gemm_flops / 1e9:.0f}" for c in ceils) + ")", flush=True)
+    peak = {}
+    for d in gemm_dtypes:
+        peak[d] = max(c[d].gemm_flops for c in ceils)
+        print(f"[compare] {d} GEMM ceiling {peak[d] / 1e9:.1f} GFLOP/s (highest of {len(ceils)} medians: "
+              + ", ".join(f"{c[d].gemm_flops / 1e9:.0f}" for c in ceils) + ")", flush=True)
+    products = {"ssdkit": compute.products, "transformers": "float32"}
 
-    print(f"\n| train step (float32, batch {args.train_batch}) | implementation | tokens/s | s/step | MFU "
-          "| ssdkit ÷ it (speed) | peak RSS MiB | RSS after setup MiB |\n|---|---|---|---|---|---|---|---|")
+    print(f"\n| train step (ssdkit {compute.weights} compute, {compute.products} products; batch {args.train_batch}) "
+          "| implementation | tokens/s | s/step | MFU (of its products' GEMM ceiling) | ssdkit ÷ it (speed) "
+          "| peak RSS MiB | RSS after setup MiB |\n|---|---|---|---|---|---|---|---|")
     for seq, names_, seconds, flops, mem in rows:
         for name, s, m in zip(names_, seconds, mem, strict=True):
             step_s = s * args.train_batch * seq
-            mfu = flops / step_s / ceil.gemm_flops
+            mfu = flops / step_s / peak[products[name]]
             print(f"| {seq} tokens | {name} | {1 / s:,.1f} | {step_s:.2f} | {100 * mfu:.1f}% | {s / seconds[0]:.2f}x "
                   f"| {m['peak_rss'] / 2**20:,.0f} | {m['setup_rss'] / 2**20:,.0f} |")
 
@@ -498,6 +511,8 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=1, help="with --train: rows per step")
     ap.add_argument("--remat", default="layer", choices=("none", "layer", "matmuls"),
                     help="with --train: ssdkit's remat policy (default: ssdkit train's, layer)")
+    ap.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="with --train: ssdkit's compute dtype (default: auto, as `ssdkit train` resolves it)")
     ap.add_argument("--isolate", action="store_true",
                     help="with --train: one implementation in memory at a time (a fresh process per sample), "
                          "for steps whose peaks do not fit in memory together (130M at 2,048 tokens on 24 GiB)")

@@ -3,14 +3,17 @@
 For each weight dtype it measures the machine's ceilings in the same run (``ssdkit.bench``), then:
 
 * prefill at each length: tokens/s, achieved FLOP/s (analytic count, ``ssdkit.models.mamba2.cost``), MFU
-  against the measured GEMM peak, compile time, XLA's planned scratch memory;
+  against the measured GEMM peak of the dtype the products run in (``ssdkit.sequence_matmul_dtype``:
+  float32 for half-precision weights on a CPU whose half-precision GEMM is the slower), compile time,
+  XLA's planned scratch memory;
 * decode at each batch size, through the compiled on-device generation loop: tokens/s, bytes moved per
   step (weights + cache), bandwidth use against the measured streaming bandwidth, compile time.
 
 With ``--train`` it measures the training step of ``ssdkit train`` instead (``ssdkit.models.training.make_step``:
-the blockwise loss, its gradient and the default AdamW update, float32 master weights): tokens/s,
-achieved FLOP/s and MFU (``ssdkit.models.mamba2.cost.train_flops``), compile time and XLA's planned peak memory
-of the step (train state + batch + scratch).
+the blockwise loss, its gradient and the default AdamW update, float32 master weights) at each compute dtype
+(``auto`` resolved as ``ssdkit train`` resolves it): tokens/s, achieved FLOP/s and MFU
+(``ssdkit.models.mamba2.cost.train_flops``) against the GEMM peak of the dtype its products run in, compile
+time and XLA's planned peak memory of the step (train state + batch + scratch).
 
 Warm-up is excluded; the median of repeated runs is reported with min and max.
 """
@@ -45,7 +48,7 @@ from ssdkit.models.mamba2 import cost
 @dataclasses.dataclass(frozen=True)
 class Result:
     workload: str  # "prefill" or "decode"
-    dtype: str
+    dtype: str  # the weights'
     batch: int
     tokens: int  # prompt length (prefill) or generated tokens per row (decode)
     tokens_per_s: float
@@ -53,7 +56,7 @@ class Result:
     seconds_min: float
     seconds_max: float
     flops_per_s: float
-    mfu: float  # against the measured GEMM peak at this dtype
+    mfu: float  # against the measured GEMM peak of the products' dtype (sequence_matmul_dtype of dtype)
     bytes_per_step: int | None  # decode only
     bandwidth_util: float | None  # decode only, against the measured streaming read bandwidth
     compile_s: float
@@ -72,7 +75,8 @@ def bench_prefill(params, cfg, ceil: Ceilings, *, batch: int, seq: int, repeats:
     t = time_calls(lambda: compiled(params, tokens, None, None), repeats=repeats)
     flops = cost.prefill_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
     nbytes = cost.prefill_bytes(cfg, batch, seq, params.embedding.dtype)
-    return Result("prefill", ceil.dtype, batch, seq, batch * seq / t.median, t.median, t.min, t.max,
+    dtype = jnp.dtype(params.embedding.dtype).name
+    return Result("prefill", dtype, batch, seq, batch * seq / t.median, t.median, t.min, t.max,
                   flops / t.median, flops / t.median / ceil.gemm_flops, None, None, compile_s, temp_bytes(compiled),
                   flops / nbytes)
 
@@ -96,7 +100,8 @@ def bench_decode(params, cfg, ceil: Ceilings, *, batch: int, steps: int, repeats
     step_max = max(t_long.max - t_short.median, 1e-9) / steps
     nbytes = cost.decode_bytes(cfg, batch, params.embedding.dtype).total
     flops = cost.decode_flops(cfg, batch)
-    return Result("decode", ceil.dtype, batch, steps, batch / per_step, per_step, step_min, step_max,
+    dtype = jnp.dtype(params.embedding.dtype).name
+    return Result("decode", dtype, batch, steps, batch / per_step, per_step, step_min, step_max,
                   flops / per_step, flops / per_step / ceil.gemm_flops, nbytes,
                   nbytes / per_step / ceil.read_bytes_per_s, compile_s, None, flops / nbytes)
 
@@ -131,7 +136,8 @@ def load_params(model: str, dtype, seed: int = 0, *, stacked: bool = False):
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    compute_dtype: str
+    compute_dtype: str  # the weight matrices' dtype in the step (``auto`` resolved)
+    matmul_dtype: str  # the dtype the whole-sequence products ran in, whose GEMM peak the MFU is against
     batch: int
     seq: int
     remat: str
@@ -140,7 +146,7 @@ class TrainResult:
     seconds_min: float
     seconds_max: float
     flops_per_s: float  # ssdkit.models.mamba2.cost.train_flops / step time
-    mfu: float  # against the measured GEMM peak at the compute dtype
+    mfu: float  # against the measured GEMM peak at matmul_dtype
     compile_s: float
     state_bytes: int  # parameters + optimiser state
     peak_bytes: int | None  # XLA's plan: arguments + outputs - donated + scratch
@@ -159,9 +165,12 @@ def train_optimizer():
 
 def bench_train(params, cfg, ceil: Ceilings, *, batch: int, seq: int, remat: str = "none",
                 compute_dtype: str = "float32", repeats: int = 3) -> TrainResult:
-    """Time ``ssdkit train``'s step (float32 master ``params``; they are copied, not consumed)."""
+    """Time ``ssdkit train``'s step (float32 master ``params``; they are copied, not consumed); MFU against
+    ``ceil``, which should be measured at the products' dtype (``training.resolve_compute_dtype``)."""
     from ssdkit.models import training
 
+    compute = training.resolve_compute_dtype(compute_dtype)
+    compute_dtype = compute.weights
     optimizer = train_optimizer()
     step = training.make_step(cfg, optimizer, remat=remat, compute_dtype=compute_dtype)
     state = [ssdkit.TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer)]
@@ -176,24 +185,31 @@ def bench_train(params, cfg, ceil: Ceilings, *, batch: int, seq: int, remat: str
     flops = cost.train_flops(cfg, batch, seq, chunk_size=ssdkit.preferred_chunk_size(cfg.chunk_size))
     state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves((state[0].params, state[0].opt_state)))
     state.clear()  # release the train state before the next workload
-    return TrainResult(compute_dtype, batch, seq, remat, batch * seq / t.median, t.median, t.min, t.max,
+    return TrainResult(compute_dtype, compute.products, batch, seq, remat, batch * seq / t.median, t.median, t.min,
+                       t.max,
                        flops / t.median, flops / t.median / ceil.gemm_flops, compile_s, state_bytes,
                        planned_peak_bytes(compiled))
 
 
-def run_train(model: str = "130m", compute_dtypes=("float32",), lengths=(512, 2048), batch: int = 1,
+def run_train(model: str = "130m", compute_dtypes=("auto",), lengths=(512, 2048), batch: int = 1,
               remats=("none",), repeats: int = 3, config: mamba2.Mamba2Config | None = None):
-    """Every training workload; returns (list of Ceilings, list of TrainResult)."""
+    """Every training workload; returns (list of Ceilings, list of TrainResult). Each compute dtype (auto,
+    float32, bfloat16) is resolved as ``ssdkit train`` resolves it, and the GEMM ceiling is measured at the
+    dtype its products run in."""
+    from ssdkit.models import training
+
     if config is None:
         params, cfg = load_params(model, jnp.float32, stacked=True)
     else:
         cfg, params = config, mamba2.init_params(config, jax.random.key(0), stacked=True)
     ceilings, results = [], []
     for dtype_name in compute_dtypes:
-        _log(f"[bench] {dtype_name}: measuring the machine's ceilings ...")
-        ceil = measure_ceilings(jnp.dtype(dtype_name))
+        compute = training.resolve_compute_dtype(dtype_name)
+        _log(f"[bench] {compute.describe()}; measuring the machine's {compute.products} ceilings ...")
+        ceil = measure_ceilings(jnp.dtype(compute.products))
         ceilings.append(ceil)
-        _log(f"[bench]   GEMM {ceil.gemm_flops / 1e9:.1f} GFLOP/s (best {ceil.gemm_flops_best / 1e9:.1f})")
+        _log(f"[bench]   {compute.products} GEMM {ceil.gemm_flops / 1e9:.1f} GFLOP/s (best "
+             f"{ceil.gemm_flops_best / 1e9:.1f})")
         for seq in lengths:
             for remat in remats:
                 _log(f"[bench]   train batch {batch} x {seq} tokens, {dtype_name} compute, remat {remat} ...")
@@ -205,16 +221,21 @@ def run_train(model: str = "130m", compute_dtypes=("float32",), lengths=(512, 20
 
 def _fmt_train(r: TrainResult) -> str:
     peak = "" if r.peak_bytes is None else f", peak {r.peak_bytes / 2**20:,.0f} MiB"
-    return (f"train {r.compute_dtype} b={r.batch} n={r.seq} remat={r.remat}: {r.tokens_per_s:,.1f} tokens/s "
+    return (f"train {_compute(r)} b={r.batch} n={r.seq} remat={r.remat}: {r.tokens_per_s:,.1f} tokens/s "
             f"({r.seconds_median:.3f} s/step, min {r.seconds_min:.3f}, max {r.seconds_max:.3f}); "
             f"{r.flops_per_s / 1e9:.1f} GFLOP/s = {100 * r.mfu:.1f}% MFU; compile {r.compile_s:.1f} s{peak}")
+
+
+def _compute(r: TrainResult) -> str:
+    """The compute dtype, and the products' where they differ (bfloat16 weights upcast for the products)."""
+    return r.compute_dtype if r.matmul_dtype == r.compute_dtype else f"{r.compute_dtype} ({r.matmul_dtype} products)"
 
 
 def train_table(results: list[TrainResult]) -> str:
     head = ("| workload | compute | batch | tokens | remat | tokens/s | s/step (median) | GFLOP/s | MFU | compile s "
             "| state MiB | peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [
-        f"| train | {r.compute_dtype} | {r.batch} | {r.seq} | {r.remat} | {r.tokens_per_s:,.1f} | "
+        f"| train | {_compute(r)} | {r.batch} | {r.seq} | {r.remat} | {r.tokens_per_s:,.1f} | "
         f"{r.seconds_median:.3f} | {r.flops_per_s / 1e9:.1f} | {100 * r.mfu:.1f}% | {r.compile_s:.1f} | "
         f"{r.state_bytes / 2**20:,.0f} | {'' if r.peak_bytes is None else f'{r.peak_bytes / 2**20:,.0f}'} |"
         for r in results
@@ -228,8 +249,9 @@ def run(model: str = "130m", dtypes=("float32",), prefill_lengths=(128, 512, 204
     ceilings, results = [], []
     for dtype_name in dtypes:
         dtype = jnp.dtype(dtype_name)
-        _log(f"[bench] {dtype_name}: measuring the machine's ceilings ...")
-        ceil = measure_ceilings(dtype)
+        products = ssdkit.sequence_matmul_dtype(dtype)  # the prefill's GEMM dtype, whose peak its MFU is against
+        _log(f"[bench] {dtype_name}: measuring the machine's ceilings ({products.name} GEMM) ...")
+        ceil = measure_ceilings(products)
         ceilings.append(ceil)
         _log(f"[bench]   GEMM {ceil.gemm_flops / 1e9:.1f} GFLOP/s (best {ceil.gemm_flops_best / 1e9:.1f}), "
              f"read {ceil.read_bytes_per_s / 1e9:.1f} GB/s (best {ceil.read_bytes_per_s_best / 1e9:.1f})")

@@ -609,9 +609,15 @@ def cmd_bench(args) -> int:
         _positive_ints("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.scan and len(args.scan_shape.split(",")) != 4:
         raise CliError(f"--scan-shape must be four ints H,P,N,T, got {args.scan_shape!r}")
-    bad = [d for d in args.dtype.split(",") if d not in DTYPES]
-    if bad:
-        raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+    if args.dtype is None:
+        args.dtype = "auto" if args.train else "float32,bfloat16"
+    if args.train:
+        from ssdkit.models.training import COMPUTE_DTYPES as allowed
+    else:
+        allowed = DTYPES
+    if bad := [d for d in args.dtype.split(",") if d not in allowed]:
+        raise CliError(f"--dtype {bad[0]!r} is not one of {', '.join(allowed)}" + (" (with --train)" if args.train
+                                                                                   else ""))
     if args.plot:  # before minutes of measuring
         import importlib.util
 
@@ -740,8 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="prefill/decode throughput with roofline accounting (see docs/benchmarks.md)")
     b.add_argument("--model", default="130m", help="checkpoint directory, preset, or Mamba2Config fields "
                    "key=value,... (random weights), e.g. d_model=256,n_layer=6,vocab_size=256")
-    b.add_argument("--dtype", default="float32,bfloat16",
-                   help="comma-separated weight dtypes (with --train: compute dtypes; master weights stay float32)")
+    b.add_argument("--dtype", default=None,
+                   help="comma-separated weight dtypes (default float32,bfloat16); with --train: compute dtypes, "
+                        "auto (default: as `ssdkit train` resolves it), float32 or bfloat16; master weights stay "
+                        "float32")
     b.add_argument("--train", action="store_true", help="time the training step of `ssdkit train` instead")
     b.add_argument("--scan", action="store_true", help="time the recurrence's transition kinds side by side instead "
                    "(scalar, diagonal, and each with the delta rule's rank-one term): prefill, train step, decode")

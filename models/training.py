@@ -43,6 +43,50 @@ FLOAT_RANGES = (("lr", 0.0, 1.0, True), ("min_lr_ratio", 0.0, 1.0, True), ("weig
                 ("clip_norm", 0.0, math.inf, False), ("b1", 0.0, 1.0, False), ("b2", 0.0, 1.0, False),
                 ("held_out", 0.0, 1.0, False))
 POSITIVE = frozenset({"lr", "clip_norm"})
+#: ``--compute-dtype`` values (:func:`resolve_compute_dtype`)
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeDtype:
+    """What a compute-dtype setting means on this backend: the dtype the step casts the weight matrices to
+    (``ssdkit.training.step.cast_matrices``; float32 = no cast) and the dtype their whole-sequence products
+    run in (``ssdkit.sequence_matmul_dtype``: float32 for bfloat16 weights where bfloat16 products are the
+    slower), with the reason in words."""
+
+    setting: str  # auto, float32 or bfloat16
+    weights: str  # float32 or bfloat16
+    products: str  # float32 or bfloat16
+    reason: str
+
+    def describe(self) -> str:
+        """One line for the run's log."""
+        what = (self.weights if self.weights == self.products
+                else f"{self.weights} weights, {self.products} products")
+        return f"compute dtype {self.setting}: {what} ({self.reason})"
+
+
+def resolve_compute_dtype(setting: str, backend: str | None = None) -> ComputeDtype:
+    """``auto``: bfloat16 where bfloat16 products are the faster on ``backend`` (default JAX's), else float32
+    (``ssdkit.matmul_probe.half_products``: GPU and TPU yes; a CPU by its probe, cached per machine kind;
+    ``SSDKIT_HALF_MATMUL`` overrides). ``float32`` and ``bfloat16`` are taken as given."""
+    from ssdkit import matmul_probe
+
+    if setting not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {setting!r}")
+    if setting == "float32":
+        return ComputeDtype(setting, "float32", "float32", "as asked")
+    backend = backend or jax.default_backend()
+    env = matmul_probe.HalfMatmul.from_env()
+    if env is not matmul_probe.HalfMatmul.AUTO:
+        reason = f"{matmul_probe.ENV_VAR}={env.value}"
+    elif backend != "cpu":
+        reason = f"{backend}: bfloat16 products"
+    else:
+        reason = matmul_probe.probe().describe()
+    half = matmul_probe.half_products(backend)
+    weights = "bfloat16" if setting == "bfloat16" or half else "float32"
+    return ComputeDtype(setting, weights, "bfloat16" if half else "float32", reason)
 
 
 #: ``ssdkit train --help``: each TrainRunConfig field's group and one line (tests/test_training_cli.py checks
@@ -81,7 +125,9 @@ HELP = {
     "seq_len": ("run", "tokens per row"),
     "batch_size": ("run", "rows per step"),
     "micro_batches": ("run", "split each batch into this many passes, gradients summed"),
-    "compute_dtype": ("run", "float32 or bfloat16 matrix products (master weights stay float32)"),
+    "compute_dtype": ("run", "auto (bfloat16 where this backend's bfloat16 products are faster: GPU, TPU, a CPU "
+                             "whose probe says so; else float32), float32 or bfloat16: the weight matrices' "
+                             "dtype in the step (master weights stay float32)"),
     "remat": ("run", "recompute in the backward pass: none, layer (4x less memory, as fast on CPU), matmuls"),
     "eval_every": ("run", "held-out loss every this many steps"),
     "eval_rows": ("run", "held-out rows per evaluation"),
@@ -126,7 +172,7 @@ class TrainRunConfig:
     clip_norm: float = 1.0
     b1: float = 0.9
     b2: float = 0.95
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"  # resolved by resolve_compute_dtype when the run starts (a probe on CPU)
     remat: str = "layer"  # as fast as "none" on CPU and 4x less memory (docs/benchmarks.md)
     mesh: str | None = None  # e.g. "data=4,fsdp=2": shard over the devices (docs/scaling.md); None: one device
     held_out: float = 0.05
@@ -203,8 +249,8 @@ class TrainRunConfig:
             if not (math.isfinite(v) and lo <= v and (v <= hi if closed else v < hi)) or (name in POSITIVE and v <= 0):
                 bound = f"{'(' if name in POSITIVE else '['}{lo:g}, {hi:g}{']' if closed else ')'}"
                 raise ValueError(f"{name} must be a finite number in {bound}, got {v!r}")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
         text.check_decoding(self.encoding, self.errors)
@@ -233,6 +279,7 @@ class TrainSummary:
     held_out_bits_per_byte: float | None
     skipped: int
     resumed_from: int | None
+    compute_dtype: str  # the weight matrices' dtype in the step, as resolved (float32 or bfloat16)
 
 
 # ------------------------------------------------------------------------------ data
@@ -421,9 +468,12 @@ def _on_mesh(cfg: TrainRunConfig, mcfg, state, optimizer, log):
 
 
 #: Settings a resumed run may change: where and how it runs, not what it computes (``data`` is checked by
-#: its contents; ``steps`` by the rule of :func:`_plan`).
-RESUME_FREE = frozenset({"data", "out", "mesh", "remat", "eval_every", "eval_rows", "save_every", "keep", "progress",
-                         "steps", "extend"})
+#: its contents; ``steps`` by the rule of :func:`_plan`). ``compute_dtype`` is one: a checkpoint holds float32
+#: master weights and optimiser state whatever precision the products ran in, so a run may go on in another
+#: (``auto`` resolving to bfloat16 on a machine whose bfloat16 products are faster, to float32 on one whose
+#: are not); each segment's resolved dtype is recorded (``compute`` in the checkpoint and in training.json).
+RESUME_FREE = frozenset({"data", "out", "mesh", "remat", "compute_dtype", "eval_every", "eval_rows", "save_every",
+                         "keep", "progress", "steps", "extend"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -618,10 +668,18 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
             idx = sampler.indices(step)
             return put_batch(train_rows.tokens[idx]), put_batch(train_rows.segment_ids[idx])
 
+        compute = resolve_compute_dtype(cfg.compute_dtype)
+        _check_processes_agree(compute)
+        log(f"[train] {compute.describe()}")
+        segments = _compute_segments(plan.meta.get("compute", []), start, compute)
+        if len(segments) > 1 and segments[-2]["weights"] != compute.weights:
+            log(f"[train] steps {segments[-2]['from_step']}..{start} ran in {segments[-2]['weights']}; "
+                f"from step {start} on: {compute.weights}")
+        record["compute"] = segments
         log("[train] compiling the train step...")
         t = time.perf_counter()
         step_fn = make_step(mcfg, optimizer, remat=cfg.remat, micro_batches=cfg.micro_batches,
-                            compute_dtype=cfg.compute_dtype, shardings=shardings)
+                            compute_dtype=compute.weights, shardings=shardings)
         step_fn = step_fn.lower(state, batch_at(start)).compile()
         log(f"[train] compiled in {time.perf_counter() - t:.1f} s")
 
@@ -629,7 +687,7 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
             meta = {"seed": cfg.seed, "batch_size": cfg.batch_size, "data_step": done, "settings": _settings(cfg),
                     "data": fingerprint, "steps": cfg.steps, "schedule_steps": plan.schedule_steps,
                     "tokens": tokens_before + tokens_seen, "seconds": round(seconds_before + elapsed, 3),
-                    "skipped": int(state.skipped)}
+                    "skipped": int(state.skipped), "compute": segments}
             checkpointer.save(done, state, meta)
             params = _gathered(state.params)  # every process takes part, process 0 writes
             if primary:
@@ -693,12 +751,45 @@ def train(cfg: TrainRunConfig, *, log: Callable[[str], None] = print) -> TrainSu
         log(f"[train] matplotlib is not installed ({BENCH_EXTRA_HINT}): no loss.png")
     summary = TrainSummary(steps=cfg.steps, tokens=tokens_before + tokens_seen, seconds=seconds_before + elapsed,
                            train_loss=loss, held_out_loss=held_loss, held_out_bits_per_byte=held_bpb,
-                           skipped=int(state.skipped), resumed_from=plan.step)
-    log(f"[train] done: {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.1f} s of training; "
-        f"train loss {loss:.4f}" + ("" if held_loss is None else
+                           skipped=int(state.skipped), resumed_from=plan.step, compute_dtype=compute.weights)
+    log(f"[train] done: {summary.steps} steps, {summary.tokens:,} tokens in {summary.seconds:.1f} s of training "
+        f"({compute.weights} compute); train loss {loss:.4f}" + ("" if held_loss is None else
                                     f", held-out loss {held_loss:.4f}, {held_bpb:.4f} bits/byte")
         + f"; {summary.skipped} non-finite steps skipped; weights in {out / 'model'}")
     return summary
+
+
+def _check_processes_agree(compute: ComputeDtype) -> None:
+    """On several processes, every one must run the same program: a ValueError on all of them (a collective:
+    every process calls it) when their probes resolved the compute dtype differently."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.array([compute.weights == "bfloat16", compute.products == "bfloat16"], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    if not (every == every[0]).all():
+        raise ValueError(f"the processes resolved --compute-dtype {compute.setting} differently (each CPU's own "
+                         f"matmul probe); set SSDKIT_HALF_MATMUL=bfloat16 or float32 for every process")
+
+
+def _compute_segments(recorded: list, start: int, compute: ComputeDtype) -> list[dict]:
+    """The run's compute dtypes by segment, ``{"from_step", "setting", "weights", "products"}`` each: the
+    recorded ones before ``start``, then this segment's (merged into the last when it is the same)."""
+    kept = [seg for seg in recorded if seg["from_step"] < start]
+    this = {"from_step": start, "setting": compute.setting, "weights": compute.weights, "products": compute.products}
+    if kept and {k: v for k, v in kept[-1].items() if k != "from_step"} == {k: v for k, v in this.items()
+                                                                             if k != "from_step"}:
+        return kept
+    return [*kept, this]
+
+
+def _last_compute_dtype(meta: dict) -> str:
+    """The weights' dtype the checkpoint's last segment ran in (checkpoints from before ``compute`` was
+    recorded: their setting, float32 or bfloat16)."""
+    if meta.get("compute"):
+        return meta["compute"][-1]["weights"]
+    return meta.get("settings", {}).get("compute_dtype", "float32")
 
 
 def _resume_point(saved: int | None, out: Path) -> str:
@@ -719,7 +810,8 @@ def _finished(cfg: TrainRunConfig, plan: _Plan, run_log: Path, log) -> TrainSumm
                         train_loss=last.get("loss") if last.get("loss") is not None else float("nan"),
                         held_out_loss=held.get("held_out_loss"),
                         held_out_bits_per_byte=held.get("held_out_bits_per_byte"), skipped=plan.meta.get("skipped", 0),
-                        resumed_from=plan.step)
+                        resumed_from=plan.step,
+                        compute_dtype=_last_compute_dtype(plan.meta))
 
 
 def _quiet(message: str) -> None:
@@ -729,10 +821,14 @@ def _quiet(message: str) -> None:
 def make_step(mcfg: mamba2.Mamba2Config | MixerLM, optimizer, *, remat: str = "none", micro_batches: int = 1,
               compute_dtype: str = "float32", shardings=None):
     """The jitted training step of ``ssdkit train`` (and ``ssdkit bench --train``) on batches
-    ``(tokens, segment_ids)``, each (batch, seq) int32: ``ssdkit.make_train_step`` over ``mamba2.loss``."""
+    ``(tokens, segment_ids)``, each (batch, seq) int32: ``ssdkit.make_train_step`` over ``mamba2.loss``.
+    ``compute_dtype``: float32, bfloat16, or auto (:func:`resolve_compute_dtype`)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    weights = resolve_compute_dtype("auto").weights if compute_dtype == "auto" else compute_dtype
     loss_fn = functools.partial(_batch_loss, mcfg=mcfg, remat=remat)
     return ssdkit.make_train_step(loss_fn, optimizer, micro_batches=micro_batches,
-                                  compute_dtype=None if compute_dtype == "float32" else jnp.dtype(compute_dtype),
+                                  compute_dtype=None if weights == "float32" else jnp.dtype(weights),
                                   shardings=shardings)
 
 

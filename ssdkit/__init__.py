@@ -11,7 +11,10 @@ Core primitives (one JAX source for CPU, GPU and TPU):
   :class:`PromptLookup`, :class:`DraftModel` or your own :class:`DraftSource`, ``ssdkit.inference``);
 * :class:`Recurrence` — the structural conditions, with input validation;
 * :class:`Mixer` / :class:`MixerLM` — a layer written once against :class:`LayerOps` (its convs and scan),
-  made a language model with prefill, decode, speculative verify/commit, training loss and mesh rules.
+  made a language model with prefill, decode, speculative verify/commit, training loss and mesh rules;
+* :func:`sequence_matmul_dtype` / :func:`sequence_einsum` — the dtype whole-sequence products run in, and
+  such a product: bfloat16 where this machine multiplies it faster (:class:`MatmulProbe`,
+  ``ssdkit.matmul_probe``), else float32, accumulated in float32.
 """
 
 from ssdkit.core.cache import RecurrentCache
@@ -25,12 +28,13 @@ from ssdkit.core.reference import ssd_reference
 from ssdkit.core.rollback import ScanRecord, conv_commit, ssd_commit, ssd_verify
 from ssdkit.core.scan import preferred_chunk_size, ssd_scan
 from ssdkit.core.step import ssd_step
-from ssdkit.dtypes import accumulation_dtype, sequence_matmul_dtype
+from ssdkit.dtypes import accumulation_dtype, sequence_einsum, sequence_matmul_dtype
 from ssdkit.inference.drafts import DraftModel, DraftSource, PromptLookup, Speculative
 from ssdkit.inference.loop import generate, generate_stream, lower_generate
 from ssdkit.inference.protocol import GenerationResult, LanguageModel, SpeculationStats, SpeculativeModel
 from ssdkit.inference.sampling import Greedy, Penalties, Sample, make_sampler
 from ssdkit.lm import LMConfig, MixerLM
+from ssdkit.matmul_probe import MatmulProbe
 from ssdkit.training.loss import CrossEntropySums, LossMetrics, head_cross_entropy, next_token_targets
 from ssdkit.training.step import StepMetrics, TrainState, adamw, make_train_step
 
@@ -46,6 +50,7 @@ __all__ = [
     "LayerOps",
     "LMConfig",
     "LossMetrics",
+    "MatmulProbe",
     "Mixer",
     "MixerLM",
     "Penalties",
@@ -80,6 +85,7 @@ __all__ = [
     "TrainCheckpointer",
     "TrainState",
     "scan_layers",
+    "sequence_einsum",
     "sequence_matmul_dtype",
     "stack",
     "unstack",

@@ -7,9 +7,15 @@ an input is float64. Outputs come back in the compute dtype of the values (``x``
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float
+
+from ssdkit.matmul_probe import HalfMatmul, half_products
 
 #: Floating dtypes accepted for inputs and weights.
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -22,24 +28,75 @@ def accumulation_dtype(*dtypes) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-#: Backends whose half-precision matrix products over many tokens ran slower than float32 ones.
-_SLOW_HALF_MATMUL = ("cpu",)
-
-
 def sequence_matmul_dtype(weight_dtype, backend: str | None = None) -> jnp.dtype:
     """The dtype in which to multiply a whole sequence of activations by ``weight_dtype`` weights.
 
-    On XLA's CPU backend bfloat16 and float16 products ran slower than float32 ones (Mamba-2 130M
-    prefill of 2,048 tokens, bfloat16 weights: 439 tokens/s against 581 in float32), so there half-precision
-    weights are upcast to float32 for the product: one extra pass over the weights, small next to a
-    prefill's matrix products, and the product is only more exact. Single-token decode does not use this
-    (the upcast would triple its weight traffic). Other backends and dtypes: ``weight_dtype`` itself.
+    Rule: float32 and float64 weights multiply in their own dtype. Half-precision (bfloat16, float16)
+    weights multiply in their own dtype where that is faster, and are upcast to float32 for the product
+    where it is not (one extra pass over the weights, and a more exact product); either way the product
+    accumulates in float32 (callers pass ``preferred_element_type``). Where is it faster
+    (``ssdkit.matmul_probe.half_products``): on GPU and TPU always; on XLA's CPU backend it depends on the
+    CPU (an AMD EPYC with AVX-512-BF16, Zen 4: bfloat16 GEMM 327 GFLOP/s against float32's 160; an Intel
+    Xeon with avx512_bf16: 118 against 218; an AVX2-only EPYC, Zen 3: 41 against 72), so a short probe
+    (under a second, once per machine kind) times both and its answer is cached per CPU model and flags,
+    jax version and ``XLA_FLAGS`` in ``~/.cache/ssdkit/`` (or ``$XDG_CACHE_HOME/ssdkit/``). Only
+    bfloat16 is probed: float16 weights are upcast on CPU. The environment variable
+    ``SSDKIT_HALF_MATMUL`` = ``auto`` (default) | ``bfloat16`` | ``float32`` overrides the rule on every
+    backend (``bfloat16``: half-precision weights always multiply in their own
+    dtype; ``float32``: always upcast). Single-token decode does not use this (an upcast would triple its
+    weight traffic). ``backend``: default JAX's.
     """
     dtype = jnp.dtype(weight_dtype)
-    half = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if half and (backend or jax.default_backend()) in _SLOW_HALF_MATMUL:
-        return jnp.dtype(jnp.float32)
-    return dtype
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return dtype
+    if dtype == jnp.dtype(jnp.float16) and HalfMatmul.from_env() is HalfMatmul.AUTO:  # not probed
+        half = (backend or jax.default_backend()) != "cpu"
+    else:
+        half = half_products(backend)
+    return dtype if half else jnp.dtype(jnp.float32)
+
+
+#: The name (``jax.ad_checkpoint.checkpoint_name``) of :func:`sequence_einsum`'s half-precision products, which
+#: ``remat="matmuls"`` saves (``ssdkit.core.layers.REMAT_POLICIES``) as it saves plain products.
+HALF_PRODUCT = "ssdkit_half_product"
+
+
+def sequence_einsum(spec: str, x: Float[Array, "*x"], w: Float[Array, "*w"]) -> Float[Array, "*y"]:
+    """``einsum(spec, x, w)`` of a whole sequence ``x`` by weights ``w``, in :func:`sequence_matmul_dtype` of
+    ``w.dtype``, accumulated in float32 (a float32 result, as ``preferred_element_type`` gives it).
+
+    ``spec`` has two operands and an explicit output (``"...d,ed->...e"``). A half-precision product keeps
+    its gradient's two products in half precision too (a custom VJP: the incoming float32 cotangent is
+    rounded to the product's dtype, and each product accumulates in float32), where JAX's own rule would
+    multiply the float32 cotangent by the upcast operand, in float32. Float32 products are plain einsums.
+    """
+    dtype = sequence_matmul_dtype(w.dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    return checkpoint_name(_half_einsum(spec, x, w), HALF_PRODUCT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _half_einsum(spec, x, w):
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _half_einsum_fwd(spec, x, w):
+    return _half_einsum(spec, x, w), (x, w)
+
+
+def _half_einsum_bwd(spec, res, g):
+    x, w = res
+    operands, out = spec.replace(" ", "").split("->")
+    lhs, rhs = operands.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(f"{out},{lhs}->{rhs}", g, x, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_half_einsum.defvjp(_half_einsum_fwd, _half_einsum_bwd)
 
 
 def _dtype_of(arr) -> jnp.dtype:

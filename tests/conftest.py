@@ -28,6 +28,12 @@ settings.register_profile("explore", parent=settings.get_profile("default"), der
 settings.register_profile("thorough", parent=settings.get_profile("explore"), max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# Half-precision products (ssdkit.matmul_probe): the suite pins them to float32 on every machine, so that what
+# it computes does not depend on which CPU runs it (a probe, an AVX-512-BF16 CPU choosing bfloat16) and
+# nothing probes or writes to ~/.cache. tests/test_matmul_probe.py tests the probe and the other settings;
+# subprocesses inherit the pin.
+os.environ["SSDKIT_HALF_MATMUL"] = "float32"
+
 # Compilation is most of the suite's time, and tests (and the two xdist workers) compile many identical
 # programs through fresh closures: a persistent XLA cache shared by the run's processes compiles each
 # once. One directory per run (the xdist controller's pid), removed when the run ends: a run never

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -115,29 +116,38 @@ def test_bench_runs_end_to_end(tmp_path, small_ceilings):
 
 def test_bench_train_runs_end_to_end(tmp_path, capsys, small_ceilings):
     """``ssdkit bench --train`` on the tiny model, two remat policies, its table and its JSON record. Its
-    steps are tests/test_train.py's (the same model, optimiser and batch): compiled once a run."""
+    steps are tests/test_train.py's (the same model, optimiser and batch): compiled once a run. The compute
+    dtype is the default, auto, resolved as ``ssdkit train`` resolves it (float32 under tests/conftest.py's
+    pin), and the GEMM ceiling is measured at the products' dtype."""
     rows, seq = TINY_TRAIN_BATCH
     out = tmp_path / "train.json"
     assert main(["bench", "--train", "--model", TINY_TRAIN_MODEL, "--train-lengths", str(seq), "--train-batch",
-                 str(rows), "--remat", "none,layer", "--dtype", "float32", "--repeats", "1", "--json", str(out)]) == 0
+                 str(rows), "--remat", "none,layer", "--repeats", "1", "--json", str(out)]) == 0
     assert f"| train | float32 | {rows} | {seq} | layer |" in capsys.readouterr().out
     assert build_parser().parse_args(["bench"]).remat == "layer"  # ssdkit train's default
     record = json.loads(out.read_text())
-    assert record["ceilings"][0]["gemm_flops"] > 0
+    assert record["ceilings"][0]["gemm_flops"] > 0 and record["ceilings"][0]["dtype"] == "float32"
     results = [bench.TrainResult(**r) for r in record["results"]]
     assert [(r.seq, r.remat) for r in results] == [(seq, "none"), (seq, "layer")]
     for r in results:
+        assert (r.compute_dtype, r.matmul_dtype) == ("float32", "float32")
         assert np.isfinite(r.tokens_per_s) and r.tokens_per_s > 0 and r.compile_s > 0
         assert r.flops_per_s == pytest.approx(cost.train_flops(TINY, rows, seq) / r.seconds_median)
         # the train state is float32 parameters + AdamW's two moments (+ a few scalars)
         assert 3 * TINY.num_params() * 4 <= r.state_bytes < 3 * TINY.num_params() * 4 + 1024
         assert r.peak_bytes is not None and r.peak_bytes > r.state_bytes
     assert f"| train | float32 | {rows} | {seq} | none |" in bench.train_table(results)
+    upcast = dataclasses.replace(results[0], compute_dtype="bfloat16")  # bfloat16 weights, float32 products
+    assert f"| train | bfloat16 (float32 products) | {rows} |" in bench.train_table([upcast])
 
 
 def test_bench_flag_errors(capsys):
     assert main(["bench", "--train", "--model", TINY_TRAIN_MODEL, "--remat", "all"]) == 2
     assert "--remat 'all' is not one of none, layer, matmuls" in capsys.readouterr().err
+    assert main(["bench", "--train", "--model", TINY_TRAIN_MODEL, "--dtype", "float16"]) == 2
+    assert "--dtype 'float16' is not one of auto, float32, bfloat16 (with --train)" in capsys.readouterr().err
+    assert main(["bench", "--model", TINY_TRAIN_MODEL, "--dtype", "auto"]) == 2  # weights: no auto
+    assert "--dtype 'auto' is not one of float32, bfloat16, float16" in capsys.readouterr().err
     assert main(["bench", "--model", "d_model=big"]) == 2
     assert "is not a number" in capsys.readouterr().err
     for flag, value, message in (("--prefill-lengths", "128,0", "comma-separated ints >= 1, got '128,0'"),

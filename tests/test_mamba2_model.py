@@ -16,12 +16,17 @@ import numpy as np
 import pytest
 
 from ssdkit.dtypes import sequence_matmul_dtype
+from ssdkit.matmul_probe import ENV_VAR, MatmulProbe, ProbeKey, use_probe
 from ssdkit.models import mamba2
 from tests.helpers import assert_close, assert_same_greedy_tokens, greedy_margins
 
 CFG = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=16, chunk_size=8)
 CFG_GROUPS = mamba2.Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8, chunk_size=4,
                                  ngroups=2)
+
+
+#: fake probe results: this CPU's bfloat16 GEMM at 0.5x and 2x float32's rate
+SLOWER, FASTER = (MatmulProbe(ProbeKey("Test CPU", (), "0", "0", ""), 100.0, r, 0.5) for r in (50.0, 200.0))
 
 
 def _params(cfg, dtype=jnp.float32, seed=0):
@@ -211,28 +216,61 @@ def test_half_precision_weights(params, dtype):
     assert cache.state.dtype == jnp.float32 and all(w.dtype == dtype for w in cache.conv)
 
 
-def test_sequence_matmul_dtype_policy():
-    """Half-precision weights multiply a whole sequence in float32 on CPU only; one token never upcasts."""
-    for half in (jnp.bfloat16, jnp.float16):
-        assert sequence_matmul_dtype(half, "cpu") == jnp.float32
-        assert sequence_matmul_dtype(half, "gpu") == half and sequence_matmul_dtype(half, "tpu") == half
-    assert sequence_matmul_dtype(jnp.float32, "cpu") == jnp.float32
-    assert sequence_matmul_dtype(jnp.float64, "cpu") == jnp.float64
+def _dots_reading(text: str, shape: str) -> list[str]:
+    """The operand types of every dot_general in the lowered ``text`` that reads a ``shape`` tensor (e.g.
+    ``"96x32"``), such as ``"tensor<3x19x32xbf16>, tensor<96x32xbf16>"``."""
+    return [line.split(": (")[-1].split(") ->")[0] for line in text.splitlines()
+            if "dot_general" in line and f"tensor<{shape}x" in line]
+
+
+def test_sequence_matmul_dtype_policy(monkeypatch):
+    """Half-precision weights multiply a whole sequence in their own dtype where that is faster (GPU, TPU; a
+    CPU whose probe says so) and in float32 elsewhere; one token never upcasts. The probe's rules in detail:
+    tests/test_matmul_probe.py."""
+    monkeypatch.delenv(ENV_VAR)  # tests/conftest.py pins float32
+    for fake, want in ((SLOWER, jnp.float32), (FASTER, jnp.bfloat16)):
+        with use_probe(fake):
+            assert sequence_matmul_dtype(jnp.bfloat16, "cpu") == want
+            assert sequence_matmul_dtype(jnp.float16, "cpu") == jnp.float32  # not probed
+            for half in (jnp.bfloat16, jnp.float16):
+                assert sequence_matmul_dtype(half, "gpu") == half and sequence_matmul_dtype(half, "tpu") == half
+            assert sequence_matmul_dtype(jnp.float32, "cpu") == jnp.float32
+            assert sequence_matmul_dtype(jnp.float64, "cpu") == jnp.float64
 
     params = mamba2.cast_params(_params(CFG), jnp.bfloat16)
-    tokens = _tokens(CFG, 1, 8)
+    weight = f"{CFG.nheads * 2 * CFG.headdim}x{CFG.d_model}"  # in_proj_heads, as the 2-D matrix
 
     def in_proj_dots(fn, *args):  # the dtype in_proj's weight has where a dot_general reads it
-        text = jax.jit(fn).lower(*args).as_text()
-        weight = f"tensor<{CFG.nheads * 2 * CFG.headdim}x{CFG.d_model}x"  # in_proj_heads, as the 2-D matrix
-        return {line.split(weight)[1].split(">")[0] for line in text.splitlines()
-                if "dot_general" in line and weight in line}
+        return {operands.split(f"tensor<{weight}x")[1].split(">")[0]
+                for operands in _dots_reading(jax.jit(fn).lower(*args).as_text(), weight)}
 
-    want = sequence_matmul_dtype(jnp.bfloat16)
-    assert in_proj_dots(lambda p, t: mamba2.model.prefill_program(p, CFG, t, None, None), params, tokens) == {
-        {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}[want]}
+    # The choice is made when a program is traced, and jit keeps traces by argument shapes (prefill_program's
+    # own too): each fake traces a prompt length of its own.
+    for fake, want, seq in ((SLOWER, "f32", 8), (FASTER, "bf16", 9)):
+        with use_probe(fake):
+            assert in_proj_dots(lambda p, t: mamba2.model.prefill_program(p, CFG, t, None, None), params,
+                                _tokens(CFG, 1, seq)) == {want}
     cache = mamba2.init_cache(CFG, 1, jnp.bfloat16)
-    assert in_proj_dots(lambda p, t, c: mamba2.model._decode(p, CFG, t, c), params, tokens[:, 0], cache) == {"bf16"}
+    assert in_proj_dots(lambda p, t, c: mamba2.model._decode(p, CFG, t, c), params, _tokens(CFG, 1, 1)[:, 0],
+                        cache) == {"bf16"}
+
+
+def test_half_products_keep_the_gradient_in_half_precision(monkeypatch):
+    """bfloat16 products (ssdkit.dtypes.sequence_einsum): the two products of each projection's gradient
+    are bfloat16 too (JAX's own rule would multiply the float32 cotangent by the upcast weight, in float32),
+    and remat="matmuls" saves their outputs as it saves float32 ones: the same number of products."""
+    monkeypatch.setenv(ENV_VAR, "bfloat16")
+    params = mamba2.cast_params(_params(CFG), jnp.bfloat16)
+    weight = f"{CFG.nheads * 2 * CFG.headdim}x{CFG.d_model}"
+    tokens = _tokens(CFG, 2, 8)
+
+    def dots(p, remat):
+        grad = jax.jit(jax.grad(lambda p, t: mamba2.loss(p, CFG, t, remat=remat)[0]))
+        return _dots_reading(grad.lower(p, tokens).as_text(), weight)
+
+    half = dots(params, "matmuls")
+    assert half and all(d.count("bf16") == 2 for d in half), half
+    assert len(half) == len(dots(_params(CFG), "matmuls"))  # float32 weights: plain products
 
 
 def test_init_params_traceable_at_full_scale():

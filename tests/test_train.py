@@ -155,6 +155,48 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert bool(m.finite)
 
 
+def test_bfloat16_products_track_the_float32_loss_curve(monkeypatch):
+    """The same model, data and seed trained 12 steps with bfloat16 products (weights cast by the step,
+    ``SSDKIT_HALF_MATMUL=bfloat16``: the forward and gradient products in bfloat16, accumulated in float32)
+    and in float32: the two loss curves agree within 1% of the loss at every step.
+
+    Why 1%: a bfloat16 input carries 8 significant bits, a relative rounding of at most 2^-9 (0.2%); a
+    product of d such terms, accumulated in float32, errs by about that over sqrt(d) when the roundings are
+    independent, and the loss (a log-sum-exp of the logits minus one of them) moves by at most twice the
+    logits' largest error. AdamW's updates, normalised per entry, carry the gradients' rounding into the
+    weights at about the same relative size, step after step. The largest gap measured here was 0.03%
+    (5.60 -> 4.43 nats); a gradient gone wrong (a lost cotangent, a product in the wrong dtype) leaves the
+    curve by far more than 1%.
+
+    The model, optimiser and batch shape are tests/test_training_cli.py's and tests/test_train_checkpoint.py's
+    (bytes, batch 4 x 24, lr 1e-2 over a 4-step schedule, remat "layer"): the float32 step is theirs,
+    compiled once a run. The data, each row a cycle of 4 bytes, is learnt from the previous byte."""
+    cfg = mamba2.Mamba2Config(d_model=32, n_layer=1, vocab_size=257, d_state=8, headdim=16, chunk_size=8)
+    phases = np.random.default_rng(0).integers(0, 4, (12, 4, 1))
+    batches = [(jnp.asarray(97 + (p + np.arange(24)) % 4, jnp.int32), jnp.zeros((4, 24), jnp.int32)) for p in phases]
+
+    def curve(compute_dtype):
+        optimizer = ssdkit.adamw(1e-2, total_steps=4, warmup_steps=1)
+        step = training.make_step(cfg, optimizer, remat="layer", compute_dtype=compute_dtype)
+        state = TrainState.create(mamba2.init_params(cfg, jax.random.key(1234), stacked=True), optimizer)
+        losses = []
+        for batch in batches:
+            state, m = step(state, batch)
+            losses.append(float(m.loss))
+        # the operand dtypes of every product that reads in_proj_heads (as the 2-D matrix) or its gradient
+        weight = f"tensor<{cfg.nheads * 2 * cfg.headdim}x"
+        operands = [line.split(": (")[-1].split(") ->")[0] for line in
+                    step.lower(state, batches[0]).as_text().splitlines() if "dot_general" in line and weight in line]
+        return np.array(losses), {t.split("x")[-1].rstrip(">") for o in operands for t in o.split(", ")}
+
+    f32, f32_dots = curve("float32")
+    monkeypatch.setenv("SSDKIT_HALF_MATMUL", "bfloat16")
+    bf16, bf16_dots = curve("bfloat16")
+    assert (f32_dots, bf16_dots) == ({"f32"}, {"bf16"})  # each run multiplied in its own dtype
+    assert f32[-1] < 0.85 * f32[0], f32  # the curve moves: the comparison means something
+    np.testing.assert_allclose(bf16, f32, rtol=0.01, err_msg="bfloat16 products' loss curve vs float32's")
+
+
 def test_decay_mask_follows_mamba_ssm():
     for stacked in (False, True):
         params = jax.eval_shape(lambda s=stacked: mamba2.init_params(dataclasses.replace(CFG, tie_embeddings=False),

@@ -47,6 +47,11 @@ def test_train_a_folder_evaluate_export_and_resume(tmp_path, capsys):
     assert main(args) == 0
     log = capsys.readouterr().out
     assert "held-out loss" in log and "bits/byte" in log and f"done: {STEPS} steps" in log
+    # --compute-dtype auto (the default), resolved, logged and recorded (tests/conftest.py pins float32 products)
+    assert "compute dtype auto: float32 (SSDKIT_HALF_MATMUL=float32)" in log and "(float32 compute)" in log
+    record = json.loads((out / "model" / "training.json").read_text())
+    segment = {"from_step": 0, "setting": "auto", "weights": "float32", "products": "float32"}
+    assert record["run"]["compute_dtype"] == "auto" and record["compute"] == [segment]
     straight, cfg = mamba2.load_checkpoint(out / "model")  # transformers-format export
     assert cfg.padded_vocab_size == 272 and cfg.n_layer == 1  # 257 (bytes + <|endoftext|>) padded to 16s
     assert mamba2.load_tokenizer(out / "model").encode("ab").ids == [256, 97, 98]  # shipped with the weights
@@ -61,6 +66,7 @@ def test_train_a_folder_evaluate_export_and_resume(tmp_path, capsys):
     assert main(args) == 0
     assert "resuming from step 3" in capsys.readouterr().out
     resumed, _ = mamba2.load_checkpoint(out / "model")
+    assert json.loads((out / "model" / "training.json").read_text())["compute"] == [segment]  # one segment still
     # Exact: the same compiled step on the same batches (a step's batch depends only on seed and step),
     # from a restored state holding the very bytes that were saved.
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
@@ -82,6 +88,9 @@ def test_resume_refuses_another_run_and_extends_on_request(tmp_path, capsys):
     assert "compiling the train step..." in capsys.readouterr().out
     assert main(args) == 0
     assert f"already finished its {STEPS} steps: nothing to train" in capsys.readouterr().out
+    # the compute dtype is how a run executes, not what it computes: another one resumes (here: finds it done)
+    assert main([*args, "--compute-dtype", "bfloat16"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
     assert main([*args, "--lr", "2e-2"]) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings: lr 0.01 -> 0.02" in err and err.count("\n") == 1, err
@@ -239,6 +248,8 @@ def test_config_file_npy_stream_and_flags_override(tmp_path):
      "--out {tmp}/docs/doc00.txt/run cannot be created: {tmp}/docs/doc00.txt is a file"),
     (["--data", "{tmp}/docs", "--extend"], "--extend: no checkpoint in"),
     (["--data", "{tmp}/docs", "--remat", "all"], "remat must be one of"),
+    (["--data", "{tmp}/docs", "--compute-dtype", "float16"],
+     "compute_dtype must be one of auto, float32, bfloat16, got 'float16'"),
     (["--data", "{tmp}/docs", "--batch-size", "3", "--micro-batches", "2"], "multiple of micro_batches"),
     (["--data", "{tmp}/docs", "--config", "{tmp}/nope.toml"], "no training config file"),
     (["--data", "{tmp}/docs", "--tokenizer", "bpe:100"], "tokenizer 'bpe:100': bpe:N needs N in 258..65536"),

@@ -32,7 +32,7 @@ from ssdkit._typing import Lengths, Logits, Mask, SegmentIds, SeqLogits, StepTok
 from ssdkit.core.layers import is_per_layer, unstack
 from ssdkit.core.mesh import unsplit_sequence
 from ssdkit.core.rollback import check_accepted
-from ssdkit.dtypes import check_integer, check_lengths, is_concrete, readable, sequence_matmul_dtype
+from ssdkit.dtypes import check_integer, check_lengths, is_concrete, readable, sequence_einsum
 from ssdkit.inference import loop as generation_loop
 from ssdkit.models.mamba2 import sharding as mamba2_sharding
 from ssdkit.models.mamba2.config import Mamba2Config
@@ -71,9 +71,10 @@ def compute_dtype(params: Mamba2Params) -> jnp.dtype:
 # ------------------------------------------------------------------------------ one layer
 def _project(x, w, spec: str, sequence: bool):
     """``einsum(spec, x, w)`` accumulated in float32; a whole sequence may multiply in a wider dtype
-    (``ssdkit.dtypes.sequence_matmul_dtype``), one token always in the weights' own."""
-    dtype = sequence_matmul_dtype(w.dtype) if sequence else w.dtype
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    (``ssdkit.dtypes.sequence_einsum``), one token always in the weights' own."""
+    if sequence:
+        return sequence_einsum(spec, x, w)
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def _in_proj(cfg: Mamba2Config, lp: Mamba2LayerParams, residual, sequence: bool):

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ssdkit.dtypes import HALF_PRODUCT
+
 C = TypeVar("C")
 
 #: Per-layer leaves with at most this many elements are rotated through the ``lax.scan`` carry instead of
@@ -32,11 +34,14 @@ SMALL_LEAF = 1 << 16
 #: Rematerialisation of each layer in the backward pass (``jax.checkpoint`` policies), by name:
 #: ``"none"`` keeps every activation; ``"layer"`` keeps only each layer's input and recomputes the layer
 #: (least memory, about one more forward); ``"matmuls"`` keeps the matrix products' outputs and recomputes
-#: the elementwise work and the scan around them.
+#: the elementwise work and the scan around them (half-precision products of ``ssdkit.dtypes.sequence_einsum``
+#: too: a custom VJP hides their dot from the dots policy, so they are saved by name).
 REMAT_POLICIES = {
     "none": None,
     "layer": jax.checkpoint_policies.nothing_saveable,
-    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "matmuls": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(HALF_PRODUCT)),
 }
 
 
