@@ -687,8 +687,8 @@ TRAIN_EXAMPLES = """examples:
   a first run, about a minute on 2 cores (a small model on the Python standard library):
     ssdkit train --data python-stdlib --out runs/first --steps 60 --d-model 64 --n-layer 2 \
         --seq-len 256 --batch-size 4 --eval-every 30
-  the shipped model's recipe, about 70 minutes on 2 cores (resumable: rerun the same command):
-    ssdkit train --config configs/mamba2-stdlib-bytes.toml
+  the shipped model's recipe, about 80 minutes on 2 cores (resumable: rerun the same command):
+    ssdkit train --config configs/mamba2-python-bpe.toml
 """
 
 
@@ -706,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`ssdkit train --arch` trained) or a Mamba-2 preset")
     g.add_argument("--model", default=None, help="checkpoint directory (a Mamba-2's config.json, or a mixer's "
                    "mixer.json), a Mamba-2 preset (random weights: " + ", ".join(PRESETS)
-                   + "), or default: the shipped byte-level model (the default)")
+                   + "), or default: the shipped model (the default)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory); without a "
                      "prompt, the model starts a new document")

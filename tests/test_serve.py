@@ -208,6 +208,29 @@ def test_bad_requests_get_openai_errors(served):
     assert httpx.get(f"{served.url}/health").json() == {"status": "ok"}
 
 
+def test_fields_left_out_take_the_models_sampling_defaults(served):
+    """With the model's generation_config.json (``ServerConfig.sampling``, as ``ssdkit serve`` reads it), a
+    request's missing fields take the model's settings and given ones win; without it, OpenAI's (temperature
+    1, no cuts, no penalties)."""
+    import ssdkit
+    from ssdkit.models.generation_config import GenerationDefaults
+
+    defaults = GenerationDefaults(temperature=0.7, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.2)
+    with_defaults = server.Server(served.server.engine, TOKENIZER,
+                                  server.ServerConfig(model_name="tiny", sampling=defaults))
+    plain = server.Server(served.server.engine, TOKENIZER, server.ServerConfig(model_name="tiny"))
+
+    def request(srv, **fields):
+        return srv._request(server.CompletionBody(prompt="x", **fields), [1], 4, None)
+
+    req = request(with_defaults)
+    assert req.sampler == ssdkit.Sample(0.7, None, 0.9) and req.penalties == ssdkit.Penalties(1.1, 0.2)
+    req = request(with_defaults, temperature=0.0, presence_penalty=0.0)
+    assert req.sampler == ssdkit.Greedy() and req.penalties == ssdkit.Penalties(1.1, 0.0)
+    req = request(plain)
+    assert req.sampler == ssdkit.Sample(1.0) and not req.penalties.active
+
+
 _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 600), st.integers(), st.floats(allow_nan=True),
                     st.text(max_size=20), st.lists(st.integers(-5, 300), max_size=5), st.lists(st.text(max_size=3),
                                                                                                 max_size=5))

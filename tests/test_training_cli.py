@@ -198,7 +198,7 @@ def test_every_flag_has_a_line_of_help(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert all(f"\n{g}:\n" in text for g in ("data", "model", "optimiser", "run", "mesh"))
-    assert "a first run, about a minute" in text and "configs/mamba2-stdlib-bytes.toml" in text
+    assert "a first run, about a minute" in text and "configs/mamba2-python-bpe.toml" in text
 
 
 def test_a_mesh_larger_than_the_devices_says_how_to_get_host_devices(tmp_path, capsys):

@@ -1,9 +1,11 @@
-"""The Mamba-2 that ships inside the package: a byte-level model trained with ``ssdkit train`` on the
-Python standard library's sources (``models/pretrained/<name>/``: config.json, model.safetensors,
-tokenizer.json, training.json with the run's options, the corpus manifest and its held-out figures).
+"""The Mamba-2 that ships inside the package: a small model trained with ``ssdkit train`` on Python
+sources, the standard library's and the installed packages', with a byte-level BPE learnt from them
+(``models/pretrained/<name>/``: config.json, model.safetensors, tokenizer.json, generation_config.json with
+its sampling defaults, training.json with the run's options and the corpus manifest, evaluation.json with
+its held-out figures, and its model card).
 
-``load_pretrained()`` returns it from Python; ``ssdkit generate`` and ``ssdkit eval`` use it when no
-``--model`` is given (or ``--model default``).
+``load_pretrained()`` returns it from Python; ``ssdkit generate``, ``ssdkit eval`` and ``ssdkit serve`` use
+it when no ``--model`` is given (or ``--model default``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ssdkit.models.mamba2.params import Mamba2Params
 from ssdkit.models.mamba2.tokenizer import load_tokenizer
 
 #: the name of the shipped model (a folder of ``models/pretrained``)
-DEFAULT = "mamba2-stdlib-bytes"
+DEFAULT = "mamba2-python-bpe"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ def _copy_tree(src: Traversable, dest: Path) -> None:
 
 
 def load_pretrained(name: str = DEFAULT, *, dtype=None, stacked: bool = False) -> Pretrained:
-    """Load a shipped model (default: the byte-level stdlib model); ``dtype``/``stacked`` as in
+    """Load a shipped model (default: :data:`DEFAULT`); ``dtype``/``stacked`` as in
     :func:`ssdkit.models.mamba2.load_checkpoint`."""
     path = pretrained_path(name)
     params, cfg = load_checkpoint(path, dtype=dtype, stacked=stacked)
