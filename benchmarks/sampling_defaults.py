@@ -64,7 +64,7 @@ def longest_char_run(s: str) -> int:
 
 
 def line_loop(s: str, times: int = 3) -> bool:
-    lines = [ln for ln in s.split("\n")]
+    lines = s.split("\n")
     return any(lines[i].strip() and all(lines[i + k] == lines[i] for k in range(1, times))
                for i in range(len(lines) - times + 1))
 

@@ -111,10 +111,9 @@ def load_model(spec: str | None, dtype_name: str, seed: int):
 MAX_STOPS = 4
 
 
-#: the sampling flags of ``ssdkit generate``, by their ``GenerationDefaults`` field
-SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
-                  "repetition_penalty": "--repetition-penalty", "presence_penalty": "--presence-penalty",
-                  "frequency_penalty": "--frequency-penalty"}
+#: the sampling flags of ``ssdkit generate``: their ``GenerationDefaults`` fields
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
 
 
 def _library_checks(values: dict):
@@ -171,11 +170,9 @@ def _checked_sampling(args):
 
 def _sampling(args, path):
     """(sampler, penalties, a line saying which and whence) for ``ssdkit generate``: each flag given, else the
-    model folder's
-    ``generation_config.json`` (``ssdkit.models.generation_config``), else greedy without penalties
-    (temperature 0 ignores the cuts: ``make_sampler``). With
-    ``--speculative`` the model's default penalties are left out (a verify pass scores several tokens at
-    once)."""
+    model folder's ``generation_config.json`` (``ssdkit.models.generation_config``), else greedy without
+    penalties (temperature 0 ignores the cuts: ``make_sampler``). With ``--speculative`` the model's default
+    penalties are left out (a verify pass scores several tokens at once)."""
     from ssdkit.models import generation_config
 
     try:
@@ -394,7 +391,7 @@ def cmd_serve(args) -> int:
               f"{generation_config.FILE})", file=sys.stderr)
     srv = server.Server(engine, tokenizer, server.ServerConfig(
         model_name=name, api_key=api_key, max_body_bytes=args.max_body_kb * 1024, drain_timeout=args.drain_timeout,
-        sampling=sampling if sampling.source is not None else None),
+        sampling=sampling if sampling.source is not None else generation_config.OPENAI),
         chat_template=template, special_tokens=specials)
     print(f"[ssdkit] compiling (prefill pieces of {', '.join(map(str, config.buckets))} tokens, admit, decode "
           f"of {config.slots} slots) ...", file=sys.stderr)

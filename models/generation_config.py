@@ -60,6 +60,10 @@ class GenerationDefaults:
         return out
 
 
+#: OpenAI's defaults for a request that leaves sampling out: temperature 1, no cuts, no penalties
+OPENAI = GenerationDefaults(temperature=1.0)
+
+
 def _number(raw: dict, key: str, file: Path, *, integer: bool = False):
     v = raw[key]
     ok = isinstance(v, int) if integer else isinstance(v, int | float)

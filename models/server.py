@@ -59,7 +59,7 @@ from ssdkit.inference.engine import (
 from ssdkit.inference.sampling import Penalties, make_sampler
 from ssdkit.inference.stops import StopStrings
 from ssdkit.models import text
-from ssdkit.models.generation_config import GenerationDefaults
+from ssdkit.models.generation_config import OPENAI, GenerationDefaults
 
 log = logging.getLogger("ssdkit.server")
 
@@ -225,9 +225,9 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     drain_timeout: float = 30.0
-    #: the model's sampling defaults (its generation_config.json) for fields a request leaves out; None:
-    #: OpenAI's (temperature 1, no cuts, no penalties)
-    sampling: GenerationDefaults | None = None
+    #: the defaults of the sampling fields a request leaves out: the model's generation_config.json (``ssdkit
+    #: serve`` reads it), else OpenAI's (temperature 1, no cuts, no penalties)
+    sampling: GenerationDefaults = OPENAI
 
 
 @dataclasses.dataclass
@@ -379,20 +379,13 @@ class Server:
             raise ApiError(400, f"stop holds {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
         if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
             raise ApiError(400, f"each stop string must hold 1..{MAX_STOP_LENGTH} characters", param="stop")
-        # a field left out takes the model's default (its generation_config.json, as vLLM), else OpenAI's
+        # a field left out takes the server's default: the model's generation_config.json (as vLLM), or OpenAI's
         d = self.config.sampling
-
-        def pick(given, default):
-            return default if given is None else given
-
-        temperature = pick(body.temperature, d.temperature if d is not None else 1.0)
-        top_k = pick(body.top_k, d.top_k if d is not None else None)
-        top_k = top_k if top_k and top_k > 0 else None
-        sampler = make_sampler(temperature, top_k, pick(body.top_p, d and d.top_p), pick(body.min_p, d and d.min_p)
-                               or None)
-        penalties = Penalties(pick(body.repetition_penalty, d.repetition_penalty if d is not None else 1.0),
-                              pick(body.presence_penalty, d.presence_penalty if d is not None else 0.0),
-                              pick(body.frequency_penalty, d.frequency_penalty if d is not None else 0.0))
+        v = {f: d_v if (b_v := getattr(body, f)) is None else b_v for f, d_v in dataclasses.asdict(d).items()
+             if f != "source"}
+        top_k = v["top_k"] if v["top_k"] and v["top_k"] > 0 else None  # -1 or 0: no cut (vLLM's convention)
+        sampler = make_sampler(v["temperature"], top_k, v["top_p"], v["min_p"] or None)
+        penalties = Penalties(v["repetition_penalty"], v["presence_penalty"], v["frequency_penalty"])
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         req = GenerationRequest(prompt=tuple(ids), max_new_tokens=max_tokens, sampler=sampler, penalties=penalties,
                                 seed=seed, logprobs=logprobs, ignore_eos=body.ignore_eos)

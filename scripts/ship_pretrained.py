@@ -45,7 +45,7 @@ def _sampling(name: str):
     return GenerationDefaults(**json.loads((ROOT / "configs" / f"{name}.sampling.json").read_text()))
 
 
-def _held_out(shipped, files, root) -> dict:
+def _held_out(shipped, files) -> dict:
     """Bits per byte of ``files`` (each whole) next to xz -9e and gzip -9 on each file alone."""
     from compression import compressed_bits
 
@@ -99,10 +99,10 @@ def main(argv=None) -> int:
     named, _ = corpus.resolve(record["run"]["data"], record["run"]["held_out"])
     assert named.manifest().files_sha256 == record["corpus"]["files_sha256"], "another corpus than the run's"
     files = stdlib.paths("held-out")
-    held = {"python-stdlib": _held_out(shipped, files, stdlib.root)}
+    held = {"python-stdlib": _held_out(shipped, files)}
     if record["run"]["data"] == "python-code":
         packages = corpus.python_packages()
-        held["python-packages"] = {**_held_out(shipped, packages.paths("held-out"), packages.root),
+        held["python-packages"] = {**_held_out(shipped, packages.paths("held-out")),
                                    "packages": list(packages.held_out_packages)}
 
     small = sorted((f for f in files if f.stat().st_size >= 2048), key=lambda f: f.stat().st_size)[:SAMPLE_FILES]
